@@ -1,0 +1,104 @@
+"""The plain full-autograd definition of (Finer-)Grad-CAM and Layer-CAM (DESIGN.md §1).
+
+Slow and simple on purpose: one full forward and one backward through the whole network per query, with a
+forward hook on the target layer. Every fast path of :mod:`traitloc.cam` is tested against this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import resize_pos_embed
+
+__all__ = ["capture_activation", "vit_input_grid", "reference_cam"]
+
+
+@contextmanager
+def capture_activation(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Record ``module``'s output in ``store["act"]`` while the context is open; the hook is always removed."""
+    store: dict[str, Tensor] = {}
+
+    def hook(_m: nn.Module, _inp: object, out: Tensor) -> None:
+        store["act"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def vit_input_grid(visual: nn.Module, grid: tuple[int, int]) -> Iterator[None]:
+    """Let an open_clip ViT's own forward accept a non-native patch grid (bicubic positional embedding)."""
+    gs = visual.grid_size
+    native = (gs, gs) if isinstance(gs, int) else tuple(gs)
+    if tuple(grid) == native:
+        yield
+        return
+    original = visual.positional_embedding
+    visual.positional_embedding = nn.Parameter(
+        resize_pos_embed(original.data, native, grid), requires_grad=original.requires_grad
+    )
+    try:
+        yield
+    finally:
+        visual.positional_embedding = original
+
+
+def reference_cam(
+    forward: Callable[[Tensor], Tensor],
+    target: nn.Module,
+    x: Tensor,
+    vectors: Tensor,
+    coeffs: Tensor,
+    *,
+    normalize: bool,
+    layout: str,
+    grid: tuple[int, int] | None = None,
+    method: str = "gradcam",
+) -> Tensor:
+    """Signed (pre-ReLU) maps ``(B, Q, h, w)`` by full autograd.
+
+    Parameters
+    ----------
+    forward : image batch -> embedding (B, D) (or classifier features/logits' input).
+    target : the target-layer module, hooked.
+    vectors, coeffs : explained vectors (P, D) and query coefficients (Q, P); ``s_q = sum_p W_qp <f(e), v_p>``.
+    normalize : whether ``f`` is L2 normalization.
+    layout : ``"vit"`` (tokens (B, 1+h*w, C), CLS first, dropped) or ``"cnn"`` ((B, C, h, w)).
+    grid : the ViT patch grid (h, w).
+    method : ``"gradcam"`` or ``"layercam"``.
+    """
+    if method not in ("gradcam", "layercam"):
+        raise ValueError(f"reference_cam supports gradcam and layercam, got {method!r}")
+    out = []
+    for q in range(coeffs.shape[0]):
+        with torch.enable_grad(), capture_activation(target) as store:
+            # the input requires grad so the whole network is on the tape, as in a plain implementation
+            e = forward(x.detach().clone().requires_grad_(True))
+            f = F.normalize(e, dim=-1) if normalize else e
+            u = (coeffs[q].to(vectors.dtype).unsqueeze(-1) * vectors).sum(0)
+            s = (f * u.to(f.dtype)).sum()  # images are independent: summing over the batch is harmless
+            act = store["act"]
+            (g,) = torch.autograd.grad(s, act)
+        act, g = act.detach(), g.detach()
+        if layout == "vit":
+            if grid is None:
+                raise ValueError("layout 'vit' needs the patch grid")
+            B, _, C = act.shape
+            act = act[:, 1:].reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
+            g = g[:, 1:].reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2)
+        elif layout != "cnn":
+            raise ValueError(f"layout must be 'vit' or 'cnn', got {layout!r}")
+        if method == "gradcam":
+            alpha = g.mean(dim=(2, 3), keepdim=True)
+            out.append((alpha * act).sum(1))
+        else:
+            out.append((g.clamp_min(0) * act).sum(1))
+    return torch.stack(out, 1)

@@ -105,6 +105,7 @@ class CamOutput:
     method: str
     grid: tuple[int, int]
     input_size: tuple[int, int]
+    features: Tensor | None = None  # (B, D) f(e): per-vector scores are ``features @ v``
 
     @property
     def maps(self) -> Tensor:
@@ -134,9 +135,8 @@ class GradCache:
         if vectors is not None:
             V = _check_vectors(vectors, self.alphas.shape[0]).to(self.features.dtype)
             scores = torch.einsum("bqp,bp->bq", W.to(V.dtype), torch.einsum("bd,bpd->bp", self.features, V))
-        return CamOutput(
-            signed.reshape(*signed.shape[:2], h, w), scores, "gradcam", self.prefix.grid, self.prefix.input_size
-        )
+        signed = signed.reshape(*signed.shape[:2], h, w)
+        return CamOutput(signed, scores, "gradcam", self.prefix.grid, self.prefix.input_size, self.features)
 
 
 def _coeffs(coeffs: Tensor, B: int, P: int, like: Tensor) -> Tensor:
@@ -215,10 +215,12 @@ class FinerCAM:
             feats = self.adapter.features(pre)
         return GradCache(prefix=pre, alphas=alphas.float(), features=feats.float())
 
-    def __call__(self, x: Tensor, vectors: Tensor, coeffs: Tensor | None = None) -> CamOutput:
+    def __call__(
+        self, x: Tensor, vectors: Tensor, coeffs: Tensor | None = None, *, prefix: Prefix | None = None
+    ) -> CamOutput:
         """Maps for queries ``coeffs`` (Q, P) over explained ``vectors`` (P, D) or (B, P, D).
 
-        ``coeffs=None`` explains each vector alone (plain CAM, ``W = I``).
+        ``coeffs=None`` explains each vector alone (plain CAM, ``W = I``). ``prefix``: reuse a prefix of ``x``.
         """
         if x.ndim != 4:
             raise ValueError(f"x must be an image batch (B, 3, H, W), got {tuple(x.shape)}")
@@ -229,9 +231,9 @@ class FinerCAM:
             raise ValueError("no explained vectors given")
         if coeffs is None:
             coeffs = torch.eye(P)
+        pre = prefix if prefix is not None else self.prefix(x)
         if self.method == "gradcam":
-            return self.gradients(x, vectors).combine(coeffs, vectors)
-        pre = self.prefix(x)
+            return self.gradients(pre, vectors).combine(coeffs, vectors)
         W = _coeffs(coeffs, B, P, vectors)
         U = torch.einsum("bqp,bpd->bqd", W, vectors.float())  # the explained query vectors
         with self._autocast(x.device):
@@ -244,7 +246,7 @@ class FinerCAM:
             signed = (g.clamp_min(0) * pre.acts.float().unsqueeze(1)).sum(-1)
         else:
             signed = self._scorecam(x, pre, U)
-        return CamOutput(signed.reshape(B, -1, h, w), scores, self.method, pre.grid, pre.input_size)
+        return CamOutput(signed.reshape(B, -1, h, w), scores, self.method, pre.grid, pre.input_size, feats)
 
     def _scorecam(self, x: Tensor, pre: Prefix, U: Tensor) -> Tensor:
         acts = pre.acts.float()  # (B, N, C)

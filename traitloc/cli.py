@@ -1,0 +1,277 @@
+"""The ``traitloc`` command (DESIGN.md §6). Each subcommand prints progress on long work (``--quiet`` silences
+it), exits non-zero with a one-line reason on bad input, and writes ``run.json`` beside its outputs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser", "CliError"]
+
+
+class CliError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def _gamma(text: str) -> float:
+    try:
+        g = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"gamma must be a number, got {text!r}") from err
+    if g != g or g in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"gamma must be finite, got {text!r}")
+    return g
+
+
+def _threshold(text: str) -> float | str:
+    if text == "otsu":
+        return text
+    try:
+        t = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"threshold must be a number in [0, 1) or 'otsu', got {text!r}") from err
+    if not 0 <= t < 1:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1), got {t}")
+    return t
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default="ViT-B-16",
+        help="open_clip model name (ViT-B-16, RN50, ViT-B-16-quickgelu for OpenAI weights), "
+        "hf-hub:imageomics/bioclip, or a path to an open_clip model config .json (default: ViT-B-16)",
+    )
+    g.add_argument(
+        "--pretrained",
+        default="laion400m_e32",
+        help="pretrained tag (laion400m_e32, needs network) or a local weights file "
+        ".safetensors/.bin/.pt (loaded without pickle); 'none' for random weights "
+        "(default: laion400m_e32)",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 autocast on CUDA (ignored on CPU) (default: fp32)",
+    )
+    g.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default: 8)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="traitloc",
+        description="Localize visual traits in images and audit species classifiers with Finer-CAM.",
+    )
+    parser.add_argument("--version", action="version", version=f"traitloc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "localize",
+        help="where is a trait, by text: concept vs base prompt maps, masks and scores",
+        description="Finer-CAM maps of text concepts (compared against a base prompt) for images or folders. "
+        "Writes maps/<image-key>/<concept>.tif (float32, original size, map / max), masks/, overlays/, "
+        "results.csv and run.json under --out; rerunning into the same --out skips finished rows.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a concept prompt, e.g. 'red epaulets' (repeat for several)",
+    )
+    p.add_argument(
+        "--traits",
+        metavar="FILE|NAME",
+        help="a trait list: built-in name (cub200) or a .csv (prompt column) / .txt (one per line)",
+    )
+    p.add_argument(
+        "--base",
+        metavar="TEXT",
+        default=None,
+        help="base prompt the concept is compared against, e.g. 'bird' (default: none = plain CAM)",
+    )
+    p.add_argument(
+        "--gamma",
+        type=_gamma,
+        default=1.0,
+        help="comparison strength: s = s_concept - gamma * s_base (default: 1.0; 0 = plain CAM)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["gradcam", "layercam", "scorecam"],
+        default="gradcam",
+        help="CAM base method (default: gradcam)",
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="prompt template with {} (repeat to ensemble), e.g. 'a photo of a bird with {}.'",
+    )
+    p.add_argument(
+        "--resize",
+        choices=["stretch", "aspect"],
+        default="stretch",
+        help="stretch: whole image to the model's square input; aspect: keep the aspect ratio "
+        "(positional embedding interpolated) (default: stretch)",
+    )
+    p.add_argument(
+        "--threshold", type=_threshold, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
+    )
+    p.add_argument(
+        "--scorecam-channels",
+        type=_positive,
+        default=None,
+        help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
+    )
+    p.add_argument(
+        "--save-signed",
+        action="store_true",
+        help="also write signed (pre-ReLU) maps to signed/ (negative = evidence for the base)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
+    _add_model_args(p)
+    return parser
+
+
+def _run_info(args: argparse.Namespace, argv: Sequence[str], bundle: Any) -> dict[str, Any]:
+    from .export import utc_now
+
+    return {
+        "command": args.command,
+        "argv": list(argv),
+        **bundle.describe(),
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "start_utc": utc_now(),
+    }
+
+
+def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
+    from .concepts import PromptError, check_prompt
+
+    concepts: list[str] = []
+    traits: list[str | None] = []
+    for c in args.concept:
+        try:
+            concepts.append(check_prompt(c))
+        except PromptError as err:
+            raise CliError(f"--concept: {err}") from err
+        traits.append(None)
+    if args.traits:
+        from .traits import load_trait_list
+
+        try:
+            tl = load_trait_list(args.traits)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise CliError(f"--traits: {err}") from err
+        for t in tl:
+            concepts.append(check_prompt(t.prompt))
+            traits.append(t.name)
+    if not concepts:
+        raise CliError("give at least one --concept TEXT or --traits FILE|NAME")
+    seen: dict[str, int] = {}
+    uc, ut = [], []
+    for c, t in zip(concepts, traits, strict=True):
+        if c not in seen:
+            seen[c] = 1
+            uc.append(c)
+            ut.append(t)
+    return uc, ut
+
+
+def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import torch
+
+    from .batch import LocalizeSettings, run_localize
+    from .concepts import PromptError, check_prompt
+    from .imageio import find_images
+    from .localize import ConceptLocalizer
+    from .models import load_clip
+
+    concepts, traits = _concepts(args)
+    if args.base is not None:
+        try:
+            args.base = check_prompt(args.base)
+        except PromptError as err:
+            raise CliError(f"--base: {err}") from err
+    try:
+        find_images(args.paths)  # fail fast, before loading a model
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(str(err)) from err
+    torch.manual_seed(args.seed)
+    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+    bundle = load_clip(args.model, pretrained, args.device)
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    loc = ConceptLocalizer(
+        bundle, args.method, templates=args.template or None, resize=args.resize, amp_dtype=amp,
+        scorecam_channels=args.scorecam_channels,
+    )  # fmt: skip
+    settings = LocalizeSettings(
+        concepts=concepts, traits=traits, base=args.base, gamma=args.gamma, batch_size=args.batch_size,
+        threshold=args.threshold, save_signed=args.save_signed, quiet=args.quiet,
+    )  # fmt: skip
+    counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
+    if not args.quiet:
+        print(
+            f"traitloc localize: {counts['ok']} images done, {counts['failed']} failed, "
+            f"{counts['skipped']} already done -> {args.out}",
+            file=sys.stderr,
+        )
+    return 1 if counts["failed"] and not counts["ok"] and not counts["skipped"] else 0
+
+
+COMMANDS = {"localize": _cmd_localize}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``traitloc`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="traitloc: %(message)s")
+    if getattr(args, "quiet", False):
+        warnings.filterwarnings("ignore", category=UserWarning, module="open_clip")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .concepts import PromptError
+    from .models import ModelLoadError
+
+    try:
+        return COMMANDS[args.command](args, argv)
+    except (CliError, ModelLoadError, PromptError) as err:
+        print(f"traitloc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"traitloc {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

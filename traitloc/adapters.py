@@ -100,9 +100,9 @@ class TargetAdapter:
             chunks = []
             for i in range(0, P, self.vector_chunk):
                 c = cot[i : i + self.vector_chunk]
-                last = i + self.vector_chunk >= P
                 try:
-                    (g,) = torch.autograd.grad(out, t, grad_outputs=c, retain_graph=not last, is_grads_batched=True)
+                    # the graph is kept so a failed batched attempt can fall back to the loop below
+                    (g,) = torch.autograd.grad(out, t, grad_outputs=c, retain_graph=True, is_grads_batched=True)
                 except RuntimeError:  # an op without a batching rule: plain loop, same result
                     g = torch.stack([torch.autograd.grad(out, t, grad_outputs=cj, retain_graph=True)[0] for cj in c])
                 chunks.append(g)

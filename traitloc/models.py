@@ -195,8 +195,8 @@ def load_clip(
         first = (str(err).splitlines() or [type(err).__name__])[0]
         if _is_local_file(pretrained) and not has_schema:
             raise ModelLoadError(f"could not load weights {pretrained} into {model_name}: {first}") from err
-        if model_name.startswith("local-dir:"):
-            raise ModelLoadError(f"could not load {model_name}: {first}") from err
+        if model_name.startswith("local-dir:") or (not pretrained and not is_hub):
+            raise ModelLoadError(f"could not build {model_name}: {first}") from err
         raise ModelLoadError(_offline_hint(model_name, pretrained)) from err
     model.eval()
     for prm in model.parameters():

@@ -34,7 +34,7 @@ from .imageio import ImageLoadError, LoadedImage, find_images, image_keys, load_
 from .localize import ConceptLocalizer, ConceptMaps
 from .results import ResultsTable
 
-__all__ = ["LOCALIZE_COLUMNS", "LocalizeSettings", "run_localize", "split_on_oom"]
+__all__ = ["LOCALIZE_COLUMNS", "NO_BASE", "LocalizeSettings", "run_localize", "split_on_oom"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ LOCALIZE_COLUMNS = [
     "concept_score", "base_score", "mask_fraction", "map", "mask", "overlay", "width", "height", "status", "notes",
 ]  # fmt: skip
 LOCALIZE_KEY = ["image_key", "concept", "base", "gamma", "method", "model"]
+#: ``base`` in results.csv for plain CAM (no base prompt): key columns of a ResultsTable must not be empty.
+NO_BASE = "(none)"
 
 
 @dataclass
@@ -113,7 +115,7 @@ def run_localize(
     keys = image_keys(paths)
     table = ResultsTable(out / "results.csv", LOCALIZE_COLUMNS, LOCALIZE_KEY)
     model_id = localizer.bundle.name
-    base = settings.base or ""
+    base = settings.base or NO_BASE
     gamma_s = f"{settings.gamma:g}"
     method = localizer.method
     done = table.done_keys()
@@ -243,7 +245,7 @@ def _write_image_outputs(
         rel_map = Path("maps") / img_key / f"{slug}.tif"
         rel_mask = Path("masks") / img_key / f"{slug}.png"
         rel_ov = Path("overlays") / img_key / f"{slug}.png"
-        row = _error_row(path, out, img_key, concept, trait, settings.base or "", f"{settings.gamma:g}",
+        row = _error_row(path, out, img_key, concept, trait, settings.base or NO_BASE, f"{settings.gamma:g}",
                          localizer.method, localizer.bundle.name, "")  # fmt: skip
         try:
             raw = res.map(q, (H0, W0))

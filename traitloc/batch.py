@@ -8,6 +8,7 @@ appended to ``results.csv``, so a run killed at any point resumes without redoin
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -101,6 +102,31 @@ def _prefetched(paths: Sequence[Path], batch: int) -> Iterator[list[tuple[Path, 
             yield cur
 
 
+# The hidden temporary name of export.atomic_path: ".{stem}.{12 hex digits}.tmp{suffix}".
+_TEMP_NAME = re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[^.]+)?$")
+
+
+def remove_stale_temp_files(out: Path) -> int:
+    """Delete temporary files that a killed run left behind in ``out`` (its output folders and top level).
+
+    A run killed during an atomic write leaves a hidden ``.name.xxxxxxxxxxxx.tmp.ext`` file; the final file is
+    never partial, but the temporary one stays unless removed. Returns the number of files removed.
+    """
+    n = 0
+    tops = [out] + [out / d for d in ("maps", "masks", "overlays", "signed")]
+    for top in tops:
+        if not top.is_dir():
+            continue
+        for path in top.rglob(".*") if top is not out else top.glob(".*"):
+            if path.is_file() and _TEMP_NAME.match(path.name):
+                try:
+                    path.unlink()
+                    n += 1
+                except OSError as err:
+                    log.warning("could not remove a stale temporary file %s: %s", path, err)
+    return n
+
+
 def run_localize(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -111,6 +137,7 @@ def run_localize(
     """Localize every concept in every image under ``inputs``; returns counts (ok, failed, skipped)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # left by a killed run; one process writes an output folder at a time
     paths = find_images(inputs)
     keys = image_keys(paths)
     table = ResultsTable(out / "results.csv", LOCALIZE_COLUMNS, LOCALIZE_KEY)

@@ -4,6 +4,7 @@ it), exits non-zero with a one-line reason on bad input, and writes ``run.json``
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -155,7 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
     _add_model_args(p)
+    for name in SUBCOMMAND_MODULES:
+        mod = importlib.import_module(f"traitloc.{name}")
+        before = set(sub.choices)
+        mod.add_parser(sub)
+        for command in set(sub.choices) - before:
+            COMMANDS[command] = _module_runner(mod)
     return parser
+
+
+def _module_runner(mod: Any) -> Any:
+    def runner(args: argparse.Namespace, argv: Sequence[str]) -> int:
+        return int(mod.run(args, argv))
+
+    return runner
 
 
 def _run_info(args: argparse.Namespace, argv: Sequence[str], bundle: Any) -> dict[str, Any]:
@@ -245,7 +259,9 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 1 if counts["failed"] and not counts["ok"] and not counts["skipped"] else 0
 
 
-COMMANDS = {"localize": _cmd_localize}
+COMMANDS: dict[str, Any] = {"localize": _cmd_localize}
+#: modules that add one subcommand each: ``add_parser(subparsers)`` and ``run(args, argv) -> int``
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

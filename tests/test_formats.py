@@ -1,0 +1,845 @@
+"""Tests of the export formats and ``traitloc export`` (traitloc/formats.py, issue #5).
+
+Round trips: TIFF values and ImageJ metadata, COCO RLE (against pycocotools when installed), polygons back to
+masks, figures (SVG parsed as XML, PDF text, PNG dpi); the command line on a folder made by ``traitloc localize``
+with the tiny random open_clip model of ``conftest.py``; selection by review status; path traversal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sqlite3
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import make_image_array
+from PIL import Image
+
+from traitloc import formats
+from traitloc.export import read_map_tiff, save_map_tiff, save_mask_png
+from traitloc.formats import (
+    COLORBAR_GID,
+    COLORBAR_LABEL,
+    FormatError,
+    export_results,
+    export_zip_bytes,
+    figure_bytes,
+    figure_panel,
+    list_results,
+    map_tiff_bytes,
+    mask_png_bytes,
+    mask_to_polygons,
+    polygons_to_mask,
+    read_decisions,
+    read_export_tiff,
+    rle_decode,
+    rle_encode,
+    rle_from_string,
+    rle_to_string,
+)
+
+SVG = "{http://www.w3.org/2000/svg}"
+CONCEPTS = ["red wing", "Blue tail (male)"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------------
+def blob_mask(shape: tuple[int, int], seed: int, level: float = 0.55) -> np.ndarray:
+    """A random mask of smooth blobs (components, holes, touching edges), deterministic per seed."""
+    from skimage.filters import gaussian
+
+    rng = np.random.default_rng(seed)
+    noise = gaussian(rng.random(shape), sigma=max(1.0, min(shape) / 12))
+    return noise > np.quantile(noise, level)
+
+
+def rasterize(polygons: list[Any], shape: tuple[int, int]) -> np.ndarray:
+    """Independent rasterizer: skimage.draw.polygon on pixel centres (x - 0.5, y - 0.5), holes subtracted."""
+    from skimage.draw import polygon
+
+    out = np.zeros(shape, dtype=bool)
+    for poly in polygons:
+        layer = np.zeros(shape, dtype=bool)
+        for k, ring in enumerate(poly):
+            pts = np.asarray(ring)
+            rr, cc = polygon(pts[:, 1] - 0.5, pts[:, 0] - 0.5, shape=shape)
+            sub = np.zeros(shape, dtype=bool)
+            sub[rr, cc] = True
+            layer = sub if k == 0 else layer & ~sub
+        out |= layer
+    return out
+
+
+def boundary_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Symmetric Hausdorff distance (pixels) between the boundaries of two masks (0 when both are empty)."""
+    from skimage.metrics import hausdorff_distance
+    from skimage.segmentation import find_boundaries
+
+    if not a.any() and not b.any():
+        return 0.0
+    return float(hausdorff_distance(find_boundaries(a, mode="inner"), find_boundaries(b, mode="inner")))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def signed_area(ring: Sequence[Sequence[float]]) -> float:
+    pts = np.asarray(ring)
+    x, y = pts[:, 0], pts[:, 1]
+    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
+
+
+def make_results(
+    root: Path, *, kind: str = "concept", n_images: int = 2, labels: Sequence[str] = ("red wing", "blue tail"),
+    images_dir: Path | None = None, threshold: float = 0.5,
+) -> Path:  # fmt: skip
+    """A hand-made results folder with the layout of localize (``kind="concept"``) or explain (``"target"``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    images_dir = images_dir or root.parent / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        h, w = 24 + 4 * i, 32 - 2 * i
+        img = images_dir / f"img{i}.png"
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img)
+        for j, label in enumerate(labels):
+            from skimage.filters import gaussian
+
+            unit = gaussian(np.random.default_rng(10 * i + j).random((h, w)), sigma=3).astype(np.float32)
+            unit = (unit - unit.min()) / (unit.max() - unit.min())
+            slug = label.replace(" ", "-")
+            rel_map, rel_mask = f"maps/img{i}/{slug}.tif", f"masks/img{i}/{slug}.png"
+            meta = {kind: label, "gamma": 0.6, "method": "gradcam", "model": "tiny"}
+            if kind == "concept":
+                meta["base"] = "bird"
+            else:
+                meta["references"] = ["Tiger cat", "Egyptian cat"]
+            save_map_tiff(root / rel_map, unit, meta)
+            save_mask_png(root / rel_mask, unit > threshold)
+            row = {"image": str(img), "image_key": f"img{i}", kind: label, "gamma": "0.6", "method": "gradcam",
+                   "raw_max": "0.5", "score": str(0.1 * j), "map": rel_map, "mask": rel_mask,
+                   "status": "ok"}  # fmt: skip
+            if kind == "concept":
+                row["base"] = "bird"
+            else:
+                row["references"] = "Tiger cat; Egyptian cat"
+            rows.append(row)
+    rows.append({"image": str(images_dir / "broken.png"), "image_key": "broken", kind: labels[0], "map": "",
+                 "mask": "", "status": "error: cannot decode"})  # fmt: skip
+    write_rows(root, rows)
+    (root / "run.json").write_text(json.dumps({"command": "localize", "threshold": threshold, "model": "tiny"}))
+    return root
+
+
+def write_rows(root: Path, rows: list[dict[str, str]]) -> None:
+    header: list[str] = []
+    for row in rows:
+        header.extend(k for k in row if k not in header)
+    with open(root / "results.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "results.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_decisions(root: Path, decisions: dict[str, str]) -> None:
+    """review.sqlite with the agreed schema, in WAL mode like the review app's store."""
+    con = sqlite3.connect(root / "review.sqlite")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS decisions(result_id TEXT PRIMARY KEY, status TEXT, note TEXT, updated_utc TEXT)"
+    )
+    con.executemany(
+        "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, '2025-01-01T00:00:00.000Z')",
+        [(rid, status, f"note {rid}") for rid, status in decisions.items()],
+    )
+    con.commit()
+    con.close()
+
+
+def export_cli(argv: list[str]) -> int:
+    """``traitloc export ARGV``: through traitloc.cli.main once the subcommand is registered, else the same
+    handling (CliError -> one line on stderr, exit 2) around this module's parser."""
+    from traitloc import cli
+
+    if "formats" in getattr(cli, "SUBCOMMAND_MODULES", ()):
+        return cli.main(["export", *argv])
+    parser = argparse.ArgumentParser(prog="traitloc")
+    sub = parser.add_subparsers(dest="command")
+    formats.add_parser(sub)
+    args = parser.parse_args(["export", *argv])
+    try:
+        return formats.run(args, ["export", *argv])
+    except cli.CliError as err:
+        print(f"traitloc export: error: {err}", file=sys.stderr)
+        return 2
+
+
+def zip_entries(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def png_mask(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "L"
+        array = np.asarray(im)
+    assert set(np.unique(array).tolist()) <= {0, 255}
+    return array == 255
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# COCO RLE
+# ------------------------------------------------------------------------------------------------------------------
+RLE_SHAPES = [(1, 1), (1, 9), (9, 1), (2, 3), (7, 5), (17, 31), (64, 64), (33, 100)]
+
+
+def rle_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    cases = []
+    for shape in RLE_SHAPES:
+        for density in (0.1, 0.5, 0.9):
+            cases.append(rng.random(shape) < density)
+        cases.append(np.zeros(shape, dtype=bool))
+        cases.append(np.ones(shape, dtype=bool))
+    checker = (np.indices((11, 13)).sum(axis=0) % 2).astype(bool)
+    return [*cases, checker, ~checker, blob_mask((40, 50), 3)]
+
+
+def test_rle_known_example() -> None:
+    # column-major: column 0 is [0, 0], column 1 is [1, 1] -> 2 zeros then 2 ones
+    assert rle_encode([[0, 1], [0, 1]]) == {"size": [2, 2], "counts": [2, 2]}
+    # a set first pixel starts with an empty run of zeros
+    assert rle_encode([[1, 0], [0, 0]])["counts"] == [0, 1, 3]
+    assert rle_encode(np.zeros((3, 2), bool))["counts"] == [6]
+    assert rle_encode(np.ones((3, 2), bool))["counts"] == [0, 6]
+
+
+@pytest.mark.parametrize("index", range(len(rle_cases())))
+def test_rle_round_trip(index: int) -> None:
+    mask = rle_cases()[index]
+    rle = rle_encode(mask)
+    assert rle["size"] == list(mask.shape)
+    assert sum(rle["counts"]) == mask.size
+    assert all(c > 0 for c in rle["counts"][1:])
+    np.testing.assert_array_equal(rle_decode(rle), mask)
+    packed = rle_encode(mask, compressed=True)
+    assert isinstance(packed["counts"], str)
+    np.testing.assert_array_equal(rle_decode(packed), mask)
+    assert rle_from_string(packed["counts"]) == rle["counts"]
+    # JSON round trip (what coco.json holds)
+    np.testing.assert_array_equal(rle_decode(json.loads(json.dumps(rle))), mask)
+
+
+def test_rle_string_codec_handles_large_and_negative_differences() -> None:
+    counts = [0, 1, 100000, 3, 5, 2**20, 1, 7, 1]
+    assert rle_from_string(rle_to_string(counts)) == counts
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' own numpy 2 warning
+def test_rle_matches_pycocotools() -> None:
+    mask_api = pytest.importorskip("pycocotools.mask")
+    for mask in rle_cases():
+        theirs = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))
+        ours = rle_encode(mask, compressed=True)
+        assert ours["counts"] == theirs["counts"].decode("ascii")
+        assert ours["size"] == list(theirs["size"])
+        np.testing.assert_array_equal(rle_decode({"size": theirs["size"], "counts": theirs["counts"]}), mask)
+        # pycocotools decodes our uncompressed form too (frPyObjects)
+        plain = rle_encode(mask)
+        again = mask_api.frPyObjects(plain, *plain["size"])
+        np.testing.assert_array_equal(mask_api.decode(again).astype(bool), mask)
+        assert int(mask_api.area(theirs)) == int(mask.sum())
+        if mask.any():
+            assert formats._bbox_area(mask)[0] == [int(v) for v in mask_api.toBbox(theirs)]
+
+
+def test_rle_errors() -> None:
+    with pytest.raises(ValueError, match="add up"):
+        rle_decode({"size": [2, 2], "counts": [1, 2]})
+    with pytest.raises(ValueError, match="non-negative"):
+        rle_decode({"size": [2, 2], "counts": [5, -1]})
+    with pytest.raises(ValueError, match="size"):
+        rle_decode({"size": [0, 2], "counts": []})
+    with pytest.raises(ValueError, match="invalid character"):
+        rle_from_string("0 1")
+    with pytest.raises(ValueError, match="end inside"):
+        rle_from_string("P")  # continuation bit set on the last character
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        rle_encode(np.full((2, 2), 3))
+    with pytest.raises(ValueError, match="2-D"):
+        rle_encode(np.zeros(4, bool))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# polygons
+# ------------------------------------------------------------------------------------------------------------------
+def polygon_cases() -> list[np.ndarray]:
+    donut = np.zeros((12, 12), bool)
+    donut[2:10, 2:10] = True
+    donut[4:8, 4:8] = False
+    nested = donut.copy()
+    nested[5:7, 5:7] = True  # an island inside the hole
+    diagonal = np.zeros((5, 5), bool)
+    diagonal[1, 1] = diagonal[2, 2] = diagonal[3, 1] = True
+    single = np.zeros((3, 4), bool)
+    single[1, 2] = True
+    edges = np.zeros((6, 7), bool)
+    edges[0, :] = edges[:, -1] = True
+    cases = [donut, nested, diagonal, single, edges, np.ones((4, 5), bool), np.ones((1, 1), bool)]
+    cases += [blob_mask((40, 56), seed) for seed in range(6)]
+    cases += [np.random.default_rng(s).random((15, 19)) < 0.5 for s in range(3)]  # many pixels touching diagonally
+    return cases
+
+
+@pytest.mark.parametrize("index", range(len(polygon_cases())))
+def test_polygons_rasterize_back(index: int) -> None:
+    mask = polygon_cases()[index]
+    polygons = mask_to_polygons(mask)
+    back = rasterize(polygons, mask.shape)
+    assert iou(back, mask) >= 0.99
+    assert boundary_distance(back, mask) <= 1.0
+    np.testing.assert_array_equal(back, mask)  # exact without simplification
+    np.testing.assert_array_equal(polygons_to_mask(polygons, mask.shape), mask)
+    for poly in polygons:
+        assert signed_area(poly[0]) > 0  # exterior: right-hand rule in the numeric coordinates
+        assert all(signed_area(hole) < 0 for hole in poly[1:])
+        for ring in poly:
+            assert ring[0] == ring[-1] and len(ring) >= 4
+            xs, ys = np.asarray(ring).T
+            assert xs.min() >= 0 and ys.min() >= 0 and xs.max() <= mask.shape[1] and ys.max() <= mask.shape[0]
+
+
+def test_polygon_holes_and_islands() -> None:
+    cases = polygon_cases()
+    donut, nested = cases[0], cases[1]
+    polys = mask_to_polygons(donut)
+    assert len(polys) == 1 and len(polys[0]) == 2  # one exterior, one hole
+    polys = mask_to_polygons(nested)
+    assert len(polys) == 2 and sorted(len(p) for p in polys) == [1, 2]  # the island is its own polygon
+    assert mask_to_polygons(np.zeros((3, 3), bool)) == []
+    diag = mask_to_polygons(cases[2])
+    assert len(diag) == 3  # 4-connected foreground: corner-touching pixels are separate polygons
+
+
+def test_polygon_coordinates_are_pixel_corners() -> None:
+    mask = np.zeros((4, 6), bool)
+    mask[1, 2] = True  # pixel (row 1, col 2) covers x in [2, 3], y in [1, 2]
+    ring = np.asarray(mask_to_polygons(mask)[0][0])
+    assert ring[:, 0].min() == 2.0 and ring[:, 0].max() == 3.0
+    assert ring[:, 1].min() == 1.0 and ring[:, 1].max() == 2.0
+    np.testing.assert_allclose(ring[:-1].mean(axis=0), [2.5, 1.5])  # centred on the pixel centre
+
+
+def test_simplified_polygons_stay_close() -> None:
+    mask = blob_mask((60, 80), 11)
+    simple = mask_to_polygons(mask, simplify=0.5)
+    exact = mask_to_polygons(mask)
+    assert sum(len(r) for p in simple for r in p) < sum(len(r) for p in exact for r in p)
+    back = polygons_to_mask(simple, mask.shape)
+    assert iou(back, mask) > 0.9
+    assert boundary_distance(back, mask) <= 2.0
+    with pytest.raises(ValueError, match="simplify"):
+        mask_to_polygons(mask, simplify=-1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# TIFF, PNG
+# ------------------------------------------------------------------------------------------------------------------
+def test_tiff_round_trip_values_and_imagej_metadata() -> None:
+    rng = np.random.default_rng(1)
+    unit = rng.random((13, 21)).astype(np.float32)
+    unit[0, 0] = 0.0
+    unit[-1, -1] = 1.0
+    settings = {"concept": "rote Flügel", "gamma": 0.6, "base": "bird", "method": "gradcam"}
+    data = map_tiff_bytes(unit, settings, label="rote Flügel")
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert tif.is_imagej
+        assert len(tif.pages) == 1
+        page = tif.pages[0]
+        assert page.dtype == np.float32
+        assert page.compression == 1  # uncompressed: ImageJ's own reader opens it without Bio-Formats
+        np.testing.assert_array_equal(page.asarray(), unit)
+        ij = tif.imagej_metadata
+        assert ij["min"] == 0.0 and ij["max"] == 1.0
+        assert ij["Labels"] in ("rote Flügel", ["rote Flügel"])
+        assert json.loads(ij["Info"]) == settings
+        assert page.description.startswith("ImageJ=")
+    array, meta = read_export_tiff(data)
+    np.testing.assert_array_equal(array, unit)
+    assert meta == settings
+    with pytest.raises(ValueError, match="2-D"):
+        map_tiff_bytes(np.zeros((2, 2, 2)))
+
+
+def test_mask_png_is_binary_with_settings() -> None:
+    mask = blob_mask((20, 30), 2)
+    data = mask_png_bytes(mask, {"concept": "red wing", "threshold": 0.5})
+    np.testing.assert_array_equal(png_mask(data), mask)
+    with Image.open(io.BytesIO(data)) as im:
+        assert json.loads(im.text["traitloc"]) == {"concept": "red wing", "threshold": 0.5}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------------------------
+FIG_SETTINGS = {"concept": "red wing", "base": "bird", "gamma": 0.6, "method": "gradcam", "threshold": 0.5,
+                "model": "ViT-B-16", "result_id": "img0/red-wing"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def figure() -> Any:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:30, 0:40]
+    unit = np.exp(-((yy - 12) ** 2 + (xx - 25) ** 2) / 40.0).astype(np.float32)
+    return figure_panel(image, unit, unit > 0.5, FIG_SETTINGS, cmap="viridis")
+
+
+def test_svg_figure_has_editable_text_colorbar_and_settings(figure: Any) -> None:
+    data = figure_bytes(figure, "svg", FIG_SETTINGS)
+    root = ET.fromstring(data)
+    assert root.tag == f"{SVG}svg"
+    ids = {el.get("id") for el in root.iter()}
+    assert COLORBAR_GID in ids
+    assert "traitloc-mask-contour" in ids
+    texts = " ".join("".join(el.itertext()) for el in root.iter(f"{SVG}text"))
+    assert COLORBAR_LABEL in texts  # text stays text (svg.fonttype = none)
+    assert "red wing" in texts and "bird" in texts and "γ = 0.6" in texts
+    colorbar = next(el for el in root.iter() if el.get("id") == COLORBAR_GID)
+    assert any("1.0" in "".join(t.itertext()) for t in colorbar.iter(f"{SVG}text"))  # the colorbar's ticks
+    title = root.find(f"{SVG}title")
+    assert title is not None and "red wing" in title.text
+    desc = next(el for el in root.iter() if el.tag.endswith("}description"))
+    assert json.loads(desc.text) == FIG_SETTINGS
+
+
+def test_pdf_figure_has_text_fonts_and_metadata(figure: Any) -> None:
+    data = figure_bytes(figure, "pdf", FIG_SETTINGS)
+    assert data.startswith(b"%PDF-")
+    assert b"/FontFile2" in data  # TrueType embedded (pdf.fonttype 42): editable text
+    pypdf = pytest.importorskip("pypdf")
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    text = reader.pages[0].extract_text()
+    assert COLORBAR_LABEL in text
+    assert "red wing" in text and "1.0" in text
+    assert "red wing" in reader.metadata.title
+    assert json.loads(reader.metadata.subject) == FIG_SETTINGS
+
+
+@pytest.mark.parametrize("dpi", [72, 200])
+def test_png_figure_dpi_and_metadata(figure: Any, dpi: int) -> None:
+    data = figure_bytes(figure, "png", FIG_SETTINGS, dpi=dpi)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.info["dpi"] == pytest.approx((dpi, dpi), abs=0.5)
+        width_in = figure.get_size_inches()[0]
+        assert im.size[0] == pytest.approx(width_in * dpi, abs=2)
+        assert json.loads(im.text["traitloc"]) == FIG_SETTINGS
+        assert "red wing" in im.text["Title"]
+
+
+def test_figure_without_image_and_bad_options() -> None:
+    unit = np.linspace(0, 1, 60, dtype=np.float32).reshape(6, 10)
+    fig = figure_panel(None, unit, None, {"target": "Tabby cat", "references": ["Tiger cat"]}, cmap="cividis")
+    root = ET.fromstring(figure_bytes(fig, "svg"))
+    texts = " ".join("".join(el.itertext()) for el in root.iter(f"{SVG}text"))
+    assert "image not available" in texts and "Tabby cat" in texts and "Tiger cat" in texts
+    with pytest.raises(FormatError, match="perceptually uniform"):
+        figure_panel(None, unit, cmap="jet")
+    with pytest.raises(FormatError, match="figure format"):
+        figure_bytes(fig, "eps")
+    with pytest.raises(FormatError, match="dpi"):
+        figure_bytes(fig, "png", dpi=5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a results folder from traitloc localize
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def localized(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Path, tiny_clip_weights: Path) -> Path:
+    """``traitloc localize`` with the tiny random model: 2 images (one not square) x 2 concepts."""
+    import torch
+
+    from traitloc.cli import main
+
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("localized")
+    images = base / "images"
+    images.mkdir()
+    Image.fromarray(make_image_array((64, 64), 0)).save(images / "sparrow.png")
+    Image.fromarray(make_image_array((80, 50), 1)).save(images / "finch.jpg")
+    out = base / "results"
+    argv = ["localize", str(images), *[a for c in CONCEPTS for a in ("--concept", c)], "--base", "bird",
+            "--model", str(tiny_clip_config), "--pretrained", str(tiny_clip_weights), "--device", "cpu",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    rows = read_rows(out)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    return out
+
+
+@pytest.mark.slow  # the localize fixture loads open_clip (several seconds on 2 cores)
+def test_export_folder_round_trips(localized: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    manifest = export_results(localized, "png,tiff,coco,geojson,csv,parquet", out, argv=["test"])
+    rows = read_rows(localized)
+    ids = sorted(r["map"][len("maps/") : -len(".tif")] for r in rows)
+    assert sorted(e["result_id"] for e in manifest["results"]) == ids
+    assert manifest["counts"] == {"selected": 4, "exported": 4, "skipped": 0}
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["formats"] == ["png", "tiff", "coco", "geojson", "csv", "parquet"]
+    assert on_disk["run"]["command"] == "localize" and on_disk["argv"] == ["test"]
+    assert sorted(on_disk["files"]) == sorted(
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
+    assert not leftovers(out) and not leftovers(tmp_path)
+    coco = json.loads((out / "coco.json").read_text())
+    assert {c["name"] for c in coco["categories"]} == set(CONCEPTS)
+    anns = {a["traitloc"]["result_id"]: a for a in coco["annotations"]}
+    for row in rows:
+        rid = row["map"][len("maps/") : -len(".tif")]
+        src_map, src_meta = read_map_tiff(localized / row["map"])
+        src_mask = np.asarray(Image.open(localized / row["mask"])) > 127
+        # PNG masks are the results' masks
+        np.testing.assert_array_equal(png_mask((out / "masks" / f"{rid}.png").read_bytes()), src_mask)
+        # TIFF maps: same float32 values, settings in ImageJ Info
+        values, settings = read_export_tiff(out / "maps" / f"{rid}.tif")
+        np.testing.assert_array_equal(values, src_map)
+        assert settings["concept"] == row["concept"] and settings["base"] == "bird"
+        assert settings["gamma"] == 1.0 and settings["method"] == "gradcam" and settings["threshold"] == 0.5
+        assert settings["model"] == src_meta["model"]
+        # COCO RLE decodes to the mask
+        ann = anns[rid]
+        np.testing.assert_array_equal(rle_decode(ann["segmentation"]), src_mask)
+        assert ann["area"] == int(src_mask.sum()) and ann["iscrowd"] == 1
+        image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
+        assert (image["height"], image["width"]) == src_mask.shape
+        # GeoJSON polygons rasterize back to the mask
+        geo = json.loads((out / "polygons" / f"{row['image_key']}.geojson").read_text())
+        feature = next(f for f in geo["features"] if f["id"] == rid)
+        assert feature["geometry"]["type"] == "MultiPolygon"
+        back = rasterize(feature["geometry"]["coordinates"], src_mask.shape)
+        assert iou(back, src_mask) >= 0.99 and boundary_distance(back, src_mask) <= 1.0
+        assert feature["properties"]["concept"] == row["concept"]
+    import pandas as pd
+
+    table = pd.read_csv(out / "tables" / "results.csv", keep_default_na=False)
+    parquet = pd.read_parquet(out / "tables" / "results.parquet")
+    assert sorted(table["result_id"]) == ids == sorted(parquet["result_id"])
+    assert parquet["gamma"].dtype == np.float64 and parquet["image_key"].map(type).eq(str).all()
+    np.testing.assert_allclose(parquet.sort_values("result_id")["raw_max"], table.sort_values("result_id")["raw_max"])
+
+
+@pytest.mark.slow
+def test_cli_zip_with_figures(localized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "paper.zip"
+    rc = export_cli([str(localized), "--format", "figure,png", "--figure-format", "svg,png", "--dpi", "72",
+                     "--cmap", "magma", "--zip", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    entries = zip_entries(out)
+    for name in entries:
+        assert not name.startswith("/") and ".." not in name.split("/")
+    manifest = json.loads(entries["manifest.json"])
+    assert manifest["options"]["dpi"] == 72 and manifest["options"]["cmap"] == "magma"
+    figures = sorted(n for n in entries if n.startswith("figures/"))
+    assert len(figures) == 8 and {Path(n).suffix for n in figures} == {".svg", ".png"}
+    for name in figures:
+        if name.endswith(".png"):
+            with Image.open(io.BytesIO(entries[name])) as im:
+                assert im.info["dpi"] == pytest.approx((72, 72), abs=0.5)
+                settings = json.loads(im.text["traitloc"])
+                assert settings["concept"] in CONCEPTS and settings["threshold"] == 0.5
+        else:
+            root = ET.fromstring(entries[name])
+            assert any(el.get("id") == COLORBAR_GID for el in root.iter())
+    assert not any("warnings" in e for e in manifest["results"])  # the source images were found
+    assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# selection by review status
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def handmade(tmp_path: Path) -> Path:
+    return make_results(tmp_path / "results")
+
+
+@pytest.mark.parametrize("use_store", [True, False])
+def test_status_accepted(handmade: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_store: bool) -> None:
+    if not use_store:
+        monkeypatch.setitem(sys.modules, "traitloc.store", None)  # the direct SQLite reader
+    elif importlib_missing("traitloc.store"):
+        pytest.skip("traitloc.store is not there yet")
+    write_decisions(handmade, {"img0/red-wing": "accepted", "img1/blue-tail": "accepted", "img0/blue-tail": "rejected",
+                               "img1/red-wing": "needs-work"})  # fmt: skip
+    decisions = read_decisions(handmade)
+    assert decisions["img0/red-wing"].status == "accepted" and decisions["img0/red-wing"].note == "note img0/red-wing"
+    out = tmp_path / "accepted.zip"
+    manifest = export_results(handmade, ["png", "csv"], out, "accepted")
+    assert sorted(e["result_id"] for e in manifest["results"]) == ["img0/red-wing", "img1/blue-tail"]
+    assert manifest["selection"] == {"status": "accepted"}
+    entries = zip_entries(out)
+    assert sorted(n for n in entries if n.startswith("masks/")) == [
+        "masks/img0/red-wing.png",
+        "masks/img1/blue-tail.png",
+    ]
+    table = list(csv.DictReader(io.StringIO(entries["tables/results.csv"].decode())))
+    assert {r["review_status"] for r in table} == {"accepted"} and table[0]["review_note"].startswith("note")
+    rc = export_cli([str(handmade), "--status", "needs-work", "--format", "png", "--out", str(tmp_path / "nw"),
+                     "--quiet"])  # fmt: skip
+    assert rc == 0 and [p.name for p in (tmp_path / "nw" / "masks").rglob("*.png")] == ["red-wing.png"]
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def test_selection_errors_and_ids(handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = export_cli([str(handmade), "--status", "accepted", "--format", "png", "--zip", str(tmp_path / "a.zip")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no review decisions" in err and "traitloc app" in err
+    assert not (tmp_path / "a.zip").exists() and not leftovers(tmp_path)
+    write_decisions(handmade, {"img0/red-wing": "rejected"})
+    with pytest.raises(FormatError, match="nothing to export: no ok results with review status 'accepted'"):
+        export_results(handmade, "png", tmp_path / "a.zip", "accepted")
+    manifest = export_results(handmade, "png", tmp_path / "ids", ["img1/red-wing"])
+    assert [e["result_id"] for e in manifest["results"]] == ["img1/red-wing"]
+    assert manifest["skipped"][0]["reason"] == "error: cannot decode"
+    with pytest.raises(FormatError, match="unknown result id"):
+        export_results(handmade, "png", tmp_path / "x", ["img9/nothing"])
+    with pytest.raises(FormatError, match="unknown format"):
+        export_results(handmade, "png,jpeg", tmp_path / "x")
+    with pytest.raises(FormatError, match="threshold"):
+        export_results(handmade, "png", tmp_path / "x", threshold=1.5)
+    rc = export_cli([str(handmade), "--format", "png", "--figure-format", "eps", "--out", str(tmp_path / "y")])
+    assert rc == 0  # figure formats are only checked when figures are asked for
+    rc = export_cli([str(handmade), "--format", "figure", "--figure-format", "eps", "--out", str(tmp_path / "z")])
+    assert rc == 2 and "figure formats" in capsys.readouterr().err
+
+
+def test_threshold_rederives_masks_and_explain_layout(tmp_path: Path) -> None:
+    root = make_results(tmp_path / "explained", kind="target", labels=("Tabby cat",))
+    manifest = export_results(root, "png,coco,figure", tmp_path / "out", threshold=0.8, figure_formats="svg")
+    for entry in manifest["results"]:
+        unit, _ = read_map_tiff(root / "maps" / f"{entry['result_id']}.tif")
+        mask = png_mask((tmp_path / "out" / "masks" / f"{entry['result_id']}.png").read_bytes())
+        np.testing.assert_array_equal(mask, unit > 0.8)
+        assert entry["settings"]["threshold"] == 0.8 and entry["settings"]["target"] == "Tabby cat"
+        svg = ET.parse(tmp_path / "out" / "figures" / f"{entry['result_id']}.svg").getroot()
+        texts = " ".join("".join(el.itertext()) for el in svg.iter(f"{SVG}text"))
+        assert "Tabby cat" in texts and "Tiger cat" in texts and "map > 0.8" in texts
+    coco = json.loads((tmp_path / "out" / "coco.json").read_text())
+    assert coco["categories"] == [{"id": 1, "name": "Tabby cat", "supercategory": "target"}]
+
+
+def test_image_roots_restrict_source_images(handmade: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    manifest = export_results(handmade, "figure", tmp_path / "a", ["img0/red-wing"], figure_formats="png",
+                              dpi=30, image_roots=[elsewhere])  # fmt: skip
+    assert "outside the allowed" in manifest["results"][0]["warnings"][0]
+    manifest = export_results(handmade, "figure", tmp_path / "b", ["img0/red-wing"], figure_formats="png",
+                              dpi=30, image_roots=[handmade.parent / "images"])  # fmt: skip
+    assert "warnings" not in manifest["results"][0]
+
+
+def test_audit_tables_only(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    root.mkdir()
+    (root / "audit.csv").write_text("image_id,image,attribute,iou_top10,pointing_hit\n1,a/b.jpg,has_wing,0.25,1\n")
+    (root / "audit_summary.csv").write_text("source,true_class,verdict\nparts,A,looks at\n")
+    manifest = export_results(root, "csv,parquet", tmp_path / "t.zip")
+    assert manifest["tables"] == ["tables/audit.csv", "tables/audit.parquet", "tables/audit_summary.csv",
+                                  "tables/audit_summary.parquet"]  # fmt: skip
+    with pytest.raises(FormatError, match="no results.csv"):
+        export_results(root, "png", tmp_path / "u.zip")
+
+
+def test_parquet_without_engine_is_a_clear_error(
+    handmade: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in ("pyarrow", "fastparquet"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(FormatError, match="needs pyarrow or fastparquet"):
+        export_results(handmade, "csv,parquet", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_zip_bytes(handmade: Path) -> None:
+    data, manifest = export_zip_bytes(handmade, ["png", "coco"], None)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert "coco.json" in zf.namelist() and "manifest.json" in zf.namelist()
+    assert manifest["counts"]["exported"] == 4
+    with pytest.raises(TypeError, match="out"):
+        export_zip_bytes(handmade, "png", out="x.zip")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# safety: paths in results.csv, output locations, atomicity
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("map", "../outside/x.tif"),
+        ("map", "maps/../../outside/x.tif"),
+        ("map", "/etc/passwd"),
+        ("map", "C:\\Windows\\x.tif"),
+        ("mask", "../outside/m.png"),
+        ("mask", "/tmp/m.png"),
+        ("map", "masks/img0/red-wing.png"),  # not a map path
+    ],
+)
+def test_paths_leaving_the_results_folder_are_rejected(
+    handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], column: str, value: str
+) -> None:
+    rows = read_rows(handmade)
+    rows[1][column] = value
+    write_rows(handmade, rows)
+    with pytest.raises(FormatError, match="line 3"):
+        list_results(handmade)
+    out = tmp_path / "out"
+    assert export_cli([str(handmade), "--format", "png,tiff", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "results.csv line 3" in err
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_symlinks_out_of_the_results_folder_are_rejected(handmade: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "img9").mkdir(parents=True)
+    save_map_tiff(outside / "img9" / "secret.tif", np.ones((4, 4), np.float32))
+    (handmade / "maps" / "evil").symlink_to(outside / "img9", target_is_directory=True)
+    rows = read_rows(handmade)
+    rows[0]["map"] = "maps/evil/secret.tif"
+    write_rows(handmade, rows)
+    with pytest.raises(FormatError, match="resolves outside"):
+        export_results(handmade, "tiff", tmp_path / "out")
+    # a mask file that is a link to a file outside
+    rows[0]["map"] = "maps/img0/red-wing.tif"
+    write_rows(handmade, rows)
+    mask = handmade / "masks" / "img0" / "red-wing.png"
+    mask.unlink()
+    mask.symlink_to(outside / "img9" / "secret.tif")
+    with pytest.raises(FormatError, match="resolves outside"):
+        export_results(handmade, "png", tmp_path / "out")
+    # results.csv itself a link out
+    real = tmp_path / "elsewhere.csv"
+    (handmade / "results.csv").rename(real)
+    (handmade / "results.csv").symlink_to(real)
+    with pytest.raises(FormatError, match="results.csv"):
+        export_results(handmade, "png", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_links_inside_the_results_folder_are_fine(handmade: Path, tmp_path: Path) -> None:
+    (handmade / "maps" / "alias").symlink_to(handmade / "maps" / "img0", target_is_directory=True)
+    rows = read_rows(handmade)
+    rows[0]["map"] = "maps/alias/red-wing.tif"
+    write_rows(handmade, rows)
+    manifest = export_results(handmade, "tiff", tmp_path / "out")
+    assert "alias/red-wing" in [e["result_id"] for e in manifest["results"]]
+
+
+def test_output_location_guards(handmade: Path, tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="results folder itself"):
+        export_results(handmade, "png", handmade)
+    with pytest.raises(FormatError, match="inside the results folder's masks"):
+        export_results(handmade, "png", handmade / "masks" / "x")
+    inside = export_results(handmade, "png", handmade / "exports" / "accepted.zip")  # allowed: the app's choice
+    assert inside["counts"]["exported"] == 4
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(FormatError, match="not empty"):
+        export_results(handmade, "png", busy)
+    notzip = tmp_path / "notes.zip"
+    notzip.write_text("not a zip")
+    with pytest.raises(FormatError, match="not a zip"):
+        export_results(handmade, "png", notzip)
+    assert notzip.read_text() == "not a zip"
+    # --force into a folder whose subfolder is a link out: refused, nothing written outside
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (busy / "masks").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(FormatError, match="not a plain folder"):
+        export_results(handmade, "png", busy, overwrite=True)
+    assert list(victim.iterdir()) == []
+    (busy / "masks").unlink()
+    manifest = export_results(handmade, "png", busy, overwrite=True)
+    assert (busy / "keep.txt").read_text() == "mine" and manifest["counts"]["exported"] == 4
+
+
+def test_zip_is_atomic(handmade: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "export.zip"
+    export_results(handmade, "png", out)
+    before = out.read_bytes()
+    calls = {"n": 0}
+    real = formats.map_tiff_bytes
+
+    def failing(*args: Any, **kwargs: Any) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(formats, "map_tiff_bytes", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_results(handmade, "png,tiff", out)
+    assert out.read_bytes() == before  # the old zip is untouched
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        calls["n"] = 0
+        export_results(handmade, "png,tiff", tmp_path / "folder")
+    assert not (tmp_path / "folder").exists()
+    assert not leftovers(tmp_path)
+
+
+def test_unreadable_map_is_left_out_not_fatal(handmade: Path, tmp_path: Path) -> None:
+    (handmade / "maps" / "img1" / "red-wing.tif").write_bytes(b"not a tiff")
+    manifest = export_results(handmade, "png,tiff", tmp_path / "out")
+    assert manifest["counts"] == {"selected": 4, "exported": 3, "skipped": 2}
+    assert any(s.get("result_id") == "img1/red-wing" for s in manifest["skipped"])
+
+
+def test_help_and_missing_destination(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        export_cli(["--help"])
+    assert exc.value.code == 0 and "--figure-format" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        export_cli([str(tmp_path)])  # neither --out nor --zip
+    assert exc.value.code == 2
+    assert export_cli([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "results folder not found" in capsys.readouterr().err
+
+
+def test_os_fspath_inputs(handmade: Path, tmp_path: Path) -> None:
+    manifest = export_results(os.fspath(handmade), ("png",), os.fspath(tmp_path / "o.zip"))
+    assert manifest["counts"]["exported"] == 4

@@ -7,6 +7,7 @@ appended to ``results.csv``, so a run killed at any point resumes without redoin
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -140,6 +141,7 @@ def run_localize(
     remove_stale_temp_files(out)  # left by a killed run; one process writes an output folder at a time
     paths = find_images(inputs)
     keys = image_keys(paths)
+    _check_same_settings(out / "run.json", run_info, settings, localizer)
     table = ResultsTable(out / "results.csv", LOCALIZE_COLUMNS, LOCALIZE_KEY)
     model_id = localizer.bundle.name
     base = settings.base or NO_BASE
@@ -166,6 +168,7 @@ def run_localize(
         target_layer=localizer.target_layer,
         resize=localizer.resize,
         threshold=settings.threshold,
+        templates=list(localizer.text.templates),
         status="running",
     )
     write_run_json(out / "run.json", info)
@@ -233,6 +236,38 @@ def run_localize(
         )
         write_run_json(out / "run.json", info)
     return counts
+
+
+class SettingsMismatchError(ValueError):
+    """An output folder holds results made with other settings (the map file names do not encode them)."""
+
+
+#: settings that change a map without changing its file name: one output folder holds one set of them
+MAP_SETTINGS = ("base", "gamma", "method", "model", "pretrained", "pretrained_sha256", "resize", "threshold",
+                "templates")  # fmt: skip
+
+
+def _check_same_settings(
+    run_json: Path, run_info: dict[str, Any], settings: LocalizeSettings, localizer: ConceptLocalizer
+) -> None:
+    """Refuse to mix runs with different map settings in one folder (new concepts or images are fine)."""
+    if not run_json.exists():
+        return
+    try:
+        old = json.loads(run_json.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SettingsMismatchError(f"{run_json} is unreadable ({err}); use a new --out folder") from err
+    new = {
+        **{k: run_info.get(k) for k in ("model", "pretrained", "pretrained_sha256")},
+        "base": settings.base, "gamma": settings.gamma, "method": localizer.method, "resize": localizer.resize,
+        "threshold": settings.threshold, "templates": list(localizer.text.templates),
+    }  # fmt: skip
+    diff = [f"{k}={old.get(k)!r} (now {new[k]!r})" for k in MAP_SETTINGS if k in old and old.get(k) != new[k]]
+    if diff:
+        raise SettingsMismatchError(
+            f"{run_json.parent} holds results made with {', '.join(diff)}; rerun with the same settings to "
+            f"resume, or choose a new --out folder"
+        )
 
 
 def _rel(path: Path, out: Path) -> str:

@@ -221,7 +221,7 @@ def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
 def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
-    from .batch import LocalizeSettings, run_localize
+    from .batch import LocalizeSettings, SettingsMismatchError, run_localize
     from .concepts import PromptError, check_prompt
     from .imageio import find_images
     from .localize import ConceptLocalizer
@@ -249,7 +249,10 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
         concepts=concepts, traits=traits, base=args.base, gamma=args.gamma, batch_size=args.batch_size,
         threshold=args.threshold, save_signed=args.save_signed, quiet=args.quiet,
     )  # fmt: skip
-    counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
+    try:
+        counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
+    except SettingsMismatchError as err:
+        raise CliError(str(err)) from err
     if not args.quiet:
         print(
             f"traitloc localize: {counts['ok']} images done, {counts['failed']} failed, "

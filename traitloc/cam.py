@@ -128,7 +128,7 @@ class GradCache:
     def combine(self, coeffs: Tensor, vectors: Tensor | None = None) -> CamOutput:
         """Maps for queries ``coeffs`` (Q, P) or (B, Q, P)."""
         W = _coeffs(coeffs, self.alphas.shape[0], self.alphas.shape[1], self.alphas)
-        a = torch.einsum("bqp,bpc->bqc", W, self.alphas)
+        a = _mix(W, self.alphas)
         signed = torch.einsum("bnc,bqc->bqn", self.prefix.acts.to(a.dtype), a)
         h, w = self.prefix.grid
         scores = torch.full(signed.shape[:2], float("nan"), device=signed.device)
@@ -137,6 +137,15 @@ class GradCache:
             scores = torch.einsum("bqp,bp->bq", W.to(V.dtype), torch.einsum("bd,bpd->bp", self.features, V))
         signed = signed.reshape(*signed.shape[:2], h, w)
         return CamOutput(signed, scores, "gradcam", self.prefix.grid, self.prefix.input_size, self.features)
+
+
+def _mix(W: Tensor, alphas: Tensor) -> Tensor:
+    """``einsum('bqp,bpc->bqc')``; Finer queries touch 1 + T of P vectors, so a sparse product keeps this linear
+    in P instead of Q x P (which would pass a forward pass in cost at a few thousand prompts)."""
+    B, Q, P = W.shape
+    if Q * P < 4096 or (W != 0).sum() > 0.05 * W.numel():
+        return torch.einsum("bqp,bpc->bqc", W, alphas)
+    return torch.stack([torch.sparse.mm(W[b].to_sparse(), alphas[b]) for b in range(B)])
 
 
 def _coeffs(coeffs: Tensor, B: int, P: int, like: Tensor) -> Tensor:

@@ -1,0 +1,798 @@
+r"""``traitloc evaluate``: the Finer-CAM paper's faithfulness metrics of a probe's maps on CUB (DESIGN.md §6).
+
+For every image of a CUB split whose class the probe knows, and every method of ``--methods``
+(``gradcam, finer-gradcam, layercam, finer-layercam, scorecam, finer-scorecam``), the map is computed on the model
+input and scored. The protocol (also in ``docs/evaluate.md``):
+
+- **Target** :math:`c`: the image's true CUB class (``--target true``, default) or the predicted class
+  (``--target predicted``). **References**: the ``--num-references`` (3) classes whose logits are closest to
+  :math:`z_c`, target excluded (ties: lower index); **d**, the most similar class, is the closest of them.
+- **Maps**: plain methods explain :math:`z_c`; ``finer-*`` explain :math:`z_c - \gamma\,\mathrm{mean}_t z_{d_t}`
+  (``--gamma`` 0.6), aggregated before the ReLU. The ReLU map on the target layer's grid is upsampled bilinearly
+  (``align_corners=False``) to the model input (224 x 224 for EfficientNet-Lite0), where every metric is computed.
+- **Confidences**: :math:`p = \mathrm{softmax}` over the probe's K classes, in float64.
+- **RD@k** (k = 5 %, 10 %): :math:`(p_c - p_c^*) - (p_d - p_d^*)` after the top k of the map's pixels become 0 in
+  normalized space (the ImageNet mean colour); pixels are ranked by value, ties in raster order, and pixels at the
+  map's minimum are never removed (:func:`traitloc.metrics.relative_confidence_drop`).
+- **Deletion / insertion AUC** (``--steps`` S = 20): :math:`p_c` while the first round(i n / S) ranked pixels are
+  set to 0 (deletion) or pasted into a Gaussian blur (sigma 5 px) of the image (insertion), trapezoid over
+  f = i / S (:func:`traitloc.metrics.deletion_auc`, :func:`traitloc.metrics.insertion_auc`).
+- **Energy pointing game**: the share of the map's energy inside the CUB bounding box scaled to the input
+  (:func:`traitloc.metrics.energy_inside`, :func:`traitloc.metrics.box_mask`); an all-zero map has none (NaN,
+  left out of the mean and counted in ``n_zero_maps``).
+- **Score-CAM** costs one forward pass per channel: it runs on ``--scorecam-images`` images evenly spaced over the
+  evaluated list, with the ``--scorecam-channels`` channels of largest spatial variance per image.
+
+:class:`FaithfulnessBatch` computes RD, deletion and insertion exactly as :mod:`traitloc.metrics` does, but runs each
+distinct perturbed image once: the unperturbed, fully deleted and blurred images are shared by all methods, and
+RD@k's perturbed image is a deletion step whenever k n is on the step grid (5 % and 10 % with 20 steps).
+
+Outputs: ``per_image.csv`` (one row per image x method, resumable), ``metrics.csv`` (one row per method: ``rd_05,
+rd_10, deletion_auc, insertion_auc, energy_pointing, n_images``, timing and standard errors) and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METHOD_NAMES",
+    "METRICS_COLUMNS",
+    "PER_IMAGE_COLUMNS",
+    "EvaluateSettings",
+    "FaithfulnessBatch",
+    "add_parser",
+    "evaluation_subset",
+    "parse_methods",
+    "run",
+    "run_evaluate",
+    "summarize",
+]
+
+log = logging.getLogger(__name__)
+
+METHOD_NAMES = ("gradcam", "finer-gradcam", "layercam", "finer-layercam", "scorecam", "finer-scorecam")
+GRADIENT_METHODS = METHOD_NAMES[:4]
+FRACTIONS = (0.05, 0.10)
+PER_IMAGE_COLUMNS = [
+    "image_id", "image", "method", "class_id", "true_class", "predicted_class", "correct", "target", "similar_class",
+    "references", "gamma", "rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing", "p_target",
+    "p_similar", "map_max", "seconds", "settings", "status",
+]  # fmt: skip
+PER_IMAGE_KEY = ["image_id", "method", "settings"]
+METRICS_COLUMNS = [
+    "method", "rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing", "n_images", "n_failed",
+    "n_zero_maps", "rd_05_se", "rd_10_se", "deletion_auc_se", "insertion_auc_se", "energy_pointing_se", "seconds",
+    "seconds_per_image", "subset", "steps", "gamma", "num_references", "scorecam_channels",
+]  # fmt: skip
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"gradcam,finer-gradcam"`` -> the list of methods, validated (order kept, no duplicates)."""
+    methods = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods is empty; choose from " + ", ".join(METHOD_NAMES))
+    for m in methods:
+        if m not in METHOD_NAMES:
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHOD_NAMES)}")
+    dup = next((m for m in methods if methods.count(m) > 1), None)
+    if dup is not None:
+        raise ValueError(f"method {dup!r} is listed twice in --methods")
+    return methods
+
+
+def evaluation_subset(n: int, k: int | None) -> np.ndarray:
+    """Indices of ``k`` items evenly spaced over ``n`` (all when ``k`` is None or >= n), ascending and unique.
+
+    ``round(linspace(0, n - 1, k))``: deterministic, and it covers the whole (class-sorted) list.
+    """
+    if k is None or k >= n:
+        return np.arange(n)
+    if k <= 0:
+        return np.arange(0)
+    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# faithfulness, sharing perturbed images
+# ------------------------------------------------------------------------------------------------------------------
+def _top_count(fraction: float, n: int) -> int:
+    return min(n, int(math.floor(fraction * n + 0.5)))
+
+
+class FaithfulnessBatch:
+    r"""RD@k, deletion and insertion AUC of several maps per image, each distinct perturbed image run once.
+
+    Same protocol and numbers as :func:`traitloc.metrics.relative_confidence_drop` (``baseline="zero"``),
+    :func:`traitloc.metrics.deletion_auc` (``"zero"``) and :func:`traitloc.metrics.insertion_auc` (``"blur"``):
+    ranking highest first with ties in raster order (RD never removes pixels at the map's minimum), deletion step
+    ``i`` removes ``round(i n / S)`` pixels, softmax over all logits in float64, trapezoid over ``f = i / S``.
+
+    Parameters
+    ----------
+    model : normalized batch (B, C, H, W) -> logits (B, K), in eval mode.
+    x : (N, C, H, W) normalized images.
+    c, d : (N,) target and most similar class per image.
+    steps : deletion/insertion steps S.
+    fractions : RD fractions.
+    batch_size : images per model call.
+    blur_sigma : sigma (px) of the insertion baseline's Gaussian blur.
+    channels_last : hand the model NHWC (``torch.channels_last``) batches: the same numbers up to float rounding,
+        and faster for CNNs whose weights are in that format too.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        x: Tensor,
+        c: Sequence[int],
+        d: Sequence[int],
+        *,
+        steps: int = 20,
+        fractions: Sequence[float] = FRACTIONS,
+        batch_size: int = 64,
+        blur_sigma: float = 5.0,
+        channels_last: bool = False,
+    ):
+        from .metrics import gaussian_blur
+
+        if x.ndim != 4:
+            raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
+        self.model = model
+        self.x = x
+        self.N, _, self.H, self.W = (int(s) for s in x.shape)
+        self.n = self.H * self.W
+        self.c = np.asarray(c, dtype=np.int64)
+        self.d = np.asarray(d, dtype=np.int64)
+        if self.c.shape != (self.N,) or self.d.shape != (self.N,):
+            raise ValueError(f"c and d need one class per image ({self.N})")
+        if np.any(self.c == self.d):
+            raise ValueError("d must differ from c for every image")
+        self.steps = int(steps)
+        self.fractions = tuple(float(f) for f in fractions)
+        self.batch_size = int(batch_size)
+        self.channels_last = bool(channels_last)
+        self.blur = gaussian_blur(x, blur_sigma)
+        self.zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        k = np.arange(self.steps + 1, dtype=np.int64)
+        self.step_k = (2 * k * self.n + self.steps) // (2 * self.steps)  # round(i n / S), halves up
+        self._p_orig: np.ndarray | None = None
+        self._p_blur: np.ndarray | None = None
+        self._p_zero: np.ndarray | None = None
+        self.forward_passes = 0
+
+    def _probs(self, inputs: Tensor) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, inputs.shape[0], self.batch_size):
+                xb = inputs[i : i + self.batch_size]
+                if self.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                logits = self.model(xb)
+                if not isinstance(logits, Tensor) or logits.ndim != 2:
+                    raise ValueError(f"model must return logits (B, K), got {getattr(logits, 'shape', logits)}")
+                out.append(torch.softmax(logits.detach().double(), dim=1).cpu().numpy())
+        self.forward_passes += int(inputs.shape[0])
+        return np.concatenate(out)
+
+    def shared(self) -> None:
+        """Run the map-independent images: unperturbed, blurred (insertion start), all removed (deletion end)."""
+        if self._p_orig is not None:
+            return
+        p = self._probs(torch.cat([self.x, self.blur, self.zero.expand(1, *self.x.shape[1:])]))
+        self._p_orig, self._p_blur, self._p_zero = p[: self.N], p[self.N : 2 * self.N], p[2 * self.N :]
+
+    @property
+    def p_orig(self) -> np.ndarray:
+        """(N, K) softmax of the unperturbed images."""
+        self.shared()
+        assert self._p_orig is not None
+        return self._p_orig
+
+    def score(self, maps: Tensor | np.ndarray, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Scores of one map per image.
+
+        Parameters
+        ----------
+        maps : (R, H, W) maps at input resolution, for the images ``rows`` (default: all N, in order).
+
+        Returns
+        -------
+        dict of (R,) arrays: ``rd_05``, ``rd_10`` (one per fraction, named ``rd_`` + two digits of percent),
+        ``deletion_auc``, ``insertion_auc``.
+        """
+        self.shared()
+        assert self._p_orig is not None and self._p_blur is not None and self._p_zero is not None
+        rows = np.arange(self.N) if rows is None else np.asarray(rows, dtype=np.int64)
+        m = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
+        if m.shape != (len(rows), self.H, self.W):
+            raise ValueError(f"maps must be ({len(rows)}, {self.H}, {self.W}), got {m.shape}")
+        m = m.astype(np.float64).reshape(len(rows), -1)
+        if not np.all(np.isfinite(m)):
+            raise ValueError("maps contain NaN or infinite values")
+        order = np.argsort(-m, axis=1, kind="stable")
+        ranks_np = np.empty_like(order)
+        np.put_along_axis(ranks_np, order, np.broadcast_to(np.arange(self.n), m.shape), axis=1)
+        ranks = torch.from_numpy(ranks_np.astype(np.int64)).to(self.x.device)
+        above = np.count_nonzero(m > m.min(axis=1, keepdims=True), axis=1)
+        n, S = self.n, self.steps
+        # job -> (map row r, kind, k); kind "del" = first k ranked pixels set to 0, "ins" = pasted into the blur
+        jobs: dict[tuple[int, str, int], int] = {}
+
+        def job(r: int, kind: str, k: int) -> tuple[str, int] | tuple[int, str, int]:
+            if k == 0:
+                return ("orig", r) if kind == "del" else ("blur", r)
+            if k == n:
+                return ("zero", 0) if kind == "del" else ("orig", r)
+            key = (r, kind, int(k))
+            jobs.setdefault(key, len(jobs))
+            return key
+
+        rd_jobs = [
+            [job(r, "del", min(_top_count(f, n), int(above[r]))) for f in self.fractions] for r in range(len(rows))
+        ]
+        del_jobs = [[job(r, "del", int(k)) for k in self.step_k] for r in range(len(rows))]
+        ins_jobs = [[job(r, "ins", int(k)) for k in self.step_k] for r in range(len(rows))]
+        keys = list(jobs)
+        probs = np.empty((len(keys), self._p_orig.shape[1]))
+        for i in range(0, len(keys), self.batch_size):
+            chunk = keys[i : i + self.batch_size]
+            r_idx = torch.tensor([k[0] for k in chunk], device=self.x.device)
+            img = torch.from_numpy(rows[[k[0] for k in chunk]]).to(self.x.device)
+            kk = torch.tensor([k[2] for k in chunk], device=self.x.device)
+            is_del = torch.tensor([k[1] == "del" for k in chunk], device=self.x.device).view(-1, 1, 1, 1)
+            mask = (ranks[r_idx] < kk[:, None]).view(-1, 1, self.H, self.W)
+            deleted = torch.where(mask, self.zero, self.x[img])
+            inserted = torch.where(mask, self.x[img], self.blur[img])
+            probs[i : i + len(chunk)] = self._probs(torch.where(is_del, deleted, inserted))
+
+        def p(key: Any) -> np.ndarray:
+            if key[0] == "orig":
+                return self._p_orig[rows[key[1]]]
+            if key[0] == "blur":
+                return self._p_blur[rows[key[1]]]
+            if key[0] == "zero":
+                return self._p_zero[0]
+            return probs[jobs[key]]
+
+        out: dict[str, np.ndarray] = {}
+        c, d = self.c[rows], self.d[rows]
+        p0 = self._p_orig[rows]
+        pc0, pd0 = p0[np.arange(len(rows)), c], p0[np.arange(len(rows)), d]
+        fx = np.arange(S + 1, dtype=np.float64) / S
+        for j, f in enumerate(self.fractions):
+            pc = np.array([p(rd_jobs[r][j])[c[r]] for r in range(len(rows))])
+            pd = np.array([p(rd_jobs[r][j])[d[r]] for r in range(len(rows))])
+            out[f"rd_{round(f * 100):02d}"] = (pc0 - pc) - (pd0 - pd)
+        for name, js in (("deletion_auc", del_jobs), ("insertion_auc", ins_jobs)):
+            curves = np.array([[p(key)[c[r]] for key in js[r]] for r in range(len(rows))])
+            out[name] = ((curves[:, 1:] + curves[:, :-1]) * 0.5 * np.diff(fx)).sum(axis=1)
+        out["p_target"], out["p_similar"] = pc0, pd0
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the evaluation
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluateSettings:
+    methods: list[str]
+    split: str = "test"
+    target: str = "true"  # or "predicted"
+    gamma: float = 0.6
+    num_references: int = 3
+    steps: int = 20
+    scorecam_channels: int | None = 128
+    scorecam_images: int | None = 50
+    limit: int | None = None
+    batch_size: int = 16
+    forward_batch: int = 64
+    channels_last: bool = True
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self, probe_sha256: str | None) -> str:
+        """A short hash of everything that changes a per-image number (for resume keys)."""
+        d = {
+            "target": self.target, "gamma": self.gamma, "num_references": self.num_references, "steps": self.steps,
+            "scorecam_channels": self.scorecam_channels, "probe": probe_sha256, "fractions": FRACTIONS,
+            "baselines": ["zero", "zero", "blur5"],
+        }  # fmt: skip
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _bases(methods: Sequence[str]) -> dict[str, list[str]]:
+    """CAM base -> the requested methods it gives (plain and/or finer)."""
+    out: dict[str, list[str]] = {}
+    for m in methods:
+        out.setdefault(m.removeprefix("finer-"), []).append(m)
+    return out
+
+
+def _explain_maps(
+    cam: Any,
+    x: Tensor,
+    pre: Any,
+    V: Tensor,
+    finer: Tensor,
+    methods: list[str],
+) -> dict[str, Tensor]:
+    """(B, H, W) input-resolution ReLU maps of ``methods`` (one CAM base) for the batch ``x``."""
+    P = V.shape[1]
+    rows = []
+    for m in methods:
+        if m.startswith("finer-"):
+            rows.append(finer)
+        else:
+            plain = torch.zeros(x.shape[0], P, device=V.device)
+            plain[:, 0] = 1.0
+            rows.append(plain)
+    C = torch.stack(rows, 1)  # (B, Q, P)
+    out = cam(x, V, C, prefix=pre)
+    maps = out.upsampled(tuple(int(s) for s in x.shape[-2:]))  # (B, Q, H, W)
+    return {m: maps[:, q] for q, m in enumerate(methods)}
+
+
+def run_evaluate(
+    cub_root: str | Path,
+    out_dir: str | Path,
+    clf: Any,
+    settings: EvaluateSettings,
+    run_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Evaluate ``settings.methods`` on a CUB split into ``out_dir``; returns counts, timing and the metrics rows."""
+    from .batch import _prefetched, _progress
+    from .cam import FinerCAM
+    from .classify import similar_classes
+    from .cub import CUB
+    from .export import atomic_write, utc_now, write_run_json
+    from .imageio import ImageLoadError, LoadedImage
+    from .metrics import box_mask, energy_inside
+    from .results import ResultsTable
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cub = CUB(cub_root)
+    names = clf.class_names
+    k_of_cub: dict[int, int] = {}
+    for k, name in enumerate(names):
+        try:
+            k_of_cub[cub.class_id(name)] = k
+        except ValueError as err:
+            raise ValueError(f"probe class {name!r} is not a class of the CUB root {cub.root} ({err})") from err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # counted below
+        df = cub.split(settings.split)
+    listed = cub.images[cub.images["class_id"].isin(list(k_of_cub))]
+    if settings.split != "all":
+        listed = listed[listed["is_train"] == (settings.split == "train")]
+    notes = []
+    n_missing = int((~listed["exists"]).sum())
+    if n_missing:
+        notes.append(f"{n_missing} listed {settings.split} image(s) of the probe's classes are missing and skipped")
+    other = int((~df["class_id"].isin(list(k_of_cub))).sum())
+    if other:
+        notes.append(f"{other} {settings.split} image(s) of classes the probe does not know are skipped")
+    df = df[df["class_id"].isin(list(k_of_cub))].sort_values("image_id").reset_index(drop=True)
+    empty = [names[k] for c, k in k_of_cub.items() if not (df["class_id"] == c).any()]
+    if empty:
+        notes.append(f"{len(empty)} probe class(es) have no {settings.split} images: {', '.join(empty[:5])}")
+    if df.empty:
+        raise ValueError(f"no {settings.split} images of the probe's classes are present under {cub.base / 'images'}")
+    df = df.iloc[evaluation_subset(len(df), settings.limit)].reset_index(drop=True)
+    sc_rows = set(evaluation_subset(len(df), settings.scorecam_images).tolist())
+    fp = settings.fingerprint(clf.describe.get("probe_sha256"))
+    table = ResultsTable(out / "per_image.csv", PER_IMAGE_COLUMNS, PER_IMAGE_KEY)
+    done = table.done_keys()
+
+    def wants(i: int) -> list[str]:
+        iid = str(int(df.at[i, "image_id"]))
+        ms = [m for m in settings.methods if not (m.endswith("scorecam") and i not in sc_rows)]
+        return [m for m in ms if (iid, m, fp) not in done]
+
+    todo = [i for i in range(len(df)) if wants(i)]
+    info = dict(run_info)
+    info.update(
+        start_utc=info.get("start_utc") or utc_now(), end_utc=None, status="running", split=settings.split,
+        n_images=len(df), n_images_todo=len(todo), settings_fingerprint=fp, notes=notes,
+        scorecam_image_ids=[int(df.at[i, "image_id"]) for i in sorted(sc_rows)],
+    )  # fmt: skip
+    write_run_json(out / "run.json", info)
+
+    adapter = clf.adapter
+    cams = {
+        "gradcam": FinerCAM(adapter, "gradcam"),
+        "layercam": FinerCAM(adapter, "layercam"),
+        "scorecam": FinerCAM(adapter, "scorecam", scorecam_channels=settings.scorecam_channels,
+                             scorecam_batch=settings.forward_batch),
+    }  # fmt: skip
+    W = clf.weight.to(clf.device, torch.float32)
+    b_head = None if clf.bias is None else clf.bias.to(clf.device, torch.float32)
+    model = clf.model.eval()
+    if settings.channels_last:  # NHWC convolutions: same numbers up to float rounding, faster on CPUs
+        model.to(memory_format=torch.channels_last)
+    seconds: dict[str, float] = dict.fromkeys(settings.methods, 0.0)
+    counts = {"images_ok": 0, "images_failed": 0, "rows": 0}
+    bar = _progress(len(todo), settings.quiet, "evaluate")
+    paths = [cub.image_path(int(df.at[i, "image_id"])) for i in todo]
+    row_of_path = dict(zip(paths, todo, strict=True))
+    t_all = time.perf_counter()
+
+    def base_row(i: int, method: str) -> dict[str, Any]:
+        r = df.loc[i]
+        return {
+            **dict.fromkeys(PER_IMAGE_COLUMNS, ""), "image_id": int(r["image_id"]), "method": method,
+            "image": str(cub.image_path(int(r["image_id"]))), "class_id": int(r["class_id"]),
+            "true_class": names[k_of_cub[int(r["class_id"])]], "settings": fp,
+            "gamma": f"{settings.gamma:g}" if method.startswith("finer-") else "0",
+        }  # fmt: skip
+
+    def evaluate_batch(items: list[tuple[int, Any]]) -> list[dict[str, Any]]:
+        """Rows of one batch of decoded images (raises on failure; the caller retries image by image)."""
+        t0 = time.perf_counter()
+        x = torch.stack([clf.preprocess(im.image) for _, im in items]).to(clf.device)
+        B, (Hin, Win) = x.shape[0], x.shape[-2:]
+        pre = cams["gradcam"].prefix(x)
+        feats = adapter.features(pre).float()
+        if feats.shape[-1] != W.shape[1]:
+            raise ValueError(f"the backbone gives {feats.shape[-1]}-d features but the probe expects {W.shape[1]}")
+        logits = feats @ W.t() + (b_head if b_head is not None else 0.0)
+        pred = logits.argmax(1)
+        true = torch.tensor([k_of_cub[int(df.at[i, "class_id"])] for i, _ in items], device=logits.device)
+        tgt = true if settings.target == "true" else pred
+        T = min(settings.num_references, len(names) - 1)
+        refs = similar_classes(logits, tgt, T)  # (B, T), closest first
+        V = torch.cat([W[tgt].unsqueeze(1), W[refs]], 1)  # (B, 1 + T, D)
+        finer = torch.zeros(B, 1 + T, device=V.device)
+        finer[:, 0] = 1.0
+        finer[:, 1:] = -settings.gamma / T
+        want = {i: wants(i) for i, _ in items}
+        shared = time.perf_counter() - t0
+        maps: dict[str, Tensor] = {}
+        rows_of: dict[str, list[int]] = {}
+        own: dict[str, float] = {}
+        for base, ms in _bases(settings.methods).items():
+            ms = [m for m in ms if any(m in want[i] for i, _ in items)]
+            if not ms:
+                continue
+            sel = [b for b, (i, _) in enumerate(items) if any(m in want[i] for m in ms)]
+            t1 = time.perf_counter()
+            if len(sel) == B:
+                got = _explain_maps(cams[base], x, pre, V, finer, ms)
+            else:
+                got = _explain_maps(cams[base], x[sel], None, V[sel], finer[sel], ms)
+            dt = (time.perf_counter() - t1) / len(ms)
+            for m in ms:
+                maps[m], rows_of[m], own[m] = got[m], sel, dt
+        t2 = time.perf_counter()
+        fb = FaithfulnessBatch(model, x, tgt.tolist(), refs[:, 0].tolist(), steps=settings.steps,
+                               batch_size=settings.forward_batch, channels_last=settings.channels_last)  # fmt: skip
+        fb.shared()
+        shared += time.perf_counter() - t2
+        scores: dict[str, dict[str, np.ndarray]] = {}
+        for m in maps:
+            t3 = time.perf_counter()
+            scores[m] = fb.score(maps[m], rows_of[m])
+            own[m] += time.perf_counter() - t3
+        n_pairs = sum(len(v) for v in rows_of.values()) or 1
+        rows = []
+        p0 = fb.p_orig
+        for m in maps:
+            per_img = own[m] / len(rows_of[m]) + shared / n_pairs
+            seconds[m] += per_img * len(rows_of[m])
+            for j, b in enumerate(rows_of[m]):
+                i = items[b][0]
+                if m not in want[i]:
+                    continue
+                mp = maps[m][j].detach().float().cpu()
+                r0 = df.loc[i]
+                sx, sy = Win / items[b][1].orig_size[0], Hin / items[b][1].orig_size[1]
+                box = box_mask((int(Hin), int(Win)), float(r0["x"]) * sx, float(r0["y"]) * sy,
+                               float(r0["width"]) * sx, float(r0["height"]) * sy)  # fmt: skip
+                energy = energy_inside(mp.numpy(), box) if box.any() else float("nan")
+                row = base_row(i, m)
+                row.update(
+                    predicted_class=names[int(pred[b])], correct=str(bool(pred[b] == true[b])).lower(),
+                    target=names[int(tgt[b])], similar_class=names[int(refs[b, 0])],
+                    references="; ".join(names[int(r)] for r in refs[b]),
+                    rd_05=float(scores[m]["rd_05"][j]), rd_10=float(scores[m]["rd_10"][j]),
+                    deletion_auc=float(scores[m]["deletion_auc"][j]),
+                    insertion_auc=float(scores[m]["insertion_auc"][j]),
+                    energy_pointing=energy, p_target=float(p0[b, int(tgt[b])]), p_similar=float(p0[b, int(refs[b, 0])]),
+                    map_max=float(mp.max()), seconds=round(per_img, 4), status="ok",
+                )  # fmt: skip
+                rows.append(row)
+        return rows
+
+    try:
+        for chunk in _prefetched(paths, settings.batch_size):
+            good: list[tuple[int, Any]] = []
+            for p, im in chunk:
+                i = row_of_path[p]
+                if isinstance(im, ImageLoadError):
+                    table.append([{**base_row(i, m), "status": f"error: {im.reason}"} for m in wants(i)])
+                    counts["images_failed"] += 1
+                    continue
+                assert isinstance(im, LoadedImage)
+                good.append((i, im))
+            if good:
+                try:
+                    rows = evaluate_batch(good)
+                except Exception as err:  # noqa: BLE001 - retried image by image
+                    log.debug("batch failed (%s); retrying image by image", err)
+                    rows = []
+                    for item in good:
+                        try:
+                            rows.extend(evaluate_batch([item]))
+                        except Exception as e1:  # noqa: BLE001
+                            reason = f"error: {type(e1).__name__}: {e1}".splitlines()[0]
+                            log.warning("%s: %s", cub.image_path(int(df.at[item[0], "image_id"])), reason)
+                            rows.extend({**base_row(item[0], m), "status": reason} for m in wants(item[0]))
+                table.append(rows)
+                counts["rows"] += len(rows)
+                bad = {r["image_id"] for r in rows if r["status"] != "ok"}
+                counts["images_failed"] += len(bad)
+                counts["images_ok"] += len(good) - len(bad)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        wall = time.perf_counter() - t_all
+        ids = [int(i) for i in df["image_id"]]
+        metrics = summarize(table.rows(), settings, fp, ids, [ids[i] for i in sorted(sc_rows)])
+        _write_metrics(out / "metrics.csv", metrics, atomic_write)
+        info.update(
+            end_utc=utc_now(), status="finished", counts=counts, wall_seconds=round(wall, 3),
+            seconds_this_run={m: round(s, 3) for m, s in seconds.items()},
+        )  # fmt: skip
+        write_run_json(out / "run.json", info)
+    return {"counts": counts, "seconds": seconds, "metrics": metrics, "notes": notes, "wall_seconds": wall}
+
+
+def _se(v: np.ndarray) -> float:
+    v = v[np.isfinite(v)]
+    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def summarize(
+    rows: Sequence[dict[str, str]],
+    settings: EvaluateSettings,
+    fingerprint: str,
+    image_ids: Sequence[int],
+    scorecam_ids: Sequence[int],
+) -> list[dict[str, Any]]:
+    """``metrics.csv`` rows (one per method, in ``settings.methods`` order) from ``per_image.csv`` rows.
+
+    Only rows of this run's settings (``fingerprint``) and images count: ``image_ids`` for the gradient methods,
+    ``scorecam_ids`` for Score-CAM (a folder may hold rows of other ``--limit`` or ``--scorecam-images`` runs).
+    """
+    out = []
+    n_images, n_scorecam = len(image_ids), len(scorecam_ids)
+    for m in settings.methods:
+        wanted = {str(int(i)) for i in (scorecam_ids if m.endswith("scorecam") else image_ids)}
+        mine = [r for r in rows if r["method"] == m and r["settings"] == fingerprint and r["image_id"] in wanted]
+        ok = [r for r in mine if r["status"] == "ok"]
+
+        def col(name: str, ok: list[dict[str, str]] = ok) -> np.ndarray:
+            return np.array([float(r[name]) if r[name] != "" else np.nan for r in ok], dtype=np.float64)
+
+        row: dict[str, Any] = {"method": m, "n_images": len(ok), "n_failed": len(mine) - len(ok)}
+        for name in ("rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing"):
+            v = col(name)
+            row[name] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            row[f"{name}_se"] = _se(v)
+        row["n_zero_maps"] = int(np.count_nonzero(~np.isfinite(col("energy_pointing"))))
+        secs = col("seconds")
+        row["seconds"] = round(float(np.nansum(secs)), 3) if len(secs) else 0.0
+        row["seconds_per_image"] = round(float(np.nanmean(secs)), 4) if len(secs) else float("nan")
+        scorecam = m.endswith("scorecam")
+        row["subset"] = f"{n_scorecam} of {n_images} images" if scorecam and n_scorecam < n_images else "all"
+        row["steps"] = settings.steps
+        row["gamma"] = settings.gamma if m.startswith("finer-") else 0.0
+        row["num_references"] = settings.num_references if m.startswith("finer-") else 0
+        row["scorecam_channels"] = (settings.scorecam_channels or "all") if scorecam else ""
+        out.append(row)
+    return out
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]], atomic_write: Callable[[Path, str], Any]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, METRICS_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    atomic_write(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------------
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from err
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``evaluate`` to a ``argparse`` subparsers object and return its parser."""
+    from .cli import _gamma, _positive
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="the Finer-CAM paper's metrics of a probe's maps on CUB: RD@5%%/10%%, deletion/insertion AUC, "
+        "energy pointing game",
+        description="Score Grad-CAM, Layer-CAM and Score-CAM maps and their Finer variants for a probe on a CUB "
+        "split: relative confidence drop RD@k (target = the true class, d = the class with the closest logit), "
+        "deletion and insertion AUC and the energy pointing game against the bounding box, all on the model input. "
+        "Writes per_image.csv (resumable), metrics.csv (one row per method) and run.json; the protocol is in "
+        "docs/evaluate.md.",
+    )
+    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="a probe from traitloc train-probe")
+    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHOD_NAMES),
+        metavar="LIST",
+        help=f"comma-separated methods (default: {','.join(METHOD_NAMES)})",
+    )
+    p.add_argument(
+        "--target",
+        choices=["true", "predicted"],
+        default="true",
+        help="the explained class c: the true CUB class or the predicted one (default: true)",
+    )
+    p.add_argument("--gamma", type=_gamma, default=0.6, help="gamma of the finer-* methods (default: 0.6)")
+    p.add_argument("--num-references", type=_positive, default=3, help="references of the finer-* methods (default: 3)")
+    p.add_argument(
+        "--scorecam-channels",
+        type=_positive,
+        default=128,
+        help="Score-CAM channel budget per image: the k channels of largest spatial variance (default: 128)",
+    )
+    p.add_argument(
+        "--scorecam-images",
+        type=_non_negative,
+        default=50,
+        help="Score-CAM runs on this many images, evenly spaced over the evaluated ones (default: 50; 0 = none)",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive,
+        default=None,
+        help="evaluate only N images, evenly spaced over the split sorted by image id (default: all)",
+    )
+    p.add_argument("--steps", type=_positive, default=20, help="deletion/insertion steps (default: 20)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default: 16)")
+    p.add_argument("--forward-batch", type=_positive, default=64, help="perturbed images per model call (default: 64)")
+    p.add_argument(
+        "--memory-format",
+        choices=["channels_last", "contiguous"],
+        default="channels_last",
+        help="layout of the model's convolution weights and perturbed batches: a speed setting, the numbers agree "
+        "up to float rounding (default: channels_last, about 1.8x faster for EfficientNet-Lite0 on CPU)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``traitloc evaluate``; bad input raises :class:`traitloc.cli.CliError` (one line)."""
+    from .classify import ProbeError
+    from .cli import CliError
+    from .cub import CUB
+    from .export import utc_now
+    from .models import ModelLoadError
+    from .train import keep_freed_memory, load_probe_model
+
+    start = utc_now()
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    if args.gamma < 0:
+        raise CliError(f"--gamma must be >= 0, got {args.gamma:g}")
+    try:
+        CUB(args.cub_root)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(f"--cub-root: {err}") from err
+    try:
+        clf = load_probe_model(args.probe, args.device)
+    except (ProbeError, ModelLoadError, ValueError) as err:
+        raise CliError(str(err).splitlines()[0]) from err
+    allocator = keep_freed_memory()
+    if len(clf.class_names) < 2:
+        raise CliError("the probe has fewer than 2 classes")
+    settings = EvaluateSettings(
+        methods=methods, split=args.split, target=args.target, gamma=args.gamma, num_references=args.num_references,
+        steps=args.steps, scorecam_channels=args.scorecam_channels, scorecam_images=args.scorecam_images,
+        limit=args.limit, batch_size=args.batch_size, forward_batch=args.forward_batch, quiet=args.quiet,
+        channels_last=args.memory_format == "channels_last",
+    )  # fmt: skip
+    d = clf.describe
+    bb = d.get("backbone") if isinstance(d.get("backbone"), dict) else {}
+    pre = getattr(clf.preprocess, "size", None)
+    info = {
+        "command": "evaluate",
+        "argv": list(argv),
+        "cub_root": str(Path(args.cub_root).resolve()),
+        "probe": d.get("probe"),
+        "probe_sha256": d.get("probe_sha256"),
+        "probe_test_accuracy": d.get("probe_test_accuracy"),
+        "model": bb.get("model") or bb.get("name") or bb.get("callable"),
+        "pretrained": bb.get("pretrained") or bb.get("weights"),
+        "pretrained_sha256": bb.get("pretrained_sha256") or bb.get("weights_sha256"),
+        "backbone": bb or None,
+        "device": str(clf.device),
+        "dtype": "fp32",
+        "image_size": list(pre) if pre is not None else None,
+        "target_layer": clf.target_layer,
+        "methods": methods,
+        "targets": f"{args.target} class",
+        "gamma": args.gamma,
+        "num_references": args.num_references,
+        "steps": args.steps,
+        "scorecam_channels": args.scorecam_channels,
+        "scorecam_images": args.scorecam_images,
+        "limit": args.limit,
+        "memory_format": args.memory_format,
+        "allocator": allocator,
+        "seed": None,
+        "protocol": {
+            "similar_class": "the class whose logit is closest to the target's (target excluded)",
+            "references": f"the {args.num_references} classes with the closest logits (target excluded)",
+            "maps": "ReLU map on the target layer's grid, bilinearly upsampled to the model input",
+            "confidence": "softmax over the probe's classes, float64",
+            "rd": "top 5%/10% of map pixels set to 0 in normalized space (mean colour); ties in raster order; "
+            "pixels at the map's minimum never removed",
+            "deletion": f"{args.steps} steps, removed pixels -> 0 (mean colour)",
+            "insertion": f"{args.steps} steps, pixels pasted into a Gaussian blur (sigma 5 px) of the image",
+            "energy_pointing": "share of the map's sum inside the CUB box scaled to the model input",
+        },
+        "start_utc": start,
+    }
+    try:
+        res = run_evaluate(args.cub_root, args.out, clf, settings, info)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(str(err).splitlines()[0]) from err
+    if not args.quiet:
+        for note in res["notes"]:
+            print(f"traitloc evaluate: note: {note}", file=sys.stderr)
+        print(f"{'method':<16}{'RD@5%':>9}{'RD@10%':>9}{'del':>8}{'ins':>8}{'energy':>8}{'n':>6}{'s/img':>8}",
+              file=sys.stderr)  # fmt: skip
+        for r in res["metrics"]:
+            print(
+                f"{r['method']:<16}{r['rd_05']:>9.4f}{r['rd_10']:>9.4f}{r['deletion_auc']:>8.4f}"
+                f"{r['insertion_auc']:>8.4f}{r['energy_pointing']:>8.4f}{r['n_images']:>6}{r['seconds_per_image']:>8.3f}",
+                file=sys.stderr,
+            )
+        c = res["counts"]
+        print(
+            f"traitloc evaluate: {c['images_ok']} images done, {c['images_failed']} failed -> {args.out}",
+            file=sys.stderr,
+        )
+    failed_all = res["counts"]["images_failed"] and not res["counts"]["images_ok"]
+    return 1 if failed_all and not any(r["n_images"] for r in res["metrics"]) else 0

@@ -1,0 +1,752 @@
+"""``traitloc train-probe``: the paper's classifier, a linear probe on a frozen backbone (DESIGN.md §6).
+
+The probe is trained on the CUB train split of the classes that have images, with the features of every image
+(train and test) cached under ``PROBE_DIR/cache/`` so that a rerun (other epochs, learning rate or seed) costs no
+backbone pass. It is saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.classify.save_probe`) with
+what is needed to rebuild and explain it: class names, the backbone spec, preprocessing, feature normalization,
+test accuracy and training settings. :func:`load_probe_model` rebuilds the backbone from that spec
+(``traitloc explain --probe`` and ``traitloc evaluate`` use it).
+
+Backbones
+---------
+``--model NAME --pretrained TAG|FILE``
+    an open_clip image tower (:func:`traitloc.backbones.clip_backbone`); features are its L2-normalized image
+    embeddings and the explained layer is the last block's ``ln_1`` (ViTs) or ``layer4`` (ResNets). The default,
+    ``ViT-B-16`` / ``laion400m_e32``, is the paper's and needs the network (or ``--pretrained FILE``).
+``--backbone efficientnet-lite0``
+    ImageNet EfficientNet-Lite0 (:func:`traitloc.backbones.efficientnet_lite0`): pooled 1280-d features of the last
+    conv block, explained at that block (a 7 x 7 grid at 224 px). Loads offline.
+``--backbone MODULE:FUNCTION``
+    any function returning ``model`` (image batch -> features), ``target_layer`` and ``preprocess``
+    (:mod:`traitloc.backbones`); it is re-imported by name to rebuild the probe, from the working directory or,
+    failing that, the directory train-probe ran in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "EFFICIENTNET_LITE0",
+    "ProbeModel",
+    "keep_freed_memory",
+    "add_parser",
+    "backbone_spec",
+    "build_backbone",
+    "load_probe_model",
+    "parse_classes",
+    "rebuild_backbone",
+    "run",
+    "train_probe_on_cub",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``--backbone`` shortcut for the ImageNet EfficientNet-Lite0 backbone.
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "laion400m_e32"
+CACHE_DIR = "cache"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# process setup for long CPU runs
+# ------------------------------------------------------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> str | None:
+    """Ask glibc's allocator to keep freed memory in the process (a command-line setting for long CPU runs).
+
+    CNN activations of a batch are tens of MB; by default glibc serves each from a fresh ``mmap`` and unmaps it on
+    free, so every forward pass page-faults its memory in again. On the 2-core machines here that kernel time was
+    half of EfficientNet-Lite0's CPU time (76 ms per image at batch 64, 41 ms with this setting). This sets
+    ``M_MMAP_MAX = 0`` (no ``mmap`` for allocations) and ``M_TRIM_THRESHOLD = 1 GiB`` with ``mallopt``; the
+    process keeps its peak heap until it exits. Best effort: a no-op (returns ``None``) off glibc.
+
+    Returns
+    -------
+    A description for ``run.json``, or ``None`` when not applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
+    except (OSError, AttributeError):
+        return None
+    return "glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=1GiB" if ok else None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# backbones: build from the command line, describe, rebuild from a probe's JSON
+# ------------------------------------------------------------------------------------------------------------------
+def _abs_if_file(value: str | None) -> str | None:
+    """An absolute path for an existing file (so a probe can be rebuilt from anywhere), else ``value``."""
+    if value and os.path.isfile(value):
+        return str(Path(value).resolve())
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` if it survives a JSON round trip, else its string form (probe metadata must be plain JSON)."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def backbone_spec(bb: Mapping[str, Any], kind: str, **given: Any) -> dict[str, Any]:
+    """The ``backbone`` entry of a probe's JSON: what :func:`rebuild_backbone` needs, plus provenance.
+
+    Parameters
+    ----------
+    bb : the backbone mapping (as :func:`build_backbone` returns it).
+    kind : ``"efficientnet-lite0"``, ``"open_clip"`` or ``"callable"``.
+    **given : ``model`` / ``pretrained`` (open_clip) or ``callable`` (a ``MODULE:FUNCTION`` string).
+    """
+    pre = bb.get("preprocess")
+    describe = getattr(pre, "describe", None)
+    spec: dict[str, Any] = {"kind": kind}
+    own = bb.get("spec")
+    if kind == EFFICIENTNET_LITE0:
+        spec.update(_json_safe(own) if isinstance(own, Mapping) else {})
+        spec["name"] = EFFICIENTNET_LITE0
+    elif kind == "open_clip":
+        bundle = bb.get("bundle")
+        spec["model"] = _abs_if_file(given["model"])
+        spec["pretrained"] = _abs_if_file(given.get("pretrained"))
+        spec["pretrained_sha256"] = getattr(bundle, "pretrained_sha256", None)
+        spec["image_size"] = list(getattr(bundle, "image_size", ()) or ())
+    elif kind == "callable":
+        spec["callable"] = given["callable"]
+        spec["cwd"] = os.getcwd()
+        if isinstance(own, Mapping):
+            spec["details"] = _json_safe(own)
+    else:
+        raise ValueError(f"unknown backbone kind {kind!r}")
+    target = bb.get("target_layer")
+    spec["target_layer"] = target if isinstance(target, str) else getattr(bb.get("adapter"), "target_layer", None)
+    if spec["target_layer"] is None and isinstance(bb.get("model"), nn.Module) and isinstance(target, nn.Module):
+        from .classify import resolve_module
+
+        spec["target_layer"] = resolve_module(bb["model"], target)[1]
+    spec["preprocessing"] = _json_safe(describe()) if callable(describe) else repr(pre)
+    spec["feature_dim"] = int(bb["feature_dim"]) if bb.get("feature_dim") is not None else None
+    return spec
+
+
+def _move(bb: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    model = bb["model"]
+    if isinstance(model, nn.Module):
+        model.to(device)
+    bb["device"] = device
+    return bb
+
+
+def build_backbone(
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    backbone: str | None = None,
+    device: str | torch.device = "auto",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build the backbone named on the command line.
+
+    Parameters
+    ----------
+    model, pretrained : an open_clip model name (or config ``.json``) and its pretrained tag or weights file
+        (``"none"``: random weights).
+    backbone : ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``; excludes ``model``/``pretrained``.
+    device : ``auto``, ``cpu``, ``cuda``...
+
+    Returns
+    -------
+    bb : the backbone mapping (``model``, ``target_layer``, ``preprocess``, ``feature_dim``, maybe ``adapter``).
+    spec : its JSON description (:func:`backbone_spec`).
+
+    Raises
+    ------
+    ValueError, traitloc.backbones.CallableError, traitloc.models.ModelLoadError
+        One line each.
+    """
+    from .backbones import clip_backbone, efficientnet_lite0, load_callable
+    from .models import resolve_device
+
+    dev = resolve_device(device)
+    if backbone is not None and (model is not None or pretrained is not None):
+        raise ValueError("give either --model/--pretrained or --backbone, not both")
+    if backbone is not None:
+        if backbone.strip().lower() == EFFICIENTNET_LITE0:
+            bb = efficientnet_lite0(dev)
+            return bb, backbone_spec(bb, EFFICIENTNET_LITE0)
+        bb = _move(load_callable(backbone.strip(), "backbone"), dev)
+        return bb, backbone_spec(bb, "callable", callable=backbone.strip())
+    name = model or DEFAULT_MODEL
+    tag = DEFAULT_PRETRAINED if pretrained is None else pretrained
+    tag = None if str(tag).lower() in ("none", "") else tag
+    bb = clip_backbone(name, tag, dev)
+    return bb, backbone_spec(bb, "open_clip", model=name, pretrained=tag)
+
+
+def rebuild_backbone(spec: Any, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Rebuild a probe's backbone from the ``backbone`` entry of its JSON (see :func:`backbone_spec`).
+
+    Also accepted: a ``"MODULE:FUNCTION"`` string, ``{"callable": ...}``, ``{"name": "efficientnet-lite0"}`` and
+    ``{"model": NAME, "pretrained": TAG_OR_FILE}``. A recorded weights hash that no longer matches is an error.
+
+    Raises
+    ------
+    ValueError
+        One line: the spec is not understood, the weights changed, or the backbone cannot be loaded.
+    """
+    from .backbones import CallableError, clip_backbone, efficientnet_lite0, load_callable
+    from .models import ModelLoadError, resolve_device
+
+    dev = resolve_device(device)
+    if isinstance(spec, str) and ":" in spec:
+        spec = {"kind": "callable", "callable": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"the probe's backbone spec is not understood: {spec!r}")
+    kind = spec.get("kind")
+    if kind is None:
+        if isinstance(spec.get("callable"), str):
+            kind = "callable"
+        elif spec.get("name") == EFFICIENTNET_LITE0:
+            kind = EFFICIENTNET_LITE0
+        elif isinstance(spec.get("model"), str):
+            kind = "open_clip"
+    try:
+        if kind == EFFICIENTNET_LITE0:
+            bb = efficientnet_lite0(dev)
+            want, have = spec.get("weights_sha256"), (bb.get("spec") or {}).get("weights_sha256")
+            if want and have and want != have:
+                raise ValueError(
+                    f"the EfficientNet-Lite0 weights changed since the probe was trained (sha256 {have[:12]}..., "
+                    f"probe recorded {want[:12]}...)"
+                )
+            return bb
+        if kind == "open_clip":
+            bb = clip_backbone(str(spec["model"]), spec.get("pretrained"), dev)
+            want, have = spec.get("pretrained_sha256"), getattr(bb.get("bundle"), "pretrained_sha256", None)
+            if want and have and want != have:
+                raise ValueError(f"weights file {spec.get('pretrained')} changed since the probe was trained (sha256)")
+            return bb
+        if kind == "callable":
+            name = str(spec["callable"])
+            try:
+                bb = load_callable(name, "backbone")
+            except CallableError as err:
+                cwd = spec.get("cwd")
+                if not cwd or os.path.abspath(cwd) == os.getcwd() or not os.path.isdir(cwd):
+                    raise
+                try:
+                    bb = load_callable(name, "backbone", cwd=cwd)
+                except CallableError:
+                    raise err from None
+            return _move(bb, dev)
+    except (CallableError, ModelLoadError) as err:
+        raise ValueError(f"cannot rebuild the probe's backbone: {err}") from err
+    raise ValueError(f"the probe's backbone spec is not understood (kind {kind!r}): {dict(spec)!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a probe, ready to explain and evaluate
+# ------------------------------------------------------------------------------------------------------------------
+class _ProbeLogits(nn.Module):
+    """Backbone features -> probe logits, as one module (the classifier the metrics perturb)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.backbone(x)
+        return self.head(f.to(self.head.linear.weight.dtype))
+
+
+@dataclass
+class ProbeModel:
+    """A classifier to explain: a probe on its rebuilt backbone, or a ``--classifier`` model (``weight = I``).
+
+    Attributes
+    ----------
+    adapter : the target-layer adapter (:class:`~traitloc.classify.HookAdapter` or a fast CLIP adapter).
+    weight, bias : the linear head on the adapter's output, (K, D) and (K,) or None.
+    class_names : the K class names.
+    preprocess : PIL image -> normalized (3, H, W) tensor.
+    model : normalized image batch -> logits (B, K) (backbone + head), in eval mode.
+    device : where everything lives.
+    meta : the probe's JSON (empty for a ``--classifier``).
+    describe : what ``run.json`` records.
+    """
+
+    adapter: Any
+    weight: Tensor
+    bias: Tensor | None
+    class_names: list[str]
+    preprocess: Callable[[Any], Tensor]
+    model: nn.Module
+    device: torch.device
+    meta: dict[str, Any] = field(default_factory=dict)
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_layer(self) -> str:
+        return str(getattr(self.adapter, "target_layer", ""))
+
+    def explainer(self, method: str = "gradcam", **cam_kwargs: Any) -> Any:
+        """A :class:`~traitloc.classify.ClassifierExplainer` with ``method`` over this classifier."""
+        from .classify import ClassifierExplainer
+
+        return ClassifierExplainer(self.adapter, self.weight, self.bias, self.class_names, method, **cam_kwargs)
+
+
+def load_probe_model(
+    probe_dir: str | os.PathLike[str], device: str | torch.device = "cpu", backbone: str | None = None
+) -> ProbeModel:
+    """Load a probe written by ``traitloc train-probe`` and rebuild the backbone it was trained on.
+
+    Parameters
+    ----------
+    probe_dir : folder with ``probe.safetensors`` and ``probe.json``.
+    device : where to run.
+    backbone : override the recorded backbone with ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``.
+
+    Raises
+    ------
+    traitloc.classify.ProbeError, ValueError
+        One line: missing/corrupt probe files, a backbone that cannot be rebuilt, or whose feature size differs.
+    """
+    from .backbones import make_adapter
+    from .classify import PROBE_WEIGHTS, HookAdapter, load_probe
+    from .models import resolve_device
+
+    dev = resolve_device(device)
+    probe, meta = load_probe(probe_dir, dev)
+    if backbone is not None:
+        bb, _ = build_backbone(backbone=backbone, device=dev)
+    else:
+        if "backbone" not in meta:
+            raise ValueError(f"{Path(probe_dir) / 'probe.json'} records no backbone; pass the backbone explicitly")
+        bb = rebuild_backbone(meta["backbone"], dev)
+    dim = bb.get("feature_dim")
+    if dim is not None and int(dim) != probe.in_features:
+        raise ValueError(
+            f"the probe's backbone gives {int(dim)}-d features but the probe expects {probe.in_features} "
+            f"(probe {probe_dir})"
+        )
+    normalize = str(meta.get("feature_normalization", "none")).lower() in ("l2", "normalized")
+    if normalize and bb.get("adapter") is None:
+        opts = {k: bb[k] for k in ("n_prefix_tokens", "grid", "patch_size") if bb.get(k) is not None}
+        adapter = HookAdapter(bb["model"], bb["target_layer"], normalize=True, **opts)
+    else:
+        adapter = make_adapter(bb)
+    backbone_model: nn.Module = bb["model"]
+    if normalize and bb.get("adapter") is None:
+        backbone_model = _Normalized(backbone_model)
+    logits = _ProbeLogits(backbone_model, probe).eval()
+    sha = hashlib.sha256((Path(probe_dir) / PROBE_WEIGHTS).read_bytes()).hexdigest()
+    describe = {
+        "probe": str(Path(probe_dir).resolve()),
+        "probe_sha256": sha,
+        "backbone": meta.get("backbone"),
+        "target_layer": getattr(adapter, "target_layer", None),
+        "num_classes": probe.num_classes,
+        "probe_test_accuracy": meta.get("test_accuracy"),
+        "preprocessing": meta.get("preprocessing"),
+    }
+    return ProbeModel(
+        adapter=adapter,
+        weight=probe.weight.detach(),
+        bias=None if probe.bias is None else probe.bias.detach(),
+        class_names=list(meta["class_names"]),
+        preprocess=bb["preprocess"],
+        model=logits,
+        device=dev,
+        meta=dict(meta),
+        describe=describe,
+    )
+
+
+class _Normalized(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(self.inner(x), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training on CUB
+# ------------------------------------------------------------------------------------------------------------------
+def parse_classes(text: str | None, cub: Any) -> list[int] | None:
+    """CUB class ids from ``--classes``: comma-separated ids, ``A-B`` ranges and names (``1-25``, ``17,Cardinal``).
+
+    Returns ``None`` for no selection (all classes that have images).
+    """
+    if text is None:
+        return None
+    ids: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if sep and lo.strip().isdigit() and hi.strip().isdigit():
+            a, b = int(lo), int(hi)
+            if a > b:
+                raise ValueError(f"--classes: empty range {part!r}")
+            ids.extend(cub.class_id(i) for i in range(a, b + 1))
+        else:
+            ids.append(cub.class_id(int(part)) if part.isdigit() else cub.class_id(part))
+    if not ids:
+        raise ValueError(f"--classes: no class given in {text!r}")
+    return list(dict.fromkeys(ids))
+
+
+def _select_classes(cub: Any, wanted: list[int] | None) -> tuple[list[int], list[str]]:
+    """Class ids the probe learns (ascending) and notes about left-out classes; raises for unusable ones."""
+    images = cub.images
+    present = images[images["exists"]]
+    train_counts = present[present["is_train"]]["class_id"].value_counts()
+    all_counts = present["class_id"].value_counts()
+    listed = images["class_id"].value_counts()
+    name = dict(zip(cub.classes["class_id"], cub.classes["name"], strict=True))
+    where = cub.base / "images"
+    notes: list[str] = []
+    if wanted is not None:
+        for c in wanted:
+            if int(all_counts.get(c, 0)) == 0:
+                raise ValueError(
+                    f"class {name[c]} has no image files under {where} ({int(listed.get(c, 0))} listed in images.txt)"
+                )
+        ids = sorted(wanted)
+    else:
+        ids = sorted(int(c) for c in all_counts.index)
+        empty_listed = sorted(int(c) for c in listed.index if int(all_counts.get(c, 0)) == 0)
+        if empty_listed:
+            shown = ", ".join(name[c] for c in empty_listed[:5]) + (", ..." if len(empty_listed) > 5 else "")
+            notes.append(
+                f"{len(empty_listed)} class(es) listed in images.txt have no image files and are left out: {shown}"
+            )
+    no_train = [c for c in ids if int(train_counts.get(c, 0)) == 0]
+    if no_train:
+        c = no_train[0]
+        raise ValueError(
+            f"class {name[c]} has {int(all_counts.get(c, 0))} image file(s) but none in the train split, so the probe "
+            f"cannot learn it; leave it out with --classes"
+        )
+    if len(ids) < 2:
+        raise ValueError(f"a probe needs at least 2 classes with images; {cub.root} has {len(ids)}")
+    return ids, notes
+
+
+def train_probe_on_cub(
+    cub_root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    bb: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    *,
+    classes: str | None = None,
+    epochs: int = 100,
+    lr: float = 3e-4,
+    batch_size: int = 256,
+    feature_batch_size: int = 32,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Extract (cached) features of the CUB images of the chosen classes, train the probe, save it.
+
+    Returns
+    -------
+    dict with ``meta`` (the saved probe JSON), ``counts`` and ``seconds`` (feature extraction, training).
+    """
+    from .batch import _progress
+    from .classify import LinearProbe, extract_features, probe_accuracy, save_probe, spec_hash, train_probe
+    from .cub import CUB
+    from .imageio import ImageLoadError, load_image
+
+    cub = CUB(cub_root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # missing files are counted and reported below
+        chosen = parse_classes(classes, cub)
+        ids, notes = _select_classes(cub, chosen)
+        df = cub.split("all", classes=ids)
+    missing = int(cub.images["class_id"].isin(ids).sum()) - len(df)
+    if missing:
+        notes.append(f"{missing} image(s) of these classes listed in images.txt are missing and skipped")
+    class_names = [str(n) for n in cub.classes.set_index("class_id").loc[ids, "name"]]
+    index_of = {c: k for k, c in enumerate(ids)}
+    preprocess = bb["preprocess"]
+    model = bb["model"]
+    device = bb.get("device") or next((p.device for p in model.parameters()), torch.device("cpu"))
+    h = spec_hash(spec)
+    cache = Path(out) / CACHE_DIR / f"features-{h}.safetensors"
+
+    failed: dict[str, str] = {}
+    rows = [(str(int(i)), cub.image_path(int(i))) for i in df["image_id"]]
+
+    def loader(path: Path) -> Callable[[], Tensor]:
+        def load() -> Tensor:
+            im = load_image(path)
+            return preprocess(im.image)
+
+        return load
+
+    t0 = time.perf_counter()
+    bar = _progress(len(rows), quiet, "features")
+    last = [0]
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+
+    try:
+        while True:
+            todo = [(k, p) for k, p in rows if k not in failed]
+            try:
+                with torch.no_grad():
+                    feats = extract_features(
+                        model, [loader(p) for _, p in todo], cache, [k for k, _ in todo], spec=dict(spec),
+                        batch_size=feature_batch_size, device=device, progress=progress,
+                    )  # fmt: skip
+                break
+            except ImageLoadError as err:  # recorded and left out; the cache keeps every finished row
+                key = next(k for k, p in todo if Path(p) == err.path)
+                failed[key] = err.reason
+                log.warning("%s: %s (left out)", err.path, err.reason)
+                last[0] = 0
+                bar.reset(total=len(rows) - len(failed))
+    finally:
+        bar.close()
+    t_feat = time.perf_counter() - t0
+    keys = [k for k, _ in rows if k not in failed]
+    by_id = df.set_index(df["image_id"].astype(str))
+    labels = torch.tensor([index_of[int(by_id.at[k, "class_id"])] for k in keys])
+    is_train = torch.tensor([bool(by_id.at[k, "is_train"]) for k in keys])
+    if not is_train.any():
+        raise ValueError(f"no train-split images could be read under {cub.base / 'images'}")
+    t1 = time.perf_counter()
+    probe, history = train_probe(
+        feats[is_train], labels[is_train], num_classes=len(ids), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
+    )
+    t_train = time.perf_counter() - t1
+    assert isinstance(probe, LinearProbe)
+    test = ~is_train
+    acc = probe_accuracy(probe, feats[test], labels[test]) if test.any() else None
+    per_class: dict[str, dict[str, Any]] = {}
+    if test.any():
+        with torch.no_grad():
+            pred = probe(feats[test]).argmax(1)
+        for k, name in enumerate(class_names):
+            sel = labels[test] == k
+            n = int(sel.sum())
+            per_class[name] = {"n_test": n, "accuracy": float((pred[sel] == k).float().mean()) if n else None}
+    train_acc = probe_accuracy(probe, feats[is_train], labels[is_train])
+    normalization = "l2" if spec.get("kind") == "open_clip" else "none"
+    meta = {
+        "class_names": class_names,
+        "cub_class_ids": ids,
+        "backbone": dict(spec),
+        "preprocessing": spec.get("preprocessing"),
+        "feature_normalization": normalization,
+        "feature_normalization_note": (
+            "features are the backbone model's output as is"
+            + (" (open_clip: the L2-normalized image embedding)" if normalization == "l2" else "")
+        ),
+        "test_accuracy": acc,
+        "train_accuracy": train_acc,
+        "test_accuracy_per_class": per_class,
+        "n_train": int(is_train.sum()),
+        "n_test": int(test.sum()),
+        "training": {
+            "optimizer": "Adam",
+            "loss": "cross-entropy",
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "weight_decay": 0.0,
+            "seed": seed,
+            "final_loss": history["loss"][-1] if history["loss"] else None,
+            "split": "CUB train_test_split.txt: train (is_train=1) for training, test for test_accuracy",
+        },
+        "data": {"cub_root": str(cub.root.resolve()), "failed_images": failed, "notes": notes},
+        "feature_cache": str(cache.relative_to(out)),
+    }
+    save_probe(out, probe, meta)
+    return {
+        "meta": meta,
+        "counts": {"images": len(rows), "failed": len(failed), "train": meta["n_train"], "test": meta["n_test"]},
+        "seconds": {"features": round(t_feat, 3), "training": round(t_train, 3)},
+        "notes": notes,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from err
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train-probe`` to a ``argparse`` subparsers object and return its parser."""
+    from .cli import _positive
+
+    p = subparsers.add_parser(
+        "train-probe",
+        help="train the paper's classifier: a linear probe on a frozen backbone, on CUB-200-2011",
+        description="Train a linear probe (Adam, cross-entropy) on frozen backbone features of the CUB train split "
+        "(classes that have images), report its test-split accuracy, and save probe.safetensors + probe.json "
+        "(class names, backbone spec, preprocessing, feature normalization, accuracy, settings) and run.json "
+        "into --out. Features of every image are cached under OUT/cache/, so a rerun (other --epochs, --lr, "
+        "--seed) needs no backbone pass.",
+    )
+    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    g = p.add_argument_group("backbone (choose --model/--pretrained or --backbone)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help=f"open_clip model name, hf-hub:org/repo or a model config .json (default: {DEFAULT_MODEL})",
+    )
+    g.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="TAG|FILE",
+        help=f"open_clip pretrained tag (needs network) or a local weights file; 'none' for random weights "
+        f"(default: {DEFAULT_PRETRAINED})",
+    )
+    g.add_argument(
+        "--backbone",
+        default=None,
+        metavar="MODULE:FUNCTION|efficientnet-lite0",
+        help="a function returning model (image batch -> features), target_layer and preprocess (the working "
+        "directory is importable), or 'efficientnet-lite0' for ImageNet EfficientNet-Lite0",
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="LIST",
+        help="CUB classes to learn: ids, ranges and names, e.g. '1-25' or '17,Cardinal' (default: every class "
+        "with image files; each chosen class needs train images)",
+    )
+    p.add_argument("--epochs", type=_positive, default=100, help="training epochs (default: 100)")
+    p.add_argument("--lr", type=_positive_float, default=3e-4, help="Adam learning rate (default: 3e-4)")
+    p.add_argument("--batch-size", type=_positive, default=256, help="probe training minibatch (default: 256)")
+    p.add_argument("--feature-batch-size", type=_positive, default=32, help="images per backbone pass (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe's initialization and shuffling (default: 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--out", required=True, metavar="PROBE_DIR", help="output folder for the probe")
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``traitloc train-probe``; bad input raises :class:`traitloc.cli.CliError` (one line)."""
+    from .backbones import CallableError
+    from .classify import FeatureCacheError, ProbeError
+    from .cli import CliError
+    from .export import utc_now, write_run_json
+    from .models import ModelLoadError
+
+    if args.seed < 0:
+        raise CliError(f"--seed must be >= 0, got {args.seed}")
+    start = utc_now()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    try:
+        from .cub import CUB
+
+        CUB(args.cub_root)  # fail fast on a bad root, before loading a model
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(f"--cub-root: {err}") from err
+    torch.manual_seed(args.seed)
+    allocator = keep_freed_memory()
+    try:
+        bb, spec = build_backbone(
+            model=args.model, pretrained=args.pretrained, backbone=args.backbone, device=args.device
+        )
+    except (CallableError, ModelLoadError, ValueError) as err:
+        raise CliError(str(err)) from err
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "command": "train-probe",
+        "argv": list(argv),
+        "cub_root": str(Path(args.cub_root).resolve()),
+        "backbone": spec,
+        "model": spec.get("model") or spec.get("name") or spec.get("callable"),
+        "pretrained": spec.get("pretrained") or spec.get("weights"),
+        "pretrained_sha256": spec.get("pretrained_sha256") or spec.get("weights_sha256"),
+        "device": str(bb.get("device")),
+        "dtype": "fp32",
+        "image_size": (spec.get("preprocessing") or {}).get("resize")
+        if isinstance(spec.get("preprocessing"), dict)
+        else None,
+        "target_layer": spec.get("target_layer"),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "allocator": allocator,
+        "start_utc": start,
+        "end_utc": None,
+        "status": "running",
+    }
+    write_run_json(out / "run.json", info)
+    try:
+        res = train_probe_on_cub(
+            args.cub_root, out, bb, spec, classes=args.classes, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, feature_batch_size=args.feature_batch_size, seed=args.seed, quiet=args.quiet,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, ProbeError, FeatureCacheError) as err:
+        info.update(status=f"error: {err}", end_utc=utc_now())
+        write_run_json(out / "run.json", info)
+        raise CliError(str(err).splitlines()[0]) from err
+    meta = res["meta"]
+    info.update(
+        end_utc=utc_now(),
+        status="finished",
+        classes=meta["class_names"],
+        test_accuracy=meta["test_accuracy"],
+        train_accuracy=meta["train_accuracy"],
+        counts=res["counts"],
+        seconds=res["seconds"],
+        notes=res["notes"],
+    )
+    write_run_json(out / "run.json", info)
+    if not args.quiet:
+        for note in res["notes"]:
+            print(f"traitloc train-probe: note: {note}", file=sys.stderr)
+        acc = meta["test_accuracy"]
+        acc_s = "n/a (no test images)" if acc is None else f"{acc:.4f} ({meta['n_test']} test images)"
+        print(
+            f"traitloc train-probe: {len(meta['class_names'])} classes, {meta['n_train']} train images; "
+            f"test accuracy {acc_s} -> {out}",
+            file=sys.stderr,
+        )
+    return 0

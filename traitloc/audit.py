@@ -1,0 +1,1504 @@
+r"""Faithfulness audit: does a species classifier look at the traits that separate the species?
+
+For every test image of a CUB-layout data set, the classifier's Finer-CAM map (true class :math:`c` against its
+most similar class :math:`d`, :math:`s = z_c - \gamma z_d`, default :math:`\gamma = 0.6`) is compared with maps
+of the attributes that really differ between :math:`c` and :math:`d` according to CUB's class-attribute matrix
+(DESIGN.md §1, §3, §6 ``audit``).
+
+Protocol
+--------
+Similar class
+    ``logits`` (default): the class whose logit on this image is closest to the true class's logit, true class
+    excluded (:func:`~traitloc.classify.similar_classes`, Finer-CAM's reference rule); ``weights``: the class whose
+    head row is most cosine-similar to the true class's row (:func:`~traitloc.classify.similar_by_weights`), the
+    same for every image of a class.
+Attribute differences
+    :func:`attribute_differences`: the top-k attributes by ``|a_c - a_d|`` (percent of images showing the
+    attribute, CUB's ``class_attribute_labels_continuous.txt``), ties broken by attribute order; zero differences
+    are never selected. The sign is ``+1`` when the true class has the attribute more often, ``-1`` when the
+    similar class does (the map of "red wings" on a blue-winged bird is the wing region all the same).
+Classifier map
+    Grad-CAM Finer map of the true class against the similar class (one reference), computed on the classifier's
+    input and brought to the original image size by bilinear interpolation (ReLU map, raw units).
+Attribute maps, ``parts`` source
+    The attribute's parts come from the CUB attribute -> part mapping of ``trait_lists/`` (:mod:`traitloc.traits`).
+    The map is the maximum over the *visible* keypoints of those parts of an isotropic Gaussian
+    :math:`\exp(-\lVert p - k\rVert^2 / 2\sigma^2)` with :math:`\sigma = 0.1 \sqrt{w h}` of the bird's bounding box
+    (``sigma_scale``); the attribute region is the union of the discs of radius :math:`\sigma`
+    (``region_radius`` = 1 sigma) around those keypoints. Whole-bird attributes (size, shape, primary colour:
+    no part) use the bounding box as region and a Gaussian bump centred on the box (sigmas of a quarter of its
+    width and height, zero outside the box) as map. An attribute none of whose parts is visible has no map: its
+    row says ``status = no visible part``.
+Attribute maps, ``clip`` source
+    The attribute's prompt from the ``cub200`` trait list (e.g. "blue wings") against the base prompt "bird"
+    with the text engine (:class:`~traitloc.localize.ConceptLocalizer`, gamma 1.0), at the original image size.
+    The attribute region is the map's top-10% region.
+Scores
+    ``iou_top10``, ``dice_top10``: overlap of the top-10% regions of both maps (:func:`~traitloc.metrics.iou_top`);
+    ``pearson``, ``spearman``: over all pixels; ``energy_inside``: the share of the classifier map's energy inside
+    the attribute region (:func:`~traitloc.metrics.energy_inside`); ``pointing_hit`` (1/0): the classifier map's
+    maximum lies within ``pointing_tolerance`` pixels (default 15, as the pointing game) of the attribute region.
+    ``area_share`` is the region's share of the image, i.e. the energy share a map spread evenly over the image
+    would get; ``lift = energy_inside / area_share`` (1 = chance over the image); ``bird_lift`` divides ``lift``
+    by the same lift of the bird's bounding box (1 = chance over the bird).
+Verdict
+    Per class pair and attribute, ``looks at`` when the mean ``bird_lift`` is above ``verdict_lift`` (default 1:
+    the part's region gets more of the classifier's evidence than an equal area of the bird would), else
+    ``ignores``. Whole-bird attributes are judged by ``lift`` (the box against the image) and marked as such.
+Controls
+    ``random_classifier``: the same pair explained with a re-initialized head (entries i.i.d. normal with the
+    mean and standard deviation of the trained head's weights; a fresh draw per image, seeded by the image id,
+    so the control averages over many random heads instead of resting on one); the attribute maps are the real
+    ones. ``shuffled_attribute``: the real classifier map against the map of a random *other* attribute of the
+    same image: a random attribute group whose parts are disjoint from the real attribute's parts (and, for
+    ``parts``, visible in this image), then a random value of that group; for a whole-bird attribute's parts map,
+    the bird box of a random other image of the split at the same relative position (an equal-area region).
+    Both must score clearly lower than the real audit when the classifier looks at the differing traits.
+
+Outputs (``traitloc audit --out DIR``)
+--------------------------------------
+``audit.csv``
+    One row per image x attribute x source (:data:`AUDIT_COLUMNS`), appended as images finish; a rerun into the
+    same folder skips finished images. ``image`` is the path as in CUB's ``images.txt`` (relative to
+    ``CUB_200_2011/images``).
+``controls.csv``
+    The same scores for both controls, one row per image x attribute x source x control (:data:`CONTROL_COLUMNS`).
+``audit_summary.csv``
+    Per (source, true class, similar class): number of images and rows, accuracy, mean scores, mean control
+    scores and a verdict; plus ``overall`` and ``overall_correct`` (images the classifier gets right) rows per
+    source, whose verdict aggregates attribute groups (:data:`SUMMARY_COLUMNS`).
+``run.json``
+    Versions, argv, probe and backbone, settings, counts, timing and the headline real-vs-control figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .traits import attribute_parts, load_trait_list, parse_attribute
+
+if TYPE_CHECKING:  # torch, pandas and PIL load on first use: `traitloc --help` stays fast
+    import pandas as pd
+    import torch
+    from PIL import Image
+    from torch import Tensor
+
+__all__ = [
+    "AUDIT_COLUMNS",
+    "CONTROL_COLUMNS",
+    "SOURCES",
+    "SUMMARY_COLUMNS",
+    "AttributeDifference",
+    "AttributeMap",
+    "AuditSettings",
+    "ProbeClassifier",
+    "ScoredMap",
+    "add_parser",
+    "attribute_differences",
+    "box_attribute_map",
+    "clip_attribute_maps",
+    "classifier_maps",
+    "load_probe_classifier",
+    "overlap_scores",
+    "parts_attribute_map",
+    "parts_sigma",
+    "random_head_rows",
+    "run",
+    "run_audit",
+    "shuffled_partner",
+    "summarize",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("clip", "parts")
+SIMILAR_RULES = ("logits", "weights")
+CONTROLS = ("random_classifier", "shuffled_attribute")
+SCORE_COLUMNS = ["iou_top10", "dice_top10", "pearson", "spearman", "energy_inside", "pointing_hit"]
+AUDIT_COLUMNS = [
+    "image_id", "image", "true_class", "predicted_class", "similar_class", "attribute", "attribute_difference",
+    "source", *SCORE_COLUMNS, "status", "sign", "prompt", "parts",
+    "rank", "n_attributes", "attribute_id", "true_value", "similar_value", "correct", "similar_by", "gamma",
+    "area_share", "lift", "bird_lift", "visible_parts", "sigma_px", "classifier_score", "width", "height",
+]  # fmt: skip
+AUDIT_KEY = ["image_id", "source", "rank"]
+CONTROL_COLUMNS = [
+    "image_id", "true_class", "similar_class", "attribute", "source", "rank", "control", "control_attribute",
+    *SCORE_COLUMNS, "area_share", "lift", "bird_lift", "status", "correct",
+]  # fmt: skip
+CONTROL_KEY = ["image_id", "source", "rank", "control"]
+SUMMARY_SCORES = [*SCORE_COLUMNS, "area_share", "lift", "bird_lift"]
+SUMMARY_COLUMNS = [
+    "level", "source", "true_class", "similar_class", "n_images", "n_rows", "n_scored", "accuracy",
+    *SUMMARY_SCORES,
+    *[f"{c}_{s}" for c in CONTROLS for s in [*SCORE_COLUMNS, "lift", "bird_lift"]],
+    "verdict", "looks_at", "ignores",
+]  # fmt: skip
+NO_VISIBLE = "no visible part"
+EMPTY_CLASSIFIER = "empty classifier map"
+EMPTY_ATTRIBUTE = "empty attribute map"
+_DONE = frozenset({"ok", NO_VISIBLE, EMPTY_CLASSIFIER, EMPTY_ATTRIBUTE})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# attribute differences
+# ------------------------------------------------------------------------------------------------------------------
+class AttributeDifference(NamedTuple):
+    """One attribute that separates two classes.
+
+    Attributes
+    ----------
+    index : 0-based column of the class-attribute matrix (CUB ``attribute_id - 1``).
+    difference : ``a[target] - a[similar]`` in the matrix's units (percent for CUB).
+    sign : ``+1`` when the target has the attribute more, ``-1`` when the similar class does.
+    """
+
+    index: int
+    difference: float
+    sign: int
+
+
+def attribute_differences(
+    class_attributes: NDArray[np.floating] | Tensor, target: int, similar: int, k: int = 3
+) -> list[AttributeDifference]:
+    """The ``k`` attributes whose values differ most between two classes, signed.
+
+    Parameters
+    ----------
+    class_attributes : (n_classes, n_attributes) array, e.g. :attr:`traitloc.cub.CUB.class_attributes` (percent).
+    target, similar : 0-based row indices (:meth:`traitloc.cub.CUB.class_index`).
+    k : how many attributes, >= 1. Fewer come back when fewer attributes differ at all.
+
+    Returns
+    -------
+    list of AttributeDifference
+        By decreasing ``|difference|``; ties in attribute order (stable).
+    """
+    a = np.asarray(class_attributes.detach().cpu() if hasattr(class_attributes, "detach") else class_attributes)
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"class_attributes must be a numeric (n_classes, n_attributes) array, got shape {a.shape}")
+    for name, v in (("target", target), ("similar", similar)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < a.shape[0]:
+            raise ValueError(f"{name} must be a class row index in [0, {a.shape[0]}), got {v!r}")
+    if int(target) == int(similar):
+        raise ValueError(f"target and similar are the same class ({int(target)})")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    diff = a[int(target)].astype(np.float64) - a[int(similar)].astype(np.float64)
+    if not np.isfinite(diff).all():
+        raise ValueError("class_attributes contains NaN or infinite values for these classes")
+    order = np.argsort(-np.abs(diff), kind="stable")
+    out = []
+    for j in order[: int(k)]:
+        if diff[j] == 0:
+            break
+        out.append(AttributeDifference(int(j), float(diff[j]), 1 if diff[j] > 0 else -1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# attribute maps
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class AttributeMap:
+    """An attribute map on the original image, with the region its energy is measured in.
+
+    Attributes
+    ----------
+    values : (H, W) float64 map.
+    region : (H, W) bool attribute region (discs around the keypoints, the box, or the map's top-10%).
+    source : ``"parts"`` or ``"clip"``.
+    info : ``visible_parts`` (names), ``sigma_px`` for parts maps; ``prompt`` for clip maps.
+    """
+
+    values: NDArray[np.float64]
+    region: NDArray[np.bool_]
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 2
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise ValueError(f"shape must be a pair of positive integers (H, W), got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    if len(box) != 4 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in box):
+        raise ValueError(f"box must be (x, y, width, height), got {box!r}")
+    x, y, w, h = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise ValueError(f"box must be finite with positive width and height, got {box!r}")
+    return x, y, w, h
+
+
+def parts_sigma(box: Sequence[float], scale: float = 0.1) -> float:
+    r"""Gaussian width of a parts map: :math:`\sigma = \mathrm{scale}\cdot\sqrt{w h}` of the bounding box (pixels)."""
+    _, _, w, h = _check_box(box)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"sigma scale must be a positive number, got {scale!r}")
+    return float(scale) * math.sqrt(w * h)
+
+
+def box_attribute_map(shape: tuple[int, int], box: Sequence[float]) -> AttributeMap:
+    """Map of a whole-bird attribute: a Gaussian bump centred on the box (sigmas w/4, h/4), zero outside it.
+
+    The region is the box (:func:`~traitloc.metrics.box_mask`).
+    """
+    from .metrics import box_mask
+
+    H, W = _check_shape(shape)
+    x, y, w, h = _check_box(box)
+    region = box_mask((H, W), x, y, w, h)
+    cx, cy = x + w / 2.0, y + h / 2.0
+    gx = np.exp(-0.5 * ((np.arange(W) - cx) / (w / 4.0)) ** 2)  # pixel (i, j) at (x, y) = (j, i), as keypoints
+    gy = np.exp(-0.5 * ((np.arange(H) - cy) / (h / 4.0)) ** 2)
+    values = np.where(region, gy[:, None] * gx[None, :], 0.0)
+    return AttributeMap(values, region, "parts", {"visible_parts": [], "sigma_px": None, "whole_bird": True})
+
+
+def _keypoints(part_locs: Any) -> dict[str, tuple[float, float, bool]]:
+    """``part -> (x, y, visible)`` from a :meth:`CUB.part_locs` frame or a mapping."""
+    import pandas as pd
+
+    if isinstance(part_locs, pd.DataFrame):
+        missing = {"part", "x", "y", "visible"} - set(part_locs.columns)
+        if missing:
+            raise ValueError(f"part_locs lacks columns {sorted(missing)}")
+        return {
+            str(p): (float(x), float(y), bool(v))
+            for p, x, y, v in zip(part_locs["part"], part_locs["x"], part_locs["y"], part_locs["visible"], strict=True)
+        }
+    if isinstance(part_locs, Mapping):
+        out = {}
+        for p, t in part_locs.items():
+            if len(t) != 3:
+                raise ValueError(f"keypoint {p!r} must be (x, y, visible), got {t!r}")
+            out[str(p)] = (float(t[0]), float(t[1]), bool(t[2]))
+        return out
+    raise TypeError(f"part_locs must be a DataFrame (CUB.part_locs) or a mapping, got {type(part_locs).__name__}")
+
+
+def parts_attribute_map(
+    shape: tuple[int, int],
+    part_locs: Any,
+    parts: Sequence[str],
+    box: Sequence[float],
+    *,
+    sigma_scale: float = 0.1,
+    region_radius: float = 1.0,
+) -> AttributeMap | None:
+    r"""Expert-grounded attribute map from CUB part keypoints.
+
+    .. math:: M(p) = \max_{k \in K_{vis}} \exp\!\Big(-\frac{\lVert p - k\rVert^2}{2\sigma^2}\Big),
+              \qquad \sigma = \mathrm{sigma\_scale}\,\sqrt{w_{box} h_{box}}
+
+    over the visible keypoints :math:`K_{vis}` of ``parts``; pixel ``(row i, column j)`` sits at ``(x, y) = (j, i)``
+    in CUB's keypoint coordinates. The region is the union of the discs of radius ``region_radius * sigma``
+    around those keypoints. ``parts == ()`` (a whole-bird attribute) gives :func:`box_attribute_map`.
+
+    Parameters
+    ----------
+    shape : (H, W) of the original image.
+    part_locs : :meth:`traitloc.cub.CUB.part_locs` of the image, or a mapping ``part -> (x, y, visible)``.
+    parts : the attribute's parts (:func:`traitloc.traits.attribute_parts`).
+    box : the bird's bounding box ``(x, y, width, height)``.
+    sigma_scale : sigma as a fraction of ``sqrt(box area)``.
+    region_radius : radius of the region's discs, in sigmas.
+
+    Returns
+    -------
+    AttributeMap, or None when no keypoint of ``parts`` is visible.
+    """
+    H, W = _check_shape(shape)
+    if isinstance(parts, str):
+        parts = (parts,)
+    if not parts:
+        return box_attribute_map((H, W), box)
+    if not (isinstance(region_radius, (int, float)) and math.isfinite(region_radius) and region_radius > 0):
+        raise ValueError(f"region_radius must be a positive number, got {region_radius!r}")
+    sigma = parts_sigma(box, sigma_scale)
+    kp = _keypoints(part_locs)
+    unknown = [p for p in parts if p not in kp]
+    if unknown:
+        raise ValueError(f"no keypoint for part(s) {unknown}; known parts: {', '.join(sorted(kp))}")
+    visible = [p for p in parts if kp[p][2]]
+    if not visible:
+        return None
+    xs = np.arange(W, dtype=np.float64)
+    ys = np.arange(H, dtype=np.float64)
+    d2 = np.full((H, W), np.inf)
+    for p in visible:
+        x, y, _ = kp[p]
+        d2 = np.minimum(d2, (ys[:, None] - y) ** 2 + (xs[None, :] - x) ** 2)
+    values = np.exp(-d2 / (2.0 * sigma**2))
+    region = d2 <= (region_radius * sigma) ** 2
+    if not region.any():  # keypoint(s) far outside the image: keep the nearest pixel so the region is defined
+        region = d2 <= d2.min()
+    return AttributeMap(values, region, "parts", {"visible_parts": visible, "sigma_px": sigma, "whole_bird": False})
+
+
+def clip_attribute_maps(
+    localizer: Any,
+    image: Image.Image,
+    prompts: Sequence[str],
+    size: tuple[int, int] | None = None,
+    *,
+    base: str = "bird",
+    gamma: float = 1.0,
+    fraction: float = 0.10,
+) -> list[AttributeMap]:
+    """Text-engine attribute maps: each prompt against ``base`` (Finer-CAM concept query), at the original size.
+
+    Parameters
+    ----------
+    localizer : a :class:`~traitloc.localize.ConceptLocalizer`.
+    image : the RGB image.
+    prompts : attribute prompts ("blue wings"); duplicates are computed once.
+    size : (H, W) of the maps (default: the image's own size).
+    base, gamma : the base prompt and the comparison strength of the concept query.
+    fraction : the region is the map's top ``fraction`` (:func:`~traitloc.metrics.top_fraction_mask`).
+    """
+    from .metrics import top_fraction_mask
+
+    if not prompts:
+        return []
+    size = size or (image.size[1], image.size[0])
+    unique = list(dict.fromkeys(prompts))
+    res = localizer.explain([image], unique, base=base, gamma=gamma)[0]
+    maps = {}
+    for q, p in enumerate(unique):
+        values = res.map(q, size).astype(np.float64)
+        maps[p] = AttributeMap(values, top_fraction_mask(values, fraction), "clip", {"prompt": p})
+    return [maps[p] for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# overlap scores
+# ------------------------------------------------------------------------------------------------------------------
+def _top_mask(values: NDArray[np.float64], fraction: float) -> NDArray[np.bool_]:
+    """:func:`~traitloc.metrics.top_fraction_mask` in O(n): a partition finds the k-th value; ties in raster order."""
+    flat = values.ravel()
+    k = min(int(math.floor(fraction * flat.size + 0.5)), int(np.count_nonzero(flat > flat.min())))
+    mask = np.zeros(flat.size, dtype=bool)
+    if k > 0:
+        thr = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest value, > the minimum
+        mask = flat > thr
+        mask[np.flatnonzero(flat == thr)[: k - int(np.count_nonzero(mask))]] = True
+    return mask.reshape(values.shape)
+
+
+class ScoredMap:
+    """A map prepared once for many comparisons: top-fraction mask and centred, normalized values and ranks.
+
+    Comparisons give exactly :func:`~traitloc.metrics.iou_top`, :func:`~traitloc.metrics.dice_top`,
+    :func:`~traitloc.metrics.pearson` and :func:`~traitloc.metrics.spearman` (up to float rounding), without
+    sorting a map again for every pair it takes part in.
+    """
+
+    def __init__(self, values: NDArray[np.floating] | Tensor, fraction: float = 0.10):
+        from .metrics import _rank_average
+
+        v = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+        if v.ndim != 2 or v.size == 0:
+            raise ValueError(f"a map must be a non-empty 2-D array, got shape {v.shape}")
+        self.values = v.astype(np.float64, copy=False)
+        if not np.isfinite(self.values).all():
+            raise ValueError("map contains NaN or infinite values")
+        self.top = _top_mask(self.values, fraction)
+        self.constant = bool(self.values.max() == self.values.min())
+        self._v = self._unit(self.values.ravel())
+        self._r = None if self.constant else self._unit(_rank_average(self.values.ravel()))
+
+    @staticmethod
+    def _unit(a: NDArray[np.float64]) -> NDArray[np.float64] | None:
+        d = a - a.mean()
+        n = math.sqrt(float(np.dot(d, d)))
+        return None if n == 0.0 else d / n
+
+    @staticmethod
+    def _corr(a: NDArray[np.float64] | None, b: NDArray[np.float64] | None) -> float:
+        if a is None or b is None:
+            return float("nan")
+        return max(-1.0, min(1.0, float(np.dot(a, b))))
+
+    def pearson(self, other: ScoredMap) -> float:
+        return self._corr(self._v, other._v)
+
+    def spearman(self, other: ScoredMap) -> float:
+        return self._corr(self._r, other._r)
+
+
+def overlap_scores(
+    classifier_map: ScoredMap | NDArray[np.floating],
+    attribute_map: ScoredMap | NDArray[np.floating],
+    region: NDArray[np.bool_],
+    *,
+    fraction: float = 0.10,
+    pointing_tolerance: float = 15.0,
+) -> dict[str, float]:
+    """All overlap scores of a classifier map against one attribute map and its region.
+
+    Parameters
+    ----------
+    classifier_map, attribute_map : (H, W) maps (or :class:`ScoredMap` prepared with the same ``fraction``).
+    region : (H, W) bool attribute region (for ``energy_inside`` and ``pointing_hit``).
+    fraction : top fraction for ``iou_top10`` / ``dice_top10``.
+    pointing_tolerance : pointing-game tolerance in pixels.
+
+    Returns
+    -------
+    dict
+        ``iou_top10, dice_top10, pearson, spearman, energy_inside, pointing_hit`` (1.0 / 0.0; NaN for an empty
+        region), ``area_share`` (region pixels / image pixels) and ``lift`` (``energy_inside / area_share``).
+        Undefined values (a constant map, an empty region) are NaN.
+    """
+    from .metrics import dice, energy_inside, iou, pointing_hit
+
+    c = classifier_map if isinstance(classifier_map, ScoredMap) else ScoredMap(classifier_map, fraction)
+    a = attribute_map if isinstance(attribute_map, ScoredMap) else ScoredMap(attribute_map, fraction)
+    r = np.asarray(region)
+    if r.dtype != np.bool_ or r.shape != c.values.shape or a.values.shape != c.values.shape:
+        raise ValueError(
+            f"maps and region must share one (H, W) shape (region boolean): classifier {c.values.shape}, "
+            f"attribute {a.values.shape}, region {r.shape} {r.dtype}"
+        )
+    area = float(r.mean())
+    e = energy_inside(c.values, r) if r.any() else float("nan")
+    hit = float(pointing_hit(c.values, r, pointing_tolerance)) if r.any() else float("nan")
+    return {
+        "iou_top10": iou(c.top, a.top),
+        "dice_top10": dice(c.top, a.top),
+        "pearson": c.pearson(a),
+        "spearman": c.spearman(a),
+        "energy_inside": e,
+        "pointing_hit": hit,
+        "area_share": area,
+        "lift": e / area if area > 0 and math.isfinite(e) else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the classifier
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeClassifier:
+    """A linear probe on a frozen backbone, ready to explain.
+
+    Attributes
+    ----------
+    explainer : :class:`~traitloc.classify.ClassifierExplainer` over the backbone's target layer and the probe head.
+    preprocess : PIL image -> normalized (3, H, W) tensor.
+    class_names : the probe's K class names.
+    meta : the probe's JSON metadata (empty for a classifier built in code).
+    describe : what ``run.json`` records (backbone spec, target layer, probe file hash...).
+    """
+
+    explainer: Any
+    preprocess: Callable[[Image.Image], Tensor]
+    class_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.explainer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.explainer.bias
+
+    @property
+    def device(self) -> torch.device:
+        return self.explainer.weight.device
+
+
+def load_probe_classifier(
+    probe_dir: str | Path, backbone: str | None = None, device: str | torch.device = "cpu"
+) -> ProbeClassifier:
+    """Load a probe written by ``traitloc train-probe`` and the backbone it was trained on.
+
+    A thin wrapper of :func:`traitloc.train.load_probe_model`.
+
+    Parameters
+    ----------
+    probe_dir : folder with ``probe.safetensors`` and ``probe.json``.
+    backbone : override the backbone recorded in the probe: ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``.
+    device : where to run.
+
+    Raises
+    ------
+    traitloc.classify.ProbeError, ValueError
+        One line: missing or corrupt probe files, or a backbone that cannot be rebuilt.
+    """
+    from .train import load_probe_model
+
+    pm = load_probe_model(probe_dir, device, backbone)
+    return ProbeClassifier(pm.explainer(), pm.preprocess, list(pm.class_names), dict(pm.meta), dict(pm.describe))
+
+
+def random_head_rows(weight: Tensor, n: int, seed: int) -> Tensor:
+    """``n`` rows of a re-initialized head: i.i.d. normal with the trained ``weight``'s mean and std, seeded.
+
+    Returns an (n, D) tensor on ``weight``'s device; the same ``seed`` always gives the same rows.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    w = weight.detach().float()
+    mu, sd = float(w.mean()), float(w.std()) if w.numel() > 1 else 1.0
+    r = torch.randn(int(n), w.shape[1], generator=g) * (sd if sd > 0 else 1.0) + mu
+    return r.to(weight.device)
+
+
+def classifier_maps(
+    clf: ProbeClassifier,
+    x: Tensor,
+    targets: Sequence[int] | None,
+    similar: str | Sequence[int] = "logits",
+    gamma: float = 0.6,
+    random_seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Finer-CAM maps (target vs its most similar class) of a batch, plus the random-head control, in one pass.
+
+    One prefix pass and one batched backward give both the real map (rows ``c``, ``d`` of the head) and the
+    control map (rows of a re-initialized head, :func:`random_head_rows` seeded by ``random_seeds[b]``).
+
+    Parameters
+    ----------
+    clf : the classifier.
+    x : (B, 3, H, W) preprocessed images.
+    targets : the class explained per image (the true class); ``None``: the predicted class.
+    similar : ``"logits"``, ``"weights"`` or one similar class index per image.
+    gamma : Finer comparison strength.
+    random_seeds : one seed per image for the control (``None``: no control).
+
+    Returns
+    -------
+    dict with ``logits`` (B, K), ``predicted``, ``targets``, ``similar`` (lists), ``maps`` (B, h, w) ReLU maps,
+    ``random_maps`` (B, h, w) or None, ``scores`` (B,) Finer objective, ``grid`` and ``input_size``.
+    """
+    import torch
+
+    from .classify import similar_by_weights, similar_classes
+
+    ex = clf.explainer
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    x = x.to(clf.device)
+    B = int(x.shape[0])
+    pre = ex.cam.prefix(x)
+    feats = ex.adapter.features(pre).float()
+    W = ex.weight.to(feats.device, torch.float32)
+    if feats.shape[-1] != W.shape[1]:
+        raise ValueError(f"the backbone gives {feats.shape[-1]}-d features but the probe expects {W.shape[1]}")
+    logits = feats @ W.t()
+    if ex.bias is not None:
+        logits = logits + ex.bias.to(logits.device, logits.dtype)
+    predicted = logits.argmax(1).tolist()
+    tgt = list(predicted) if targets is None else [int(t) for t in targets]
+    if len(tgt) != B:
+        raise ValueError(f"got {len(tgt)} targets for {B} images")
+    if isinstance(similar, str):
+        if similar == "logits":
+            sim = similar_classes(logits, torch.tensor(tgt), 1)[:, 0].tolist()
+        elif similar == "weights":
+            sim = similar_by_weights(W, torch.tensor(tgt), 1)[:, 0].tolist()
+        else:
+            raise ValueError(f"similar must be one of {', '.join(SIMILAR_RULES)} or class indices, got {similar!r}")
+    else:
+        sim = [int(s) for s in similar]
+        if len(sim) != B or any(s == t for s, t in zip(sim, tgt, strict=True)):
+            raise ValueError("give one similar class per image, different from its target")
+    rows = [W[tgt], W[sim]]
+    if random_seeds is not None:
+        if len(random_seeds) != B:
+            raise ValueError(f"got {len(random_seeds)} random seeds for {B} images")
+        R = torch.stack([random_head_rows(W, 2, s) for s in random_seeds]).to(W.device)
+        rows += [R[:, 0], R[:, 1]]
+    V = torch.stack(rows, 1)  # (B, P, D)
+    P = V.shape[1]
+    C = torch.zeros(B, P // 2, P, device=W.device)
+    for q in range(P // 2):
+        C[:, q, 2 * q] = 1.0
+        C[:, q, 2 * q + 1] = -float(gamma)
+    out = ex.cam.gradients(pre, V).combine(C, V)
+    maps = out.maps.detach()
+    return {
+        "logits": logits.detach(),
+        "predicted": predicted,
+        "targets": tgt,
+        "similar": sim,
+        "maps": maps[:, 0],
+        "random_maps": maps[:, 1] if random_seeds is not None else None,
+        "scores": out.scores[:, 0].detach(),
+        "grid": out.grid,
+        "input_size": out.input_size,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the shuffled-attribute control
+# ------------------------------------------------------------------------------------------------------------------
+def _groups(attribute_names: Sequence[str]) -> list[tuple[str, tuple[str, ...], list[int]]]:
+    groups: dict[str, tuple[tuple[str, ...], list[int]]] = {}
+    for j, name in enumerate(attribute_names):
+        try:
+            g = parse_attribute(name)[0]
+            parts = attribute_parts(g)
+        except ValueError:
+            continue
+        groups.setdefault(g, (parts, []))[1].append(j)
+    return [(g, p, idx) for g, (p, idx) in groups.items()]
+
+
+def shuffled_partner(
+    attribute_names: Sequence[str],
+    index: int,
+    rng: np.random.Generator,
+    visible_parts: set[str] | None = None,
+) -> int | None:
+    """A random other attribute for the shuffled-attribute control.
+
+    A group (``has_<part>_<property>``) is drawn uniformly among the groups whose parts are non-empty and disjoint
+    from the attribute's parts (and, with ``visible_parts``, include a visible part), then one of its values.
+    Returns the 0-based attribute index, or None when no group qualifies.
+    """
+    try:
+        own = set(attribute_parts(attribute_names[index]))
+        own_group = parse_attribute(attribute_names[index])[0]
+    except ValueError:
+        own, own_group = set(), ""
+    cands = [
+        (g, idx)
+        for g, parts, idx in _groups(attribute_names)
+        if parts and g != own_group and not own & set(parts) and (visible_parts is None or visible_parts & set(parts))
+    ]
+    if not cands:
+        return None
+    _, idx = cands[int(rng.integers(len(cands)))]
+    return int(idx[int(rng.integers(len(idx)))])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the audit run
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class AuditSettings:
+    """Settings of an audit run (recorded in ``run.json``; a rerun into the same folder must use the same).
+
+    Attributes
+    ----------
+    split : CUB split (``test``, ``train``, ``all``).
+    top_attributes : attributes per image (top-k differences).
+    sources : attribute-map sources, a subset of ``("clip", "parts")``.
+    similar : ``"logits"`` or ``"weights"``.
+    gamma : classifier Finer gamma.
+    clip_gamma, base : the concept query of clip maps (prompt vs ``base``).
+    sigma_scale, region_radius : parts maps (see :func:`parts_attribute_map`).
+    fraction : top fraction for IoU/Dice and clip regions.
+    pointing_tolerance : pointing-game tolerance in pixels.
+    verdict_lift : a pair "looks at" an attribute when its mean bird_lift (whole-bird attributes: lift) exceeds this.
+    controls : compute the two sanity controls.
+    limit : audit at most this many images (in image-id order), None for all.
+    batch_size, seed, quiet : batching, control seed, progress bar.
+    """
+
+    split: str = "test"
+    top_attributes: int = 3
+    sources: tuple[str, ...] = ("parts",)
+    similar: str = "logits"
+    gamma: float = 0.6
+    clip_gamma: float = 1.0
+    base: str = "bird"
+    sigma_scale: float = 0.1
+    region_radius: float = 1.0
+    fraction: float = 0.10
+    pointing_tolerance: float = 15.0
+    verdict_lift: float = 1.0
+    controls: bool = True
+    limit: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, str):
+            self.sources = tuple(s.strip() for s in self.sources.split(",") if s.strip())
+        self.sources = tuple(dict.fromkeys(self.sources))
+        bad = [s for s in self.sources if s not in SOURCES]
+        if not self.sources or bad:
+            raise ValueError(f"attribute-map sources must be among {', '.join(SOURCES)}, got {list(self.sources)}")
+        if self.similar not in SIMILAR_RULES:
+            raise ValueError(f"similar must be one of {', '.join(SIMILAR_RULES)}, got {self.similar!r}")
+        if self.split not in ("train", "test", "all"):
+            raise ValueError(f"split must be train, test or all, got {self.split!r}")
+        for name in ("top_attributes", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        lim = self.limit
+        if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim < 1):
+            raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
+        for name in ("gamma", "clip_gamma", "sigma_scale", "region_radius", "fraction", "pointing_tolerance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.sigma_scale <= 0 or self.region_radius <= 0 or not 0 < self.fraction <= 1:
+            raise ValueError("sigma_scale and region_radius must be > 0 and fraction in (0, 1]")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that determine the rows (everything but limit, batch size and progress)."""
+        d = asdict(self)
+        for k in ("limit", "batch_size", "quiet"):
+            d.pop(k)
+        d["sources"] = sorted(d["sources"])
+        return d
+
+
+@dataclass
+class _Job:
+    image_id: int
+    path: Path
+    rel: str
+    true_cub: int  # CUB class row index
+    true_k: int  # probe class index
+    box: tuple[float, float, float, float]
+    sources: list[str]
+
+
+def _load_job(job: _Job) -> Any:
+    from .imageio import ImageLoadError, load_image
+
+    try:
+        return load_image(job.path)
+    except ImageLoadError as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - a bad file is a per-image error
+        return ImageLoadError(job.path, f"{type(err).__name__}: {err}")
+
+
+def _prefetched(jobs: Sequence[_Job], batch: int) -> Iterator[list[tuple[_Job, Any]]]:
+    chunks = [list(jobs[i : i + batch]) for i in range(0, len(jobs), batch)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(lambda c: [(j, _load_job(j)) for j in c], chunks[0])
+        for i in range(len(chunks)):
+            cur = fut.result()
+            if i + 1 < len(chunks):
+                fut = pool.submit(lambda c: [(j, _load_job(j)) for j in c], chunks[i + 1])
+            yield cur
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.6g}"
+    return v
+
+
+class _Auditor:
+    """State shared by the per-image work of :func:`run_audit`."""
+
+    def __init__(self, cub: Any, clf: ProbeClassifier, settings: AuditSettings, localizer: Any) -> None:
+        self.cub = cub
+        self.clf = clf
+        self.s = settings
+        self.localizer = localizer
+        self.names = list(cub.attribute_names)
+        self.attrs = np.asarray(cub.class_attributes)
+        traits = {t.name: t for t in load_trait_list("cub200")}
+        self.prompts = [
+            traits[n].prompt if n in traits else n.replace("has_", "").replace("::", " ").replace("_", " ")
+            for n in self.names
+        ]
+        self.parts = []
+        for n in self.names:
+            try:
+                self.parts.append(tuple(traits[n].parts) if n in traits else attribute_parts(n))
+            except ValueError:
+                self.parts.append(None)
+        self.cub_of_class = [cub.class_index(n) for n in clf.class_names]
+        self.prompts_by_name = dict(zip(self.names, self.prompts, strict=True))
+        self.class_label = {i: cub.classes["name"].iloc[i] for i in range(len(cub.classes))}
+        self.split_ids = [int(i) for i in cub.split(settings.split)["image_id"]]
+        self.boxes = cub.images.set_index("image_id")[["x", "y", "width", "height"]]
+
+    # -- per image ------------------------------------------------------------------------------------------------
+    def image_rows(
+        self, job: _Job, image: Image.Image, size: tuple[int, int], cmap: Tensor, rmap: Tensor | None, info: dict
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from .cam import upsample_maps
+        from .metrics import box_mask
+
+        s = self.s
+        H, W = size
+        true_cub, sim_k = job.true_cub, info["similar"]
+        sim_cub = self.cub_of_class[sim_k]
+        pred_cub = self.cub_of_class[info["predicted"]]
+        diffs = attribute_differences(self.attrs, true_cub, sim_cub, s.top_attributes)
+        cm = ScoredMap(upsample_maps(cmap, (H, W)).cpu().numpy(), s.fraction)
+        rm = ScoredMap(upsample_maps(rmap, (H, W)).cpu().numpy(), s.fraction) if rmap is not None else None
+        kp = self.cub.part_locs(job.image_id)
+        visible = set(kp.loc[kp["visible"], "part"])
+        rng = np.random.default_rng([s.seed, job.image_id])
+        partners = [shuffled_partner(self.names, d.index, rng, visible) if s.controls else None for d in diffs]
+        common = {
+            "image_id": job.image_id,
+            "image": job.rel,
+            "true_class": self.class_label[true_cub],
+            "predicted_class": self.class_label[pred_cub],
+            "similar_class": self.class_label[sim_cub],
+            "correct": int(pred_cub == true_cub),
+            "similar_by": s.similar,
+            "gamma": s.gamma,
+            "n_attributes": len(diffs),
+            "classifier_score": float(info["score"]),
+            "width": W,
+            "height": H,
+        }
+        rows: list[dict[str, Any]] = []
+        controls: list[dict[str, Any]] = []
+        kw = {"fraction": s.fraction, "pointing_tolerance": s.pointing_tolerance}
+        bird = box_mask((H, W), *job.box)
+        bird_lift = {"real": _box_lift(cm, bird), "random": _box_lift(rm, bird) if rm is not None else math.nan}
+        for source in job.sources:
+            amaps, pmaps = self._attribute_maps(source, image, (H, W), kp, job, diffs, partners)
+            for rank, (d, am, (pm, plabel)) in enumerate(zip(diffs, amaps, pmaps, strict=True), start=1):
+                row = {
+                    **dict.fromkeys(AUDIT_COLUMNS, ""),
+                    **common,
+                    "source": source,
+                    "rank": rank,
+                    "attribute": self.names[d.index],
+                    "attribute_id": d.index + 1,
+                    "attribute_difference": d.difference,
+                    "sign": d.sign,
+                    "true_value": float(self.attrs[true_cub, d.index]),
+                    "similar_value": float(self.attrs[sim_cub, d.index]),
+                    "prompt": self.prompts[d.index],
+                    "parts": ";".join(self.parts[d.index] or ()) or "whole bird",
+                }
+                ctrl = {k: common[k] for k in ("image_id", "true_class", "similar_class", "correct")}
+                ctrl.update(attribute=row["attribute"], source=source, rank=rank)
+                if am is None:
+                    row["status"] = NO_VISIBLE
+                    rows.append({k: _fmt(v) for k, v in row.items()})
+                    continue
+                am_s = ScoredMap(am.values, s.fraction)
+                row.update(_scores(cm, am_s, am.region, bird_lift["real"], kw))
+                row["visible_parts"] = ";".join(am.info.get("visible_parts") or [])
+                row["sigma_px"] = am.info.get("sigma_px")
+                row["status"] = EMPTY_CLASSIFIER if cm.constant else (EMPTY_ATTRIBUTE if am_s.constant else "ok")
+                rows.append({k: _fmt(v) for k, v in row.items()})
+                if rm is not None:
+                    sc = _scores(rm, am_s, am.region, bird_lift["random"], kw)
+                    st = EMPTY_CLASSIFIER if rm.constant else row["status"]
+                    controls.append(
+                        {
+                            **ctrl,
+                            **sc,
+                            "control": "random_classifier",
+                            "control_attribute": row["attribute"],
+                            "status": st,
+                        }
+                    )
+                if pm is not None:
+                    pm_s = ScoredMap(pm.values, s.fraction)
+                    sc = _scores(cm, pm_s, pm.region, bird_lift["real"], kw)
+                    st = EMPTY_CLASSIFIER if cm.constant else (EMPTY_ATTRIBUTE if pm_s.constant else "ok")
+                    controls.append(
+                        {**ctrl, **sc, "control": "shuffled_attribute", "control_attribute": plabel, "status": st}
+                    )
+        return rows, [{k: _fmt(v) for k, v in c.items()} for c in controls]
+
+    def _moved_box(self, job: _Job, size: tuple[int, int], rng: np.random.Generator) -> tuple[str, AttributeMap]:
+        """The bird box of a random other image of the split, placed at the same relative position in this one."""
+        from PIL import Image
+
+        others = [i for i in self.split_ids if i != job.image_id]
+        if not others:
+            return "", None  # type: ignore[return-value]
+        other = int(others[int(rng.integers(len(others)))])
+        row = self.boxes.loc[other]
+        with Image.open(self.cub.image_path(other)) as im:
+            ow, oh = im.size
+        H, W = size
+        box = (row.x / ow * W, row.y / oh * H, row.width / ow * W, row.height / oh * H)
+        return f"bird box of image {other}", box_attribute_map((H, W), box)
+
+    def _attribute_maps(
+        self,
+        source: str,
+        image: Image.Image,
+        size: tuple[int, int],
+        kp: pd.DataFrame,
+        job: _Job,
+        diffs: list[AttributeDifference],
+        partners: list[int | None],
+    ) -> tuple[list[AttributeMap | None], list[tuple[AttributeMap | None, str]]]:
+        """Maps of the attributes and of their shuffled-control partners (map, label) for one source."""
+        s = self.s
+        if source == "parts":
+
+            def one(j: int) -> AttributeMap | None:
+                if self.parts[j] is None:
+                    return None
+                return parts_attribute_map(
+                    size, kp, self.parts[j], job.box, sigma_scale=s.sigma_scale, region_radius=s.region_radius
+                )
+
+            pmaps: list[tuple[AttributeMap | None, str]] = []
+            for d, p in zip(diffs, partners, strict=True):
+                if not s.controls:
+                    pmaps.append((None, ""))
+                elif self.parts[d.index] == ():  # whole bird: the box of a random other photo, an equal-area region
+                    label, m = self._moved_box(job, size, np.random.default_rng([s.seed, job.image_id, d.index]))
+                    pmaps.append((m, label))
+                else:
+                    pmaps.append((one(p), self.names[p]) if p is not None else (None, ""))
+            return [one(d.index) for d in diffs], pmaps
+        prompts = [self.prompts[d.index] for d in diffs] + [self.prompts[p] for p in partners if p is not None]
+        maps = clip_attribute_maps(
+            self.localizer, image, prompts, size, base=s.base, gamma=s.clip_gamma, fraction=s.fraction
+        )
+        real, rest = maps[: len(diffs)], iter(maps[len(diffs) :])
+        return list(real), [(next(rest), self.names[p]) if p is not None else (None, "") for p in partners]
+
+
+def _box_lift(m: ScoredMap, bird: NDArray[np.bool_]) -> float:
+    """Energy share of the bird's box over its area share (how much the map favours the bird over the image)."""
+    from .metrics import energy_inside
+
+    if not bird.any() or m.constant:
+        return math.nan
+    return energy_inside(m.values, bird) / float(bird.mean())
+
+
+def _scores(
+    m: ScoredMap, a: ScoredMap, region: NDArray[np.bool_], bird_lift: float, kw: Mapping[str, float]
+) -> dict[str, float]:
+    sc = overlap_scores(m, a, region, **kw)
+    sc["bird_lift"] = sc["lift"] / bird_lift if bird_lift > 0 else math.nan
+    return sc
+
+
+def _error_row(job: _Job, source: str, label: str, reason: str) -> dict[str, Any]:
+    """The row of a failed image: keyed as its first attribute row, which replaces it when a rerun succeeds."""
+    return {
+        **dict.fromkeys(AUDIT_COLUMNS, ""),
+        "image_id": job.image_id, "image": job.rel, "true_class": label, "source": source, "rank": 1,
+        "attribute": "-", "status": f"error: {reason}".splitlines()[0],
+    }  # fmt: skip
+
+
+def _done_images(table: Any) -> set[tuple[str, str]]:
+    """(image_id, source) pairs whose attribute rows are all on file with a final status."""
+    got: dict[tuple[str, str], set[int]] = {}
+    want: dict[tuple[str, str], int] = {}
+    for r in table.rows():
+        if r["status"] not in _DONE:
+            continue
+        key = (r["image_id"], r["source"])
+        got.setdefault(key, set()).add(int(r["rank"]))
+        want[key] = int(r["n_attributes"])
+    return {k for k, ranks in got.items() if ranks == set(range(1, want[k] + 1))}
+
+
+def run_audit(
+    cub: Any,
+    clf: ProbeClassifier,
+    out_dir: str | Path,
+    settings: AuditSettings,
+    *,
+    localizer: Any = None,
+    run_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Audit a classifier on a CUB split; write ``audit.csv``, ``controls.csv``, ``audit_summary.csv``, ``run.json``.
+
+    Parameters
+    ----------
+    cub : a :class:`~traitloc.cub.CUB` reader.
+    clf : the classifier (:func:`load_probe_classifier`); its class names must be CUB class names.
+    out_dir : output folder; a rerun into it skips images already done (same settings required).
+    settings : :class:`AuditSettings`.
+    localizer : a :class:`~traitloc.localize.ConceptLocalizer`, needed for the ``clip`` source.
+    run_info : extra entries for ``run.json`` (argv, model descriptions...).
+
+    Returns
+    -------
+    dict with ``counts`` (``ok``, ``failed``, ``skipped`` images), ``seconds`` and ``headline`` (mean real vs control
+    scores per source, from the summary's ``overall`` rows).
+    """
+    from .export import atomic_write, utc_now, write_run_json
+    from .results import ResultsTable
+
+    s = settings
+    if "clip" in s.sources and localizer is None:
+        raise ValueError("the clip source needs a ConceptLocalizer (localizer=...)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {**s.fingerprint(), "probe_sha256": clf.describe.get("probe_sha256")}
+    old = out / "run.json"
+    table = ResultsTable(out / "audit.csv", AUDIT_COLUMNS, AUDIT_KEY)
+    if old.is_file() and len(table):
+        try:
+            before = json.loads(old.read_text()).get("settings")
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if before is not None and before != json.loads(json.dumps(fingerprint)):
+            changed = sorted(k for k in fingerprint if before.get(k) != json.loads(json.dumps(fingerprint))[k])
+            raise ValueError(
+                f"{out} holds an audit made with other settings ({', '.join(changed)}); use a new --out folder"
+            )
+    ctable = ResultsTable(out / "controls.csv", CONTROL_COLUMNS, CONTROL_KEY)
+    auditor = _Auditor(cub, clf, s, localizer)
+    in_probe = {c: k for k, c in enumerate(auditor.cub_of_class)}
+
+    df = cub.split(s.split)
+    skipped_classes = sorted({int(c) for c in df["class_id"] if int(c) - 1 not in in_probe})
+    if skipped_classes:
+        warnings.warn(
+            f"{len(skipped_classes)} class(es) of the {s.split} split are not in the probe and are skipped "
+            f"(class ids {skipped_classes[:8]}{'...' if len(skipped_classes) > 8 else ''})",
+            UserWarning,
+            stacklevel=2,
+        )
+        df = df[(df["class_id"] - 1).isin(list(in_probe))]
+    if s.limit is not None:
+        df = df.iloc[: s.limit]
+    done = _done_images(table)
+    jobs = []
+    for r in df.itertuples(index=False):
+        srcs = [src for src in s.sources if (str(r.image_id), src) not in done]
+        if srcs:
+            jobs.append(
+                _Job(int(r.image_id), cub.image_path(int(r.image_id)), str(r.path), int(r.class_id) - 1,
+                     in_probe[int(r.class_id) - 1], (float(r.x), float(r.y), float(r.width), float(r.height)), srcs)
+            )  # fmt: skip
+    counts = {"ok": 0, "failed": 0, "skipped": len(df) - len(jobs)}
+    info: dict[str, Any] = dict(run_info or {})
+    info.update(
+        command=info.get("command", "audit"),
+        start_utc=info.get("start_utc") or utc_now(),
+        end_utc=None,
+        cub_root=str(cub.root),
+        classifier=clf.describe,
+        settings=fingerprint,
+        method="gradcam",
+        n_images=len(df),
+        n_images_todo=len(jobs),
+        classes_not_in_probe=skipped_classes,
+        status="running",
+    )
+    write_run_json(out / "run.json", info)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="audit", unit="img", disable=s.quiet, file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for chunk in _prefetched(jobs, s.batch_size):
+            for job, im in chunk:
+                if not hasattr(im, "image"):
+                    label = auditor.class_label[job.true_cub]
+                    table.append([_error_row(job, src, label, im.reason) for src in job.sources])
+                    counts["failed"] += 1
+                    bar.update(1)
+            good = [(j, im) for j, im in chunk if hasattr(im, "image")]
+            for group in _same_shape_groups(good, clf.preprocess):
+                try:
+                    results = _explain_group(clf, group, s)
+                except Exception as err:  # noqa: BLE001 - retried image by image below
+                    log.warning("batch failed (%s); retrying image by image", err)
+                    results = []
+                    for item in group:
+                        try:
+                            results.extend(_explain_group(clf, [item], s))
+                        except Exception as e1:  # noqa: BLE001
+                            results.append(e1)
+                for (job, im, _), res in zip(group, results, strict=True):
+                    label = auditor.class_label[job.true_cub]
+                    if isinstance(res, Exception):
+                        reason = f"{type(res).__name__}: {res}"
+                        table.append([_error_row(job, src, label, reason) for src in job.sources])
+                        counts["failed"] += 1
+                        bar.update(1)
+                        continue
+                    W0, H0 = im.orig_size
+                    try:
+                        rows, crows = auditor.image_rows(job, im.image, (H0, W0), res["map"], res["random_map"], res)
+                    except Exception as err:  # noqa: BLE001 - recorded for this image; the run goes on
+                        log.warning("image %d: %s: %s", job.image_id, type(err).__name__, err)
+                        reason = f"{type(err).__name__}: {err}"
+                        table.append([_error_row(job, src, label, reason) for src in job.sources])
+                        counts["failed"] += 1
+                        bar.update(1)
+                        continue
+                    ctable.append(crows)
+                    table.append(rows)
+                    counts["ok"] += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+        summary = summarize(table.rows(), ctable.rows(), verdict_lift=s.verdict_lift, names=auditor.prompts_by_name)
+        atomic_write(out / "audit_summary.csv", summary.to_csv(index=False, float_format="%.4g", lineterminator="\n"))
+        table.rewrite()
+        ctable.rewrite()
+        seconds = round(time.perf_counter() - t0, 3)
+        headline = _headline(summary)
+        info.update(end_utc=utc_now(), status="finished", counts=counts, seconds=seconds, headline=headline)
+        write_run_json(out / "run.json", info)
+    return {"counts": counts, "seconds": seconds, "headline": headline}
+
+
+def _same_shape_groups(
+    good: list[tuple[_Job, Any]], preprocess: Callable[[Image.Image], Tensor]
+) -> Iterator[list[tuple[_Job, Any, Tensor]]]:
+    """Preprocess, then yield consecutive runs of images with one input shape (a batch must be rectangular)."""
+    group: list[tuple[_Job, Any, Tensor]] = []
+    for job, im in good:
+        x = preprocess(im.image)
+        if group and group[-1][2].shape != x.shape:
+            yield group
+            group = []
+        group.append((job, im, x))
+    if group:
+        yield group
+
+
+def _explain_group(clf: ProbeClassifier, group: list[tuple[_Job, Any, Tensor]], s: AuditSettings) -> list[dict]:
+    import torch
+
+    from .batch import split_on_oom
+
+    def fn(items: list[tuple[_Job, Any, Tensor]]) -> list[dict]:
+        x = torch.stack([t for _, _, t in items])
+        seeds = [s.seed * 1_000_003 + j.image_id for j, _, _ in items] if s.controls else None
+        res = classifier_maps(clf, x, [j.true_k for j, _, _ in items], s.similar, s.gamma, seeds)
+        return [
+            {
+                "map": res["maps"][b].cpu(),
+                "random_map": res["random_maps"][b].cpu() if res["random_maps"] is not None else None,
+                "predicted": res["predicted"][b],
+                "similar": res["similar"][b],
+                "score": float(res["scores"][b]),
+            }
+            for b in range(len(items))
+        ]
+
+    return split_on_oom(fn, group)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# summary
+# ------------------------------------------------------------------------------------------------------------------
+def _num(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    for c in cols:
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def _group_label(name: str, prompt: str) -> str:
+    try:
+        g = parse_attribute(name)[0]
+    except ValueError:
+        return prompt
+    return g.removeprefix("has_").replace("_", " ").replace("color", "colour")
+
+
+def _verdict(per_attr: pd.DataFrame, threshold: float) -> tuple[str, list[str], list[str]]:
+    """``looks at: ...; ignores: ...`` from a frame with ``label``, ``whole`` and mean ``score`` per attribute.
+
+    Part attributes come first, by decreasing score (x the bird's mean evidence density); whole-bird attributes
+    follow, marked, with their score against the whole image.
+    """
+    looks, ignores = [], []
+    rows = per_attr.assign(order=-per_attr["score"]).sort_values(["whole", "order"], kind="stable")
+    for label, whole, score in rows[["label", "whole", "score"]].itertuples(index=False):
+        if not math.isfinite(score):
+            continue
+        text = f"{label} (whole bird, {score:.1f}x image)" if whole else f"{label} ({score:.1f}x)"
+        (looks if score > threshold else ignores).append(text)
+    text = "; ".join(p for p in (
+        f"looks at: {', '.join(looks)}" if looks else "", f"ignores: {', '.join(ignores)}" if ignores else ""
+    ) if p) or "no scored attribute"  # fmt: skip
+    return text, looks, ignores
+
+
+def summarize(
+    audit_rows: Sequence[Mapping[str, Any]] | pd.DataFrame,
+    control_rows: Sequence[Mapping[str, Any]] | pd.DataFrame = (),
+    *,
+    verdict_lift: float = 1.0,
+    names: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Per class pair and overall summary of an audit (the rows of ``audit_summary.csv``).
+
+    Parameters
+    ----------
+    audit_rows, control_rows : the rows of ``audit.csv`` and ``controls.csv`` (dicts or frames).
+    verdict_lift : an attribute is "looked at" when its mean ``bird_lift`` (whole-bird attributes: ``lift``) exceeds
+        this (1 = chance).
+    names : attribute name -> readable prompt for the per-pair verdicts (default: the attribute name).
+
+    Returns
+    -------
+    DataFrame with :data:`SUMMARY_COLUMNS`: ``level`` = ``pair`` rows (one per source, true class and similar
+    class), then ``overall`` and ``overall_correct`` rows per source. Means are over rows with ``status = ok``;
+    the verdict of a pair lists its attributes, that of an overall row the attribute groups (e.g. "wing colour").
+    """
+    import pandas as pd
+
+    a = audit_rows.copy() if isinstance(audit_rows, pd.DataFrame) else pd.DataFrame(list(audit_rows))
+    c = control_rows.copy() if isinstance(control_rows, pd.DataFrame) else pd.DataFrame(list(control_rows))
+    if a.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    a = _num(a, [*SUMMARY_SCORES, "correct", "rank"])
+    a = a[~a["status"].astype(str).str.startswith("error")]  # failed images have no pair
+    if a.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    names = dict(names or {})
+    a["label"] = [names.get(n, n) for n in a["attribute"]]
+    a["group_label"] = [_group_label(n, names.get(n, n)) for n in a["attribute"]]
+    # parts are judged against the bird (bird_lift), whole-bird attributes against the image (lift)
+    a["whole"] = a["parts"] == "whole bird"
+    a["verdict_score"] = np.where(a["whole"], a["lift"], a["bird_lift"])
+    if not c.empty:
+        c = _num(c, [*SCORE_COLUMNS, "lift", "bird_lift", "correct"])
+        c = c[c["status"] == "ok"]
+    out = []
+
+    def block(level: str, src: str, t: str, d: str, rows: pd.DataFrame, label_col: str) -> dict[str, Any]:
+        scored = rows[rows["status"] == "ok"]
+        rec: dict[str, Any] = {
+            "level": level, "source": src, "true_class": t, "similar_class": d,
+            "n_images": rows["image_id"].nunique(), "n_rows": len(rows), "n_scored": len(scored),
+            "accuracy": rows.drop_duplicates("image_id")["correct"].mean(),
+        }  # fmt: skip
+        for col in SUMMARY_SCORES:
+            rec[col] = scored[col].mean() if len(scored) else float("nan")
+        if not c.empty:
+            keys = set(zip(rows["image_id"], rows["rank"].astype(int).astype(str), strict=True))
+            sub = c[c["source"] == src]
+            sub = sub[[(i, r) in keys for i, r in zip(sub["image_id"], sub["rank"].astype(str), strict=True)]]
+            for ctl in CONTROLS:
+                cs = sub[sub["control"] == ctl]
+                for col in [*SCORE_COLUMNS, "lift", "bird_lift"]:
+                    rec[f"{ctl}_{col}"] = cs[col].mean() if len(cs) else float("nan")
+        per_attr = scored.groupby([label_col, "whole"], sort=False)["verdict_score"].mean().reset_index()
+        per_attr = per_attr.rename(columns={label_col: "label", "verdict_score": "score"})
+        if level != "pair":  # overall verdicts: only groups seen often enough to mean something
+            counts = scored.groupby(label_col, sort=False).size()
+            per_attr = per_attr[per_attr["label"].map(counts) >= 5]
+        rec["verdict"], looks, ignores = _verdict(per_attr, verdict_lift)
+        rec["looks_at"] = "; ".join(looks)
+        rec["ignores"] = "; ".join(ignores)
+        return rec
+
+    for (src, t, d), rows in a.groupby(["source", "true_class", "similar_class"], sort=True):
+        out.append(block("pair", src, t, d, rows, "label"))
+    for src, rows in a.groupby("source", sort=True):
+        out.append(block("overall", src, "all", "all", rows, "group_label"))
+        right = rows[rows["correct"] == 1]
+        if len(right):
+            out.append(block("overall_correct", src, "all", "all", right, "group_label"))
+    return pd.DataFrame(out).reindex(columns=SUMMARY_COLUMNS)
+
+
+def _headline(summary: pd.DataFrame) -> dict[str, Any]:
+    """Mean real vs control scores of the ``overall`` rows, per source (for ``run.json`` and the console)."""
+    scores = ("energy_inside", "pointing_hit", "lift", "bird_lift")
+    keys = ["n_images", "accuracy"] + [f"{p}{k}" for p in ("", *(f"{c}_" for c in CONTROLS)) for k in scores]
+    out: dict[str, Any] = {}
+    for r in summary[summary["level"].isin(["overall", "overall_correct"])].itertuples(index=False):
+        d = r._asdict()
+        out[f"{d['source']}/{d['level']}"] = {
+            k: None if not isinstance(d.get(k), (int, float)) or not math.isfinite(d[k]) else round(float(d[k]), 4)
+            for k in keys
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------------
+def _sources(text: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+    bad = [t for t in items if t not in SOURCES]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"--attribute-maps takes a comma-separated subset of clip,parts, got {text!r}")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``audit`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``) and return it."""
+    p = subparsers.add_parser(
+        "audit",
+        help="faithfulness audit: does a classifier look at the traits that separate the species?",
+        description="For each image of a CUB split, compare the classifier's Finer-CAM map (true class vs its most "
+        "similar class) with maps of the attributes that differ most between the two species (CUB part keypoints "
+        "and/or CLIP text queries). Writes audit.csv (per image x attribute x source), controls.csv (randomized "
+        "classifier and shuffled attributes), audit_summary.csv (per class pair, with a verdict) and run.json "
+        "under --out; rerunning into the same --out skips finished images.",
+    )
+    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="probe folder written by traitloc train-probe")
+    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
+    p.add_argument(
+        "--top-attributes", type=_positive_int, default=3, metavar="K",
+        help="attributes per image: the K that differ most between the two classes (default: 3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--attribute-maps", type=_sources, default=("clip", "parts"), metavar="LIST",
+        help="attribute-map sources, comma-separated: parts (Gaussians on the CUB keypoints of the attribute's "
+        "parts), clip (the attribute's prompt vs --base with the text engine) (default: clip,parts)",
+    )  # fmt: skip
+    p.add_argument(
+        "--similar", choices=list(SIMILAR_RULES), default="logits",
+        help="most similar class: closest logit to the true class's on each image, or most cosine-similar "
+        "classifier weights (default: logits)",
+    )  # fmt: skip
+    p.add_argument("--gamma", type=_nonneg_float, default=0.6, help="classifier Finer-CAM gamma (default: 0.6)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="audit only the first N images")
+    p.add_argument(
+        "--backbone", metavar="MODULE:FUNCTION", default=None,
+        help="backbone the probe was trained on: efficientnet-lite0 or MODULE:FUNCTION (default: the one recorded "
+        "in the probe)",
+    )  # fmt: skip
+    g = p.add_argument_group("clip attribute maps")
+    g.add_argument(
+        "--model", default="ViT-B-16",
+        help="open_clip model name, hf-hub:org/repo, or a model config .json (default: ViT-B-16)",
+    )  # fmt: skip
+    g.add_argument(
+        "--pretrained", default="laion400m_e32",
+        help="pretrained tag or a local weights file (.safetensors/.bin/.pt); 'none' for random weights "
+        "(default: laion400m_e32)",
+    )  # fmt: skip
+    g.add_argument("--base", default="bird", help="base prompt of the clip maps (default: bird)")
+    g.add_argument("--clip-gamma", type=_nonneg_float, default=1.0, help="gamma of the clip maps (default: 1.0)")
+    g = p.add_argument_group("protocol")
+    g.add_argument(
+        "--sigma-scale", type=_nonneg_float, default=0.1,
+        help="parts maps: Gaussian sigma = this x sqrt(bounding-box area); the region is the discs of radius "
+        "sigma (default: 0.1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--pointing-tolerance", type=_nonneg_float, default=15.0, help="pointing-game tolerance in pixels (default: 15)"
+    )
+    g.add_argument("--no-controls", action="store_true", help="skip the randomized-classifier and shuffled controls")
+    g.add_argument("--seed", type=int, default=0, help="seed of the controls (default: 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run ``traitloc audit`` from parsed arguments; returns the exit status.
+
+    Bad input raises :class:`traitloc.cli.CliError` (one line; ``traitloc`` prints it and exits with 2).
+    """
+    from .backbones import CallableError
+    from .classify import ProbeError
+    from .cli import CliError
+    from .cub import CUB
+    from .export import utc_now
+
+    start = utc_now()
+    try:
+        settings = AuditSettings(
+            split=args.split, top_attributes=args.top_attributes, sources=tuple(args.attribute_maps),
+            similar=args.similar, gamma=args.gamma, clip_gamma=args.clip_gamma, base=args.base,
+            sigma_scale=args.sigma_scale, pointing_tolerance=args.pointing_tolerance, controls=not args.no_controls,
+            limit=args.limit, batch_size=args.batch_size, seed=args.seed, quiet=args.quiet,
+        )  # fmt: skip
+        if settings.sigma_scale <= 0:
+            raise ValueError("--sigma-scale must be > 0")
+        cub = CUB(args.cub_root)
+        cub.attribute_names, cub.class_attributes  # noqa: B018 - fail fast on missing attribute files
+        cub.part_locations  # noqa: B018
+    except (ValueError, FileNotFoundError) as err:
+        raise CliError(str(err)) from err
+    try:
+        clf = load_probe_classifier(args.probe, args.backbone, args.device)
+    except (ProbeError, CallableError, ValueError, FileNotFoundError) as err:
+        raise CliError(f"--probe {args.probe}: {err}") from err
+    try:
+        [cub.class_id(n) for n in clf.class_names]
+    except ValueError as err:
+        raise CliError(f"--probe {args.probe}: its classes must be CUB classes: {err}") from err
+    localizer = None
+    run_info: dict[str, Any] = {"command": "audit", "argv": list(argv), "start_utc": start, "device": str(clf.device)}
+    if "clip" in settings.sources:
+        from .localize import ConceptLocalizer
+        from .models import load_clip
+
+        pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+        bundle = load_clip(args.model, pretrained, args.device)
+        localizer = ConceptLocalizer(bundle)
+        run_info["clip"] = {**bundle.describe(), "base": settings.base, "gamma": settings.clip_gamma}
+    try:
+        res = run_audit(cub, clf, args.out, settings, localizer=localizer, run_info=run_info)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    c = res["counts"]
+    if not args.quiet:
+        print(
+            f"traitloc audit: {c['ok']} images done, {c['failed']} failed, {c['skipped']} already done "
+            f"({res['seconds']:.0f} s) -> {args.out}",
+            file=sys.stderr,
+        )
+        for key, h in res["headline"].items():
+            print(
+                f"  {key}: real / random classifier / shuffled attribute: energy_inside {h['energy_inside']} / "
+                f"{h['random_classifier_energy_inside']} / {h['shuffled_attribute_energy_inside']}; pointing_hit "
+                f"{h['pointing_hit']} / {h['random_classifier_pointing_hit']} / {h['shuffled_attribute_pointing_hit']}"
+                f"; bird_lift {h['bird_lift']} / {h['random_classifier_bird_lift']} / "
+                f"{h['shuffled_attribute_bird_lift']}",
+                file=sys.stderr,
+            )
+    return 1 if c["failed"] and not c["ok"] and not c["skipped"] else 0

@@ -264,7 +264,7 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Any] = {"localize": _cmd_localize}
 #: modules that add one subcommand each: ``add_parser(subparsers)`` and ``run(args, argv) -> int``
-SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "explain", "evaluate", "formats", "app_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "explain", "evaluate", "audit", "formats", "app_cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ Every run uses the tiny random open_clip ViT of ``conftest.py`` (64 px input, 4 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -365,6 +366,7 @@ def test_long_prompt_is_truncated_with_a_warning(
     check_row_outputs(out, row, (64, 64))
 
 
+@pytest.mark.slow  # 2-8 s on a shared 2-core machine: 936 files written and fsynced
 def test_cub200_trait_list_on_one_image(
     tmp_path: Path, image_factory: Callable[..., Path], model_args: list[str], capsys
 ) -> None:
@@ -603,11 +605,30 @@ def test_no_base_is_plain_cam_and_ignores_gamma(
 # ------------------------------------------------------------------------------------------------------------------
 # the console script
 # ------------------------------------------------------------------------------------------------------------------
-def test_console_script_help_of_every_subcommand() -> None:
+def subcommands() -> list[str]:
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    commands = list(sub.choices)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def test_help_of_every_subcommand_in_process(capsys) -> None:
+    commands = subcommands()
     assert "localize" in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: traitloc {command}")
+    with pytest.raises(SystemExit):
+        main(["localize", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--concept", "--traits", "--base", "--gamma", "--model", "--pretrained", "--method", "--out"):
+        assert option in text
+
+
+@pytest.mark.slow  # one process per subcommand: each imports torch (~2 s)
+def test_console_script_help_of_every_subcommand() -> None:
+    commands = subcommands()
     exe = console_script()
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -616,6 +637,3 @@ def test_console_script_help_of_every_subcommand() -> None:
         res = subprocess.run([exe, command, "--help"], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith(f"usage: traitloc {command}"), res.stdout[:200]
-    res = subprocess.run([exe, "localize", "--help"], capture_output=True, text=True, timeout=120)
-    for option in ("--concept", "--traits", "--base", "--gamma", "--model", "--pretrained", "--method", "--out"):
-        assert option in res.stdout

@@ -268,7 +268,7 @@ def map_to_unit(map2d: object) -> np.ndarray:
         If the map is not 2-D, is empty, or contains NaN or infinite values.
     """
     # no full-size float64 copy: a 12000 x 9000 map is 432 MB in float32 and twice that in float64
-    array = np.asarray(_as_map("map2d", map2d), dtype=np.float32)
+    array = np.asarray(_as_map("map2d", map2d))
     peak = float(array.max())
     if peak != peak:
         raise ValueError("map2d contains NaN values")

@@ -19,6 +19,14 @@ class CliError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
 def _gamma(text: str) -> float:
     try:
         g = float(text)
@@ -80,7 +88,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="traitloc",
         description="Localize visual traits in images and audit species classifiers with Finer-CAM.",
     )

@@ -141,7 +141,7 @@ def run_localize(
     remove_stale_temp_files(out)  # left by a killed run; one process writes an output folder at a time
     paths = find_images(inputs)
     keys = image_keys(paths)
-    _check_same_settings(out / "run.json", run_info, settings, localizer)
+    previous = _check_same_settings(out / "run.json", run_info, settings, localizer)
     table = ResultsTable(out / "results.csv", LOCALIZE_COLUMNS, LOCALIZE_KEY)
     model_id = localizer.bundle.name
     base = settings.base or NO_BASE
@@ -155,6 +155,11 @@ def run_localize(
     todo = [p for p in paths if any(key(keys[p], c) not in done for c in settings.concepts)]
     skipped = len(paths) - len(todo)
     info = dict(run_info)
+    if previous:  # a resumed run keeps the provenance of the runs before it
+        info["previous_runs"] = [
+            *previous.get("previous_runs", []),
+            {k: previous.get(k) for k in ("argv", "start_utc", "end_utc", "status", "counts", "truncated_prompts")},
+        ]
     info.update(
         start_utc=info.get("start_utc") or utc_now(),
         end_utc=None,
@@ -249,10 +254,10 @@ MAP_SETTINGS = ("base", "gamma", "method", "model", "pretrained", "pretrained_sh
 
 def _check_same_settings(
     run_json: Path, run_info: dict[str, Any], settings: LocalizeSettings, localizer: ConceptLocalizer
-) -> None:
+) -> dict[str, Any] | None:
     """Refuse to mix runs with different map settings in one folder (new concepts or images are fine)."""
     if not run_json.exists():
-        return
+        return None
     try:
         old = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -268,6 +273,7 @@ def _check_same_settings(
             f"{run_json.parent} holds results made with {', '.join(diff)}; rerun with the same settings to "
             f"resume, or choose a new --out folder"
         )
+    return old
 
 
 def _rel(path: Path, out: Path) -> str:

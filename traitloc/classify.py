@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import Prefix, TargetAdapter
+from .adapters import Prefix, TargetAdapter, _check_vectors
 from .cam import METHODS, CamOutput, FinerCAM
 
 __all__ = [
@@ -301,16 +301,37 @@ class HookAdapter(TargetAdapter):
 
     # -- TargetAdapter --------------------------------------------------------------------------------------------
     def prefix(self, x: Tensor) -> Prefix:
+        """One forward pass: records the target output and, from there on, the graph of the rest of the network.
+
+        The hook swaps the target output for ``leaf + shift`` (two fresh leaves, values unchanged), so the same pass
+        gives the model output *and* an autograd graph back to the target layer only (parameters frozen, input
+        without grad): :meth:`grad_mean`/:meth:`grad_cells` then need no second forward pass.
+        """
         self._check_input(x)
         store: list[Tensor] = []
+        leaves: dict[str, Tensor] = {}
 
-        def capture(_m: nn.Module, _inp: object, out: object) -> None:
+        def capture(_m: nn.Module, _inp: object, out: object) -> object:
             # a copy: a later in-place op (ReLU(inplace=True)) must not change the recorded activations
             store.append(out.detach().clone() if isinstance(out, Tensor) else out)  # type: ignore[arg-type]
+            if not isinstance(out, Tensor) or len(store) != 1 or out.ndim not in (3, 4):
+                return None
+            leaf = store[0].clone().requires_grad_(True)
+            C = leaf.shape[1] if leaf.ndim == 4 else leaf.shape[2]
+            shift = torch.zeros(leaf.shape[0], C, dtype=leaf.dtype, device=leaf.device, requires_grad=True)
+            leaves.update(leaf=leaf, shift=shift)
+            if leaf.ndim == 4:
+                return leaf + shift[:, :, None, None]
+            n = leaf.shape[1] - self._grid_tokens(leaf.shape[1], x)
+            add = torch.cat([torch.zeros_like(shift).unsqueeze(1).expand(-1, n, -1), shift.unsqueeze(1).expand(
+                -1, leaf.shape[1] - n, -1)], 1)  # fmt: skip
+            return leaf + add
 
         x = x.detach()
-        with torch.no_grad(), forward_hook(self.module, capture):
+        with torch.enable_grad(), frozen_parameters(self.model), forward_hook(self.module, capture):
             out = self._call_model(x)
+        graph = (out, leaves["leaf"], leaves["shift"]) if leaves and out.requires_grad else None
+        out = out.detach()
         if len(store) != 1:
             raise ValueError(
                 f"target layer {self.target_layer!r} ran {len(store)} times in one forward pass; choose a module "
@@ -320,7 +341,7 @@ class HookAdapter(TargetAdapter):
         if not isinstance(t, Tensor):
             raise ValueError(f"target layer {self.target_layer!r} must output a tensor, got {type(t).__name__}")
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
-        extra: dict[str, Any] = {"x": x, "output": out.detach(), "shape": tuple(t.shape)}
+        extra: dict[str, Any] = {"x": x, "output": out, "shape": tuple(t.shape), "graph": graph}
         if t.ndim == 4:
             B, C, h, w = t.shape
             acts = t.detach().flatten(2).transpose(1, 2).contiguous()
@@ -366,6 +387,37 @@ class HookAdapter(TargetAdapter):
         if calls[0] != 1:
             raise ValueError(f"target layer {self.target_layer!r} ran {calls[0]} times in one forward pass")
         return e
+
+    def _grid_tokens(self, L: int, x: Tensor) -> int:
+        return L - self._token_layout(L, (int(x.shape[-2]), int(x.shape[-1])))[0]
+
+    def _autograd(self, pre: Prefix, vectors: Tensor, wrt: str) -> Tensor:
+        """Gradients from the graph recorded by :meth:`prefix` (no second forward pass); falls back to
+        :meth:`suffix` reruns when there is none (e.g. a prefix built elsewhere)."""
+        graph = pre.extra.get("graph")
+        if graph is None:
+            return super()._autograd(pre, vectors, wrt)
+        out, leaf, shift = graph
+        vectors = _check_vectors(vectors, pre.batch)
+        with torch.enable_grad():
+            f = self.score_features(out)
+            target = shift if wrt == "shift" else leaf
+            cot = vectors.to(f.dtype).transpose(0, 1)
+            chunks = []
+            for i in range(0, cot.shape[0], self.vector_chunk):
+                c = cot[i : i + self.vector_chunk]
+                try:
+                    (g,) = torch.autograd.grad(f, target, grad_outputs=c, retain_graph=True, is_grads_batched=True)
+                except RuntimeError:  # an op without a batching rule: plain loop, same result
+                    g = torch.stack([torch.autograd.grad(f, target, grad_outputs=cj, retain_graph=True)[0] for cj in c])
+                chunks.append(g)
+        g = torch.cat(chunks, 0).transpose(0, 1)  # (B, P, ...)
+        if wrt == "shift":
+            return g.contiguous()
+        if pre.extra["layout"] == "cnn":
+            return g.flatten(3).transpose(2, 3).contiguous()  # (B, P, C, h, w) -> (B, P, N, C)
+        n = pre.extra["prefix_tokens"].shape[1]
+        return g[:, :, n:].contiguous()
 
     def embed(self, x: Tensor) -> Tensor:
         """Plain forward to the model output (no gradients, no hooks)."""

@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Prefix", "TargetAdapter", "OpenClipViT", "OpenClipResNet", "clip_adapter", "resize_pos_embed"]
+__all__ = [
+    "Prefix",
+    "TargetAdapter",
+    "batched_vjp",
+    "OpenClipViT",
+    "OpenClipResNet",
+    "clip_adapter",
+    "resize_pos_embed",
+]
 
 
 @dataclass
@@ -87,7 +95,7 @@ class TargetAdapter:
 
     def _autograd(self, pre: Prefix, vectors: Tensor, wrt: str) -> Tensor:
         vectors = _check_vectors(vectors, pre.batch)
-        B, P, _ = vectors.shape
+        B = vectors.shape[0]
         with torch.enable_grad():
             if wrt == "shift":
                 t = torch.zeros(B, pre.acts.shape[-1], dtype=pre.acts.dtype, device=pre.acts.device)
@@ -96,17 +104,25 @@ class TargetAdapter:
             else:
                 t = pre.acts.detach().clone().requires_grad_(True)
                 out = self.score_features(self.suffix(pre, acts=t))
-            cot = vectors.to(out.dtype).transpose(0, 1)  # (P, B, D)
-            chunks = []
-            for i in range(0, P, self.vector_chunk):
-                c = cot[i : i + self.vector_chunk]
-                try:
-                    # the graph is kept so a failed batched attempt can fall back to the loop below
-                    (g,) = torch.autograd.grad(out, t, grad_outputs=c, retain_graph=True, is_grads_batched=True)
-                except RuntimeError:  # an op without a batching rule: plain loop, same result
-                    g = torch.stack([torch.autograd.grad(out, t, grad_outputs=cj, retain_graph=True)[0] for cj in c])
-                chunks.append(g)
-        return torch.cat(chunks, 0).transpose(0, 1).contiguous()
+            return batched_vjp(out, t, vectors, self.vector_chunk)
+
+
+def batched_vjp(out: Tensor, wrt: Tensor, vectors: Tensor, chunk: int = 512) -> Tensor:
+    """Vector-Jacobian products of ``out`` (B, D) for cotangents ``vectors`` (B, P, D): ``(B, P, *wrt.shape[1:])``.
+
+    Vectorized over the P cotangents (``is_grads_batched``), ``chunk`` at a time; the graph is kept so that an op
+    without a batching rule can fall back to a plain loop with the same result.
+    """
+    cot = vectors.to(out.dtype).transpose(0, 1)  # (P, B, D)
+    chunks = []
+    for i in range(0, cot.shape[0], chunk):
+        c = cot[i : i + chunk]
+        try:
+            (g,) = torch.autograd.grad(out, wrt, grad_outputs=c, retain_graph=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: plain loop, same result
+            g = torch.stack([torch.autograd.grad(out, wrt, grad_outputs=cj, retain_graph=True)[0] for cj in c])
+        chunks.append(g)
+    return torch.cat(chunks, 0).transpose(0, 1).contiguous()
 
 
 def _check_vectors(vectors: Tensor, batch: int) -> Tensor:
@@ -117,6 +133,11 @@ def _check_vectors(vectors: Tensor, batch: int) -> Tensor:
     if vectors.ndim != 3 or vectors.shape[0] != batch:
         raise ValueError(f"explained vectors must be (P, D) or (B={batch}, P, D), got {tuple(vectors.shape)}")
     return vectors
+
+
+def _chunked(fn: Any, pre: Prefix, vectors: Tensor, chunk: int) -> Tensor:
+    """``fn(pre, vectors[:, i:i+chunk])`` over chunks of the explained vectors, concatenated (bounds memory)."""
+    return torch.cat([fn(pre, vectors[:, i : i + chunk]) for i in range(0, vectors.shape[1], chunk)], 1)
 
 
 def resize_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], n_prefix: int = 1) -> Tensor:
@@ -301,10 +322,7 @@ class OpenClipViT(TargetAdapter):
             eye = torch.eye(D, dtype=vectors.dtype, device=vectors.device)
             jac = self.grad_mean(pre, eye.unsqueeze(0).expand(pre.batch, -1, -1))  # (B, D, C)
             return vectors.to(jac.dtype) @ jac
-        out = []
-        for i in range(0, vectors.shape[1], self.vector_chunk):
-            out.append(self._grad_mean_chunk(pre, vectors[:, i : i + self.vector_chunk]))
-        return torch.cat(out, 1)
+        return _chunked(self._grad_mean_chunk, pre, vectors, self.vector_chunk)
 
     def _grad_mean_chunk(self, pre: Prefix, vectors: Tensor) -> Tensor:
         c = self._cls_path(pre)
@@ -328,9 +346,7 @@ class OpenClipViT(TargetAdapter):
         if not self.fast:
             return super().grad_cells(pre, vectors)
         vectors = _check_vectors(vectors, pre.batch)
-        chunk = max(1, self.vector_chunk // 8)
-        out = [self._grad_cells_chunk(pre, vectors[:, i : i + chunk]) for i in range(0, vectors.shape[1], chunk)]
-        return torch.cat(out, 1)
+        return _chunked(self._grad_cells_chunk, pre, vectors, max(1, self.vector_chunk // 8))
 
     def _grad_cells_chunk(self, pre: Prefix, vectors: Tensor) -> Tensor:
         c = self._cls_path(pre)

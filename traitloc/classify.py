@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import Prefix, TargetAdapter, _check_vectors
+from .adapters import Prefix, TargetAdapter, _check_vectors, batched_vjp
 from .cam import METHODS, CamOutput, FinerCAM
 
 __all__ = [
@@ -400,20 +400,9 @@ class HookAdapter(TargetAdapter):
         out, leaf, shift = graph
         vectors = _check_vectors(vectors, pre.batch)
         with torch.enable_grad():
-            f = self.score_features(out)
-            target = shift if wrt == "shift" else leaf
-            cot = vectors.to(f.dtype).transpose(0, 1)
-            chunks = []
-            for i in range(0, cot.shape[0], self.vector_chunk):
-                c = cot[i : i + self.vector_chunk]
-                try:
-                    (g,) = torch.autograd.grad(f, target, grad_outputs=c, retain_graph=True, is_grads_batched=True)
-                except RuntimeError:  # an op without a batching rule: plain loop, same result
-                    g = torch.stack([torch.autograd.grad(f, target, grad_outputs=cj, retain_graph=True)[0] for cj in c])
-                chunks.append(g)
-        g = torch.cat(chunks, 0).transpose(0, 1)  # (B, P, ...)
+            g = batched_vjp(self.score_features(out), shift if wrt == "shift" else leaf, vectors, self.vector_chunk)
         if wrt == "shift":
-            return g.contiguous()
+            return g
         if pre.extra["layout"] == "cnn":
             return g.flatten(3).transpose(2, 3).contiguous()  # (B, P, C, h, w) -> (B, P, N, C)
         n = pre.extra["prefix_tokens"].shape[1]

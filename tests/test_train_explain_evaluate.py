@@ -218,6 +218,32 @@ def test_train_probe_bad_inputs(tmp_path: Path):
     assert rc == 2 and "either --model/--pretrained or --backbone" in err
 
 
+def test_train_probe_open_clip_backbone_round_trip(fake_cub: Path, tmp_path: Path, tiny_clip_config, tiny_clip_weights):
+    """--model/--pretrained: an open_clip image tower (normalized embeddings); explain and evaluate rebuild it from
+    probe.json (absolute paths) and explain through the fast CLIP adapter."""
+    out = tmp_path / "probe"
+    model = ["--model", str(tiny_clip_config), "--pretrained", str(tiny_clip_weights)]
+    rc, err = cli(["train-probe", "--cub-root", str(fake_cub), *model, "--epochs", "3", "--device", "cpu", "--quiet",
+                   "--out", str(out)])  # fmt: skip
+    assert rc == 0, err
+    meta = json.loads((out / "probe.json").read_text())
+    bb = meta["backbone"]
+    assert bb["kind"] == "open_clip" and bb["model"] == str(tiny_clip_config.resolve())
+    assert bb["pretrained"] == str(tiny_clip_weights.resolve()) and len(bb["pretrained_sha256"]) == 64
+    assert meta["feature_normalization"] == "l2" and bb["target_layer"] == "visual.transformer.resblocks[-1].ln_1"
+    clf = train.load_probe_model(out, "cpu")
+    assert type(clf.adapter).__name__ == "OpenClipViT"
+    rc, err = cli(["explain", str(_images(fake_cub)[0]), "--probe", str(out), "--device", "cpu", "--quiet", "--out",
+                   str(tmp_path / "ex")])  # fmt: skip
+    assert rc == 0, err
+    assert read_csv(tmp_path / "ex" / "results.csv")[0]["status"] == "ok"
+    rc, err = cli(["evaluate", "--cub-root", str(fake_cub), "--probe", str(out), "--methods",
+                   "gradcam,finer-gradcam", "--limit", "2", "--steps", "2", "--device", "cpu", "--quiet", "--out",
+                   str(tmp_path / "ev")])  # fmt: skip
+    assert rc == 0, err
+    assert [int(m["n_images"]) for m in read_csv(tmp_path / "ev" / "metrics.csv")] == [2, 2]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # explain
 # ------------------------------------------------------------------------------------------------------------------
@@ -492,7 +518,9 @@ def test_evaluate_end_to_end_and_resume(probe_dir: Path, fake_cub: Path, tmp_pat
     rc, err = cli(argv)
     assert rc == 0, err
     assert (out / "per_image.csv").read_bytes() == before
-    assert json.loads((out / "run.json").read_text())["n_images_todo"] == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["n_images_todo"] == 0 and info["counts"]["images_already_done"] == 9
+    assert len(info["previous_runs"]) == 1 and info["previous_runs"][0]["counts"]["images_ok"] == 9
     assert read_csv(out / "metrics.csv") == metrics or [m["rd_05"] for m in read_csv(out / "metrics.csv")] == [
         m["rd_05"] for m in metrics
     ]

@@ -400,13 +400,17 @@ def run_evaluate(
     table = ResultsTable(out / "per_image.csv", PER_IMAGE_COLUMNS, PER_IMAGE_KEY)
     done = table.done_keys()
 
+    def applicable(i: int) -> list[str]:
+        return [m for m in settings.methods if not (m.endswith("scorecam") and i not in sc_rows)]
+
     def wants(i: int) -> list[str]:
         iid = str(int(df.at[i, "image_id"]))
-        ms = [m for m in settings.methods if not (m.endswith("scorecam") and i not in sc_rows)]
-        return [m for m in ms if (iid, m, fp) not in done]
+        return [m for m in applicable(i) if (iid, m, fp) not in done]
 
     todo = [i for i in range(len(df)) if wants(i)]
+    n_applicable = sum(1 for i in range(len(df)) if applicable(i))
     info = dict(run_info)
+    info["previous_runs"] = _previous_runs(out / "run.json")
     info.update(
         start_utc=info.get("start_utc") or utc_now(), end_utc=None, status="running", split=settings.split,
         n_images=len(df), n_images_todo=len(todo), settings_fingerprint=fp, notes=notes,
@@ -427,7 +431,7 @@ def run_evaluate(
     if settings.channels_last:  # NHWC convolutions: same numbers up to float rounding, faster on CPUs
         model.to(memory_format=torch.channels_last)
     seconds: dict[str, float] = dict.fromkeys(settings.methods, 0.0)
-    counts = {"images_ok": 0, "images_failed": 0, "rows": 0}
+    counts = {"images_ok": 0, "images_failed": 0, "images_already_done": n_applicable - len(todo), "rows": 0}
     bar = _progress(len(todo), settings.quiet, "evaluate")
     paths = [cub.image_path(int(df.at[i, "image_id"])) for i in todo]
     row_of_path = dict(zip(paths, todo, strict=True))
@@ -561,6 +565,19 @@ def run_evaluate(
         )  # fmt: skip
         write_run_json(out / "run.json", info)
     return {"counts": counts, "seconds": seconds, "metrics": metrics, "notes": notes, "wall_seconds": wall}
+
+
+def _previous_runs(path: Path) -> list[dict[str, Any]]:
+    """Summaries of the earlier runs into this folder (from its ``run.json``), so a resumed run keeps their timing."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    keep = ("argv", "methods", "start_utc", "end_utc", "status", "counts", "wall_seconds", "seconds_this_run")
+    runs = old.get("previous_runs") if isinstance(old.get("previous_runs"), list) else []
+    return [*runs, {k: old.get(k) for k in keep}]
 
 
 def _se(v: np.ndarray) -> float:
@@ -791,7 +808,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             )
         c = res["counts"]
         print(
-            f"traitloc evaluate: {c['images_ok']} images done, {c['images_failed']} failed -> {args.out}",
+            f"traitloc evaluate: {c['images_ok']} images done, {c['images_failed']} failed, "
+            f"{c['images_already_done']} already done -> {args.out}",
             file=sys.stderr,
         )
     failed_all = res["counts"]["images_failed"] and not res["counts"]["images_ok"]

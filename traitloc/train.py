@@ -530,11 +530,14 @@ def train_probe_on_cub(
                     )  # fmt: skip
                 break
             except ImageLoadError as err:  # recorded and left out; the cache keeps every finished row
-                key = next(k for k, p in todo if Path(p) == err.path)
+                key = next((k for k, p in todo if Path(p) == err.path), None)
+                if key is None:
+                    raise
                 failed[key] = err.reason
                 log.warning("%s: %s (left out)", err.path, err.reason)
                 last[0] = 0
                 bar.reset(total=len(rows) - len(failed))
+        bar.update(len(rows) - len(failed) - last[0])  # cached rows report no progress of their own
     finally:
         bar.close()
     t_feat = time.perf_counter() - t0

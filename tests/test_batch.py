@@ -42,3 +42,17 @@ def test_split_on_oom_halves_batches():
 
     assert split_on_oom(fn, list(range(7))) == [i * 10 for i in range(7)]
     assert calls[0] == 7 and sum(c for c in calls if c <= 2) == 7  # every item ran once, in a batch that fit
+
+
+def test_explain_rerun_with_other_gamma_is_refused(tmp_path, image_factory, capsys):
+    img = image_factory("b.png", size=(48, 40))
+    out = tmp_path / "ex"
+    args = ["explain", str(img), "--classifier", "tiny_backbones:tiny_cnn_classifier", "--device", "cpu",
+            "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    maps = sorted((out / "maps").rglob("*.tif"))
+    before = [m.read_bytes() for m in maps]
+    assert main([*args, "--gamma", "1.5"]) == 2
+    assert "gamma='0.6' (now '1.5')" in capsys.readouterr().err
+    assert [m.read_bytes() for m in maps] == before
+    assert main(args) == 0  # same settings: resumes (nothing to do)

@@ -141,7 +141,8 @@ def run_localize(
     remove_stale_temp_files(out)  # left by a killed run; one process writes an output folder at a time
     paths = find_images(inputs)
     keys = image_keys(paths)
-    previous = _check_same_settings(out / "run.json", run_info, settings, localizer)
+    map_settings = _map_settings(run_info, settings, localizer)
+    previous = refuse_other_settings(out / "run.json", map_settings)
     table = ResultsTable(out / "results.csv", LOCALIZE_COLUMNS, LOCALIZE_KEY)
     model_id = localizer.bundle.name
     base = settings.base or NO_BASE
@@ -174,6 +175,7 @@ def run_localize(
         resize=localizer.resize,
         threshold=settings.threshold,
         templates=list(localizer.text.templates),
+        map_settings=map_settings,
         status="running",
     )
     write_run_json(out / "run.json", info)
@@ -247,33 +249,35 @@ class SettingsMismatchError(ValueError):
     """An output folder holds results made with other settings (the map file names do not encode them)."""
 
 
-#: settings that change a map without changing its file name: one output folder holds one set of them
-MAP_SETTINGS = ("base", "gamma", "method", "model", "pretrained", "pretrained_sha256", "resize", "threshold",
-                "templates")  # fmt: skip
+def refuse_other_settings(run_json: Path, new: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse to mix runs with different map settings in one output folder; returns the earlier run.json.
 
-
-def _check_same_settings(
-    run_json: Path, run_info: dict[str, Any], settings: LocalizeSettings, localizer: ConceptLocalizer
-) -> dict[str, Any] | None:
-    """Refuse to mix runs with different map settings in one folder (new concepts or images are fine)."""
+    Map file names encode the concept or target, not gamma/base/method/model..., so a second run with other
+    ``new`` settings would overwrite maps that earlier rows still point to. New images or concepts are fine.
+    The settings are kept in run.json under ``map_settings``.
+    """
     if not run_json.exists():
         return None
     try:
         old = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SettingsMismatchError(f"{run_json} is unreadable ({err}); use a new --out folder") from err
-    new = {
-        **{k: run_info.get(k) for k in ("model", "pretrained", "pretrained_sha256")},
-        "base": settings.base, "gamma": settings.gamma, "method": localizer.method, "resize": localizer.resize,
-        "threshold": settings.threshold, "templates": list(localizer.text.templates),
-    }  # fmt: skip
-    diff = [f"{k}={old.get(k)!r} (now {new[k]!r})" for k in MAP_SETTINGS if k in old and old.get(k) != new[k]]
+    before = old.get("map_settings", {})
+    diff = [f"{k}={before[k]!r} (now {v!r})" for k, v in new.items() if k in before and before[k] != v]
     if diff:
         raise SettingsMismatchError(
             f"{run_json.parent} holds results made with {', '.join(diff)}; rerun with the same settings to "
             f"resume, or choose a new --out folder"
         )
     return old
+
+
+def _map_settings(run_info: dict[str, Any], settings: LocalizeSettings, localizer: ConceptLocalizer) -> dict[str, Any]:
+    return {
+        **{k: run_info.get(k) for k in ("model", "pretrained", "pretrained_sha256")},
+        "base": settings.base, "gamma": settings.gamma, "method": localizer.method, "resize": localizer.resize,
+        "threshold": settings.threshold, "templates": list(localizer.text.templates),
+    }  # fmt: skip
 
 
 def _rel(path: Path, out: Path) -> str:

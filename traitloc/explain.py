@@ -147,7 +147,7 @@ def run_explain(
     run_info: dict[str, Any],
 ) -> dict[str, int]:
     """Explain every image under ``inputs`` into ``out_dir``; returns counts (ok, failed, skipped)."""
-    from .batch import _prefetched, _progress, remove_stale_temp_files, split_on_oom
+    from .batch import _prefetched, _progress, refuse_other_settings, remove_stale_temp_files, split_on_oom
     from .export import utc_now, write_run_json
     from .imageio import ImageLoadError, LoadedImage, find_images, image_keys
     from .results import ResultsTable
@@ -167,10 +167,13 @@ def run_explain(
         "reverse": str(settings.reverse).lower(),
         "classifier": _classifier_id(clf),
     }
+    map_settings = {**base_row, "threshold": settings.threshold}
+    refuse_other_settings(out / "run.json", map_settings)
     done = table.done_keys()
     todo = [p for p in paths if table.key_of({**base_row, "image_key": keys[p]}) not in done]
     skipped = len(paths) - len(todo)
     info = dict(run_info)
+    info["map_settings"] = map_settings
     info.update(
         start_utc=info.get("start_utc") or utc_now(),
         end_utc=None,
@@ -527,7 +530,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "seed": None,
         "start_utc": start,
     }
-    counts = run_explain(args.paths, args.out, clf, explainer, settings, info)
+    from .batch import SettingsMismatchError
+
+    try:
+        counts = run_explain(args.paths, args.out, clf, explainer, settings, info)
+    except SettingsMismatchError as err:
+        raise CliError(str(err)) from err
     if not args.quiet:
         print(
             f"traitloc explain: {counts['ok']} images done, {counts['failed']} failed, "

@@ -81,7 +81,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -796,19 +795,6 @@ def _load_job(job: _Job) -> Any:
         return ImageLoadError(job.path, f"{type(err).__name__}: {err}")
 
 
-def _prefetched(jobs: Sequence[_Job], batch: int) -> Iterator[list[tuple[_Job, Any]]]:
-    chunks = [list(jobs[i : i + batch]) for i in range(0, len(jobs), batch)]
-    if not chunks:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(lambda c: [(j, _load_job(j)) for j in c], chunks[0])
-        for i in range(len(chunks)):
-            cur = fut.result()
-            if i + 1 < len(chunks):
-                fut = pool.submit(lambda c: [(j, _load_job(j)) for j in c], chunks[i + 1])
-            yield cur
-
-
 def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return "nan" if not math.isfinite(v) else f"{v:.6g}"
@@ -1048,6 +1034,7 @@ def run_audit(
     dict with ``counts`` (``ok``, ``failed``, ``skipped`` images), ``seconds`` and ``headline`` (mean real vs control
     scores per source, from the summary's ``overall`` rows).
     """
+    from .batch import _prefetched
     from .export import atomic_write, utc_now, write_run_json
     from .results import ResultsTable
 
@@ -1115,7 +1102,7 @@ def run_audit(
     bar = tqdm(total=len(jobs), desc="audit", unit="img", disable=s.quiet, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for chunk in _prefetched(jobs, s.batch_size):
+        for chunk in _prefetched(jobs, s.batch_size, _load_job):
             for job, im in chunk:
                 if not hasattr(im, "image"):
                     label = auditor.class_label[job.true_cub]

@@ -89,17 +89,23 @@ def _load(path: Path) -> LoadedImage | ImageLoadError:
         return ImageLoadError(path, f"{type(err).__name__}: {err}")
 
 
-def _prefetched(paths: Sequence[Path], batch: int) -> Iterator[list[tuple[Path, LoadedImage | ImageLoadError]]]:
-    """Batches of decoded images; the next batch decodes in a background thread while this one computes."""
-    chunks = [list(paths[i : i + batch]) for i in range(0, len(paths), batch)]
+def _prefetched(
+    items: Sequence[Any], batch: int, load: Callable[[Any], Any] | None = None
+) -> Iterator[list[tuple[Any, Any]]]:
+    """Batches of ``(item, load(item))``; the next batch loads in a background thread while this one computes.
+
+    ``load`` defaults to decoding an image path (a failure is returned as an :class:`ImageLoadError`, never raised).
+    """
+    fn = load or _load
+    chunks = [list(items[i : i + batch]) for i in range(0, len(items), batch)]
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(lambda c: [(p, _load(p)) for p in c], chunks[0])
+        fut = pool.submit(lambda c: [(p, fn(p)) for p in c], chunks[0])
         for i in range(len(chunks)):
             cur = fut.result()
             if i + 1 < len(chunks):
-                fut = pool.submit(lambda c: [(p, _load(p)) for p in c], chunks[i + 1])
+                fut = pool.submit(lambda c: [(p, fn(p)) for p in c], chunks[i + 1])
             yield cur
 
 

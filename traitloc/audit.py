@@ -1338,16 +1338,6 @@ def _sources(text: str) -> tuple[str, ...]:
     return items
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -1360,6 +1350,8 @@ def _nonneg_float(text: str) -> float:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``) and return it."""
+    from .cli import _positive
+
     p = subparsers.add_parser(
         "audit",
         help="faithfulness audit: does a classifier look at the traits that separate the species?",
@@ -1373,7 +1365,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="probe folder written by traitloc train-probe")
     p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
     p.add_argument(
-        "--top-attributes", type=_positive_int, default=3, metavar="K",
+        "--top-attributes", type=_positive, default=3, metavar="K",
         help="attributes per image: the K that differ most between the two classes (default: 3)",
     )  # fmt: skip
     p.add_argument(
@@ -1387,7 +1379,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "classifier weights (default: logits)",
     )  # fmt: skip
     p.add_argument("--gamma", type=_nonneg_float, default=0.6, help="classifier Finer-CAM gamma (default: 0.6)")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="audit only the first N images")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="audit only the first N images")
     p.add_argument(
         "--backbone", metavar="MODULE:FUNCTION", default=None,
         help="backbone the probe was trained on: efficientnet-lite0 or MODULE:FUNCTION (default: the one recorded "
@@ -1418,7 +1410,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the controls (default: 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    g.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default: 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     return p

@@ -63,6 +63,14 @@ def _hf_hub_offline() -> Any:
         os.environ["HF_HUB_OFFLINE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _text_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh on-disk text-embedding cache per test (``TRAITLOC_CACHE_DIR``), never the user's own."""
+    folder = tmp_path_factory.mktemp("traitloc_cache")
+    monkeypatch.setenv("TRAITLOC_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Session folder holding the tiny model configs and weights."""

@@ -1,20 +1,17 @@
-"""Long batch runs: streamed images, per-image errors recorded, atomic outputs, resume, progress, run.json.
+"""``traitloc localize`` as a job of the pipeline runner: concept maps of many images into the results store.
 
-``run_localize`` is the engine of ``traitloc localize`` (DESIGN.md §6). Images are decoded one batch ahead in a
-background thread and never all held in memory; each image's files are written atomically before its rows are
-appended to ``results.csv``, so a run killed at any point resumes without redoing or corrupting finished work.
+Each (image, concept) becomes one row of the run's Parquet store (:mod:`traitloc.resultstore`) with its scores
+and its signed grid map; ``results.csv`` summarizes the rows for spreadsheets. Full-size maps, masks and overlays
+are renderings of the grid (:func:`traitloc.resultstore.render_map`), written as files only with ``--save``.
+The runner (:func:`traitloc.pipeline.run_job`) brings prefetching, OOM splitting, per-image errors, resume and
+run.json.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +19,34 @@ import numpy as np
 import torch
 
 from . import __version__
-from .export import (
-    map_to_unit,
-    mask_from_map,
-    save_map_tiff,
-    save_mask_png,
-    save_overlay_png,
-    slugify,
-    utc_now,
-    write_run_json,
-)
-from .imageio import ImageLoadError, LoadedImage, find_images, image_keys, load_image
+from .export import map_to_unit, mask_from_map, save_map_tiff, save_mask_png, save_overlay_png, slugify
+from .imageio import find_images, image_keys
 from .localize import ConceptLocalizer, ConceptMaps
-from .results import ResultsTable
+from .pipeline import Job, SettingsMismatchError, run_job, split_on_oom
+from .resultstore import INTERPOLATION, render_map
 
-__all__ = ["LOCALIZE_COLUMNS", "NO_BASE", "LocalizeSettings", "run_localize", "split_on_oom"]
-
-log = logging.getLogger(__name__)
+__all__ = [
+    "LOCALIZE_COLUMNS",
+    "NO_BASE",
+    "SAVE_KINDS",
+    "LocalizeJob",
+    "LocalizeSettings",
+    "SettingsMismatchError",
+    "run_localize",
+    "split_on_oom",
+]
 
 LOCALIZE_COLUMNS = [
     "image", "image_key", "concept", "trait", "base", "gamma", "method", "model", "raw_max", "score",
     "concept_score", "base_score", "mask_fraction", "map", "mask", "overlay", "width", "height", "status", "notes",
 ]  # fmt: skip
-LOCALIZE_KEY = ["image_key", "concept", "base", "gamma", "method", "model"]
-#: ``base`` in results.csv for plain CAM (no base prompt): key columns of a ResultsTable must not be empty.
+#: ``base`` for plain CAM (no base prompt)
 NO_BASE = "(none)"
+#: what ``--save`` can write as files beside the store
+SAVE_KINDS = ("maps", "masks", "overlays", "signed")
+#: the longer side of the rendering that ``mask_fraction`` is measured on (the full size would cost more than
+#: the maps themselves for large photos; the fraction of a bilinear map above a threshold changes little)
+MASK_FRACTION_SIDE = 256
 
 
 @dataclass
@@ -57,81 +57,163 @@ class LocalizeSettings:
     gamma: float
     batch_size: int = 8
     threshold: float | str = 0.5
-    save_signed: bool = False
+    save: Sequence[str] = ()
     quiet: bool = False
+    grid_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.save if s not in SAVE_KINDS]
+        if bad:
+            raise ValueError(f"--save: unknown kind(s) {', '.join(bad)}; choose from {', '.join(SAVE_KINDS)}")
 
 
-def split_on_oom(fn: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
-    """Run ``fn(items)``; on CUDA out-of-memory, split the batch in halves and retry (down to one item)."""
-    try:
-        return fn(items)
-    except torch.cuda.OutOfMemoryError:
-        if len(items) == 1:
-            raise
-        torch.cuda.empty_cache()
-        half = len(items) // 2
-        log.warning("CUDA out of memory for a batch of %d images: splitting it", len(items))
-        return split_on_oom(fn, items[:half]) + split_on_oom(fn, items[half:])
+class LocalizeJob(Job):
+    """Concept maps of images: one store row per (image, concept)."""
+
+    name = "localize"
+    key_columns = ("image_key", "concept")
+    csv_columns = tuple(LOCALIZE_COLUMNS)
+    columns = {
+        "concept": "str", "trait": "str", "base": "str", "gamma": "float", "method": "str", "model": "str",
+        "score": "float", "concept_score": "float", "base_score": "float", "mask_fraction": "float",
+        "threshold": "str", "map": "str", "mask": "str", "overlay": "str",
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        localizer: ConceptLocalizer,
+        settings: LocalizeSettings,
+        keys: dict[Path, str],
+        run_info: dict[str, Any],
+        out: str | Path,
+    ) -> None:
+        self.loc = localizer
+        self.out = Path(out)
+        self.s = settings
+        self.keys = keys
+        self.grid_dtype = settings.grid_dtype
+        self.base = settings.base or NO_BASE
+        self.map_settings = {
+            **{k: run_info.get(k) for k in ("model", "pretrained", "pretrained_sha256")},
+            "base": settings.base, "gamma": settings.gamma, "method": localizer.method, "resize": localizer.resize,
+            "threshold": settings.threshold, "templates": list(localizer.text.templates),
+            "grid_dtype": settings.grid_dtype,
+        }  # fmt: skip
+        self.common = {
+            "base": self.base, "gamma": float(settings.gamma), "method": localizer.method,
+            "model": localizer.bundle.name, "resize": localizer.resize, "interpolation": INTERPOLATION,
+            "threshold": str(settings.threshold), "run_id": run_info.get("start_utc", ""),
+        }  # fmt: skip
+
+    def item_keys(self, item: Path) -> list[tuple[Any, ...]]:
+        k = self.keys[item]
+        return [(k, c) for c in self.s.concepts]
+
+    def _row(self, item: Path, concept: str, trait: str | None) -> dict[str, Any]:
+        return {**self.common, "image": str(Path(item).resolve()), "image_key": self.keys[item], "concept": concept,
+                "trait": trait or "", "notes": ""}  # fmt: skip
+
+    def error_rows(self, item: Path, reason: str) -> list[dict[str, Any]]:
+        return [{**self._row(item, c, t), "status": f"error: {reason}"}
+                for c, t in zip(self.s.concepts, self.s.traits, strict=True)]  # fmt: skip
+
+    def compute(self, batch: list[tuple[Path, Any]]) -> list[list[dict[str, Any]] | str]:
+        results = self.loc.explain([im.image for _, im in batch], self.s.concepts, self.s.base, self.s.gamma)
+        return [self._rows(item, im, res) for (item, im), res in zip(batch, results, strict=True)]
+
+    def _rows(self, item: Path, im: Any, res: ConceptMaps) -> list[dict[str, Any]] | str:
+        signed = res.signed.detach().float().cpu()  # (Q, h, w): maps leave the device as grids
+        if not torch.isfinite(signed).all():
+            return "the map is not finite (NaN or infinite values)"
+        W0, H0 = im.orig_size
+        relu = signed.clamp_min(0)
+        raw_max = relu.flatten(1).amax(1)
+        frac = _mask_fractions(relu, (H0, W0), self.s.threshold)
+        scores, cscores = res.scores.float().tolist(), res.concept_scores.float().tolist()
+        bscore = None if res.base_score is None else float(res.base_score)
+        h, w = signed.shape[-2:]
+        notes = "; ".join(im.warnings)
+        grids = signed.numpy()
+        rows = []
+        for q, (concept, trait) in enumerate(zip(self.s.concepts, self.s.traits, strict=True)):
+            row = self._row(item, concept, trait)
+            row.update(
+                grid=grids[q], grid_h=h, grid_w=w, width=W0, height=H0, raw_max=float(raw_max[q]),
+                score=scores[q], concept_score=cscores[q], base_score=bscore, mask_fraction=float(frac[q]),
+                status="ok", notes=notes,
+            )  # fmt: skip
+            rows.append(row)
+        return rows
+
+    def finish(self, rows: list[dict[str, Any]], item: Path, loaded: Any) -> list[dict[str, Any]]:
+        if not self.s.save:
+            return rows
+        out = self.out
+        work = np.asarray(loaded.image)
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            try:
+                _save_files(out, row, work, self.s, self.loc)
+            except Exception as err:  # noqa: BLE001 - recorded for this (image, concept); the batch goes on
+                row["status"] = f"error: saving files: {type(err).__name__}: {err}".splitlines()[0]
+        return rows
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "prompts": self.s.concepts, "base": self.s.base, "gamma": self.s.gamma, "method": self.loc.method,
+            "target_layer": self.loc.target_layer, "resize": self.loc.resize, "threshold": self.s.threshold,
+            "templates": list(self.loc.text.templates), "save": list(self.s.save),
+            "truncated_prompts": list(self.loc.text.truncated), "text_cache": self.loc.text.cache_info(),
+        }  # fmt: skip
 
 
-def _progress(total: int, quiet: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
+def _mask_fractions(relu: torch.Tensor, size_hw: tuple[int, int], threshold: float | str) -> list[float]:
+    """Fraction of each map above ``threshold`` x its max, on a rendering of at most MASK_FRACTION_SIDE px."""
+    H0, W0 = size_hw
+    scale = min(1.0, MASK_FRACTION_SIDE / max(H0, W0))
+    size = (max(1, round(H0 * scale)), max(1, round(W0 * scale)))
+    from .cam import upsample_maps
 
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
-
-
-def _load(path: Path) -> LoadedImage | ImageLoadError:
-    try:
-        return load_image(path)
-    except ImageLoadError as err:
-        return err
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a per-image error, never fatal
-        return ImageLoadError(path, f"{type(err).__name__}: {err}")
-
-
-def _prefetched(
-    items: Sequence[Any], batch: int, load: Callable[[Any], Any] | None = None
-) -> Iterator[list[tuple[Any, Any]]]:
-    """Batches of ``(item, load(item))``; the next batch loads in a background thread while this one computes.
-
-    ``load`` defaults to decoding an image path (a failure is returned as an :class:`ImageLoadError`, never raised).
-    """
-    fn = load or _load
-    chunks = [list(items[i : i + batch]) for i in range(0, len(items), batch)]
-    if not chunks:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(lambda c: [(p, fn(p)) for p in c], chunks[0])
-        for i in range(len(chunks)):
-            cur = fut.result()
-            if i + 1 < len(chunks):
-                fut = pool.submit(lambda c: [(p, fn(p)) for p in c], chunks[i + 1])
-            yield cur
+    up = upsample_maps(relu, size)  # (Q, H, W)
+    peak = up.flatten(1).amax(1)
+    if isinstance(threshold, str):
+        return [float(mask_from_map(map_to_unit(m.numpy()), threshold).mean()) for m in up]
+    unit = up / peak.clamp_min(torch.finfo(up.dtype).tiny).view(-1, 1, 1)
+    frac = (unit > float(threshold)).flatten(1).float().mean(1)
+    return torch.where(peak > 0, frac, torch.zeros_like(frac)).tolist()
 
 
-# The hidden temporary name of export.atomic_path: ".{stem}.{12 hex digits}.tmp{suffix}".
-_TEMP_NAME = re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[^.]+)?$")
-
-
-def remove_stale_temp_files(out: Path) -> int:
-    """Delete temporary files that a killed run left behind in ``out`` (its output folders and top level).
-
-    A run killed during an atomic write leaves a hidden ``.name.xxxxxxxxxxxx.tmp.ext`` file; the final file is
-    never partial, but the temporary one stays unless removed. Returns the number of files removed.
-    """
-    n = 0
-    tops = [out] + [out / d for d in ("maps", "masks", "overlays", "signed")]
-    for top in tops:
-        if not top.is_dir():
-            continue
-        for path in top.rglob(".*") if top is not out else top.glob(".*"):
-            if path.is_file() and _TEMP_NAME.match(path.name):
-                try:
-                    path.unlink()
-                    n += 1
-                except OSError as err:
-                    log.warning("could not remove a stale temporary file %s: %s", path, err)
-    return n
+def _save_files(out: Path, row: dict[str, Any], work: np.ndarray, s: LocalizeSettings, loc: ConceptLocalizer) -> None:
+    """``--save``: the row's full-size map (TIFF), mask, overlay and signed map as files (each atomically)."""
+    img_key, slug = row["image_key"], slugify(row["concept"])
+    H0, W0 = int(row["height"]), int(row["width"])
+    unit = map_to_unit(render_map(row))
+    meta = {
+        "traitloc": __version__, "image": row["image"], "concept": row["concept"], "base": s.base,
+        "gamma": s.gamma, "method": loc.method, "model": loc.bundle.name, "pretrained": loc.bundle.pretrained,
+        "target_layer": loc.target_layer, "raw_max": row["raw_max"],
+        "values": "map / max (ReLU map; all-zero stays zero)", "resize": loc.resize,
+        "interpolation": "bilinear, align_corners=False",
+    }  # fmt: skip
+    if "maps" in s.save:
+        rel = Path("maps") / img_key / f"{slug}.tif"
+        save_map_tiff(out / rel, unit, meta)
+        row["map"] = rel.as_posix()
+    if "masks" in s.save:
+        rel = Path("masks") / img_key / f"{slug}.png"
+        save_mask_png(out / rel, mask_from_map(unit, s.threshold))
+        row["mask"] = rel.as_posix()
+    if "overlays" in s.save:
+        rel = Path("overlays") / img_key / f"{slug}.png"
+        wh, ww = work.shape[:2]
+        ov = unit if (wh, ww) == (H0, W0) else map_to_unit(render_map(row, (wh, ww)))
+        save_overlay_png(out / rel, work, ov)
+        row["overlay"] = rel.as_posix()
+    if "signed" in s.save:
+        signed = render_map(row, signed=True)
+        save_map_tiff(out / "signed" / img_key / f"{slug}.tif", signed, {**meta, "values": "signed, raw"})
 
 
 def run_localize(
@@ -141,225 +223,14 @@ def run_localize(
     settings: LocalizeSettings,
     run_info: dict[str, Any],
 ) -> dict[str, int]:
-    """Localize every concept in every image under ``inputs``; returns counts (ok, failed, skipped)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)  # left by a killed run; one process writes an output folder at a time
+    """Localize every concept in every image under ``inputs``; returns image counts (ok, failed, skipped)."""
     paths = find_images(inputs)
     keys = image_keys(paths)
-    map_settings = _map_settings(run_info, settings, localizer)
-    previous = refuse_other_settings(out / "run.json", map_settings)
-    table = ResultsTable(out / "results.csv", LOCALIZE_COLUMNS, LOCALIZE_KEY)
-    model_id = localizer.bundle.name
-    base = settings.base or NO_BASE
-    gamma_s = f"{settings.gamma:g}"
-    method = localizer.method
-    done = table.done_keys()
-
-    def key(img_key: str, concept: str) -> tuple[str, ...]:
-        return (img_key, concept, base, gamma_s, method, model_id)
-
-    todo = [p for p in paths if any(key(keys[p], c) not in done for c in settings.concepts)]
-    skipped = len(paths) - len(todo)
-    info = dict(run_info)
-    if previous:  # a resumed run keeps the provenance of the runs before it
-        info["previous_runs"] = [
-            *previous.get("previous_runs", []),
-            {k: previous.get(k) for k in ("argv", "start_utc", "end_utc", "status", "counts", "truncated_prompts")},
-        ]
-    info.update(
-        start_utc=info.get("start_utc") or utc_now(),
-        end_utc=None,
-        n_images=len(paths),
-        n_images_todo=len(todo),
-        n_images_skipped_done=skipped,
-        prompts=settings.concepts,
-        base=settings.base,
-        gamma=settings.gamma,
-        method=method,
-        target_layer=localizer.target_layer,
-        resize=localizer.resize,
-        threshold=settings.threshold,
-        templates=list(localizer.text.templates),
-        map_settings=map_settings,
-        status="running",
-    )
-    write_run_json(out / "run.json", info)
-    counts = {"ok": 0, "failed": 0, "skipped": skipped}
-    bar = _progress(len(todo), settings.quiet, "localize")
-    writer = ThreadPoolExecutor(max_workers=2)
-    t0 = time.perf_counter()
-    try:
-        for chunk in _prefetched(todo, settings.batch_size):
-            good = [(p, im) for p, im in chunk if isinstance(im, LoadedImage)]
-            for p, err in chunk:
-                if isinstance(err, ImageLoadError):
-                    rows = [_error_row(p, out, keys[p], c, t, base, gamma_s, method, model_id, err.reason)
-                            for c, t in zip(settings.concepts, settings.traits, strict=True)]  # fmt: skip
-                    table.append(rows)
-                    counts["failed"] += 1
-                    bar.update(1)
-            if not good:
-                continue
-            try:
-                results = split_on_oom(
-                    lambda items: localizer.explain(
-                        [im.image for _, im in items], settings.concepts, settings.base, settings.gamma
-                    ),
-                    good,
-                )
-            except Exception as err:  # noqa: BLE001 - a failing batch is retried image by image
-                results = []
-                for p, im in good:
-                    try:
-                        results.extend(localizer.explain([im.image], settings.concepts, settings.base, settings.gamma))
-                    except Exception as e1:  # noqa: BLE001
-                        log.warning("%s: %s: %s", p, type(e1).__name__, e1)
-                        results.append(e1)  # type: ignore[arg-type]
-                del err
-            futures = []
-            for (p, im), res in zip(good, results, strict=True):
-                if isinstance(res, Exception):
-                    reason = f"{type(res).__name__}: {res}".splitlines()[0]
-                    table.append(
-                        [
-                            _error_row(p, out, keys[p], c, t, base, gamma_s, method, model_id, reason)
-                            for c, t in zip(settings.concepts, settings.traits, strict=True)
-                        ]  # fmt: skip
-                    )
-                    counts["failed"] += 1
-                    continue
-                futures.append(
-                    writer.submit(_write_image_outputs, p, im, keys[p], res, out, settings, localizer, done, key)
-                )
-            for f in futures:
-                rows, ok = f.result()
-                table.append(rows)
-                counts["ok" if ok else "failed"] += 1
-                bar.update(1)
-    finally:
-        writer.shutdown(wait=True)
-        bar.close()
-        info.update(
-            end_utc=utc_now(),
-            status="finished",
-            counts=counts,
-            seconds=round(time.perf_counter() - t0, 3),
-            truncated_prompts=list(localizer.text.truncated),
-        )
-        write_run_json(out / "run.json", info)
-    return counts
-
-
-class SettingsMismatchError(ValueError):
-    """An output folder holds results made with other settings (the map file names do not encode them)."""
-
-
-def refuse_other_settings(run_json: Path, new: dict[str, Any]) -> dict[str, Any] | None:
-    """Refuse to mix runs with different map settings in one output folder; returns the earlier run.json.
-
-    Map file names encode the concept or target, not gamma/base/method/model..., so a second run with other
-    ``new`` settings would overwrite maps that earlier rows still point to. New images or concepts are fine.
-    The settings are kept in run.json under ``map_settings``.
-    """
-    if not run_json.exists():
-        return None
-    try:
-        old = json.loads(run_json.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SettingsMismatchError(f"{run_json} is unreadable ({err}); use a new --out folder") from err
-    before = old.get("map_settings", {})
-    diff = [f"{k}={before[k]!r} (now {v!r})" for k, v in new.items() if k in before and before[k] != v]
-    if diff:
-        raise SettingsMismatchError(
-            f"{run_json.parent} holds results made with {', '.join(diff)}; rerun with the same settings to "
-            f"resume, or choose a new --out folder"
-        )
-    return old
-
-
-def _map_settings(run_info: dict[str, Any], settings: LocalizeSettings, localizer: ConceptLocalizer) -> dict[str, Any]:
-    return {
-        **{k: run_info.get(k) for k in ("model", "pretrained", "pretrained_sha256")},
-        "base": settings.base, "gamma": settings.gamma, "method": localizer.method, "resize": localizer.resize,
-        "threshold": settings.threshold, "templates": list(localizer.text.templates),
-    }  # fmt: skip
-
-
-def _rel(path: Path, out: Path) -> str:
-    return path.relative_to(out).as_posix()
-
-
-def _error_row(
-    path: Path, out: Path, img_key: str, concept: str, trait: str | None, base: str, gamma: str, method: str,
-    model: str, reason: str,
-) -> dict[str, Any]:  # fmt: skip
-    return {
-        **dict.fromkeys(LOCALIZE_COLUMNS, ""),
-        "image": str(path), "image_key": img_key, "concept": concept, "trait": trait or "", "base": base,
-        "gamma": gamma, "method": method, "model": model, "status": f"error: {reason}",
-    }  # fmt: skip
-
-
-def _write_image_outputs(
-    path: Path,
-    im: LoadedImage,
-    img_key: str,
-    res: ConceptMaps,
-    out: Path,
-    settings: LocalizeSettings,
-    localizer: ConceptLocalizer,
-    done: set[tuple[str, ...]],
-    key: Callable[[str, str], tuple[str, ...]],
-) -> tuple[list[dict[str, Any]], bool]:
-    """Write maps/masks/overlays of one image (each file atomically) and return its results rows."""
-    W0, H0 = im.orig_size
-    rows = []
-    work = np.asarray(im.image)
-    for q, (concept, trait) in enumerate(zip(settings.concepts, settings.traits, strict=True)):
-        if key(img_key, concept) in done:
-            continue
-        slug = slugify(concept)
-        rel_map = Path("maps") / img_key / f"{slug}.tif"
-        rel_mask = Path("masks") / img_key / f"{slug}.png"
-        rel_ov = Path("overlays") / img_key / f"{slug}.png"
-        row = _error_row(path, out, img_key, concept, trait, settings.base or NO_BASE, f"{settings.gamma:g}",
-                         localizer.method, localizer.bundle.name, "")  # fmt: skip
-        try:
-            raw = res.map(q, (H0, W0))
-            raw_max = float(raw.max()) if raw.size else 0.0
-            unit = map_to_unit(raw)
-            meta = {
-                "traitloc": __version__, "image": str(path), "concept": concept, "base": settings.base,
-                "gamma": settings.gamma, "method": localizer.method, "model": localizer.bundle.name,
-                "pretrained": localizer.bundle.pretrained, "target_layer": localizer.target_layer,
-                "raw_max": raw_max, "values": "map / raw_max (ReLU map; all-zero stays zero)",
-                "resize": localizer.resize, "interpolation": "bilinear, align_corners=False",
-            }  # fmt: skip
-            save_map_tiff(out / rel_map, unit, meta)
-            mask = mask_from_map(unit, settings.threshold)
-            save_mask_png(out / rel_mask, mask)
-            wh, ww = work.shape[:2]
-            ov_map = unit if (wh, ww) == (H0, W0) else res.map(q, (wh, ww))
-            save_overlay_png(out / rel_ov, work, map_to_unit(ov_map))
-            if settings.save_signed:
-                signed = res.map(q, (H0, W0), signed=True)
-                save_map_tiff(out / "signed" / img_key / f"{slug}.tif", signed, {**meta, "values": "signed, raw"})
-            row.update(
-                raw_max=raw_max,
-                score=float(res.scores[q]),
-                concept_score=float(res.concept_scores[q]),
-                base_score="" if res.base_score is None else res.base_score,
-                mask_fraction=float(mask.mean()),
-                map=rel_map.as_posix(),
-                mask=rel_mask.as_posix(),
-                overlay=rel_ov.as_posix(),
-                width=W0,
-                height=H0,
-                status="ok",
-                notes="; ".join(im.warnings),
-            )
-        except Exception as err:  # noqa: BLE001 - recorded for this (image, concept); the batch goes on
-            row["status"] = f"error: {type(err).__name__}: {err}".splitlines()[0]
-        rows.append(row)
-    return rows, all(r["status"] == "ok" for r in rows)
+    job = LocalizeJob(localizer, settings, keys, run_info, out_dir)
+    info = {
+        **run_info,
+        "cwd": os.getcwd(),
+        "inputs": [str(Path(p).resolve()) for p in inputs],
+        "n_images": len(paths),
+    }
+    return run_job(job, paths, out_dir, info, batch_size=settings.batch_size, quiet=settings.quiet)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adapters import Prefix, TargetAdapter, _check_vectors
+from .methods import CAM_METHODS
 
 __all__ = [
     "METHODS",
@@ -44,7 +45,8 @@ __all__ = [
     "upsample_maps",
 ]
 
-METHODS = ("gradcam", "layercam", "scorecam")
+#: the target-layer CAM methods, read from the method registry (:mod:`traitloc.methods`)
+METHODS = CAM_METHODS
 
 
 def finer_coefficients(

@@ -49,6 +49,16 @@ def _threshold(text: str) -> float | str:
     return t
 
 
+def _save_kinds(text: str) -> tuple[str, ...]:
+    from .batch import SAVE_KINDS
+
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in SAVE_KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(bad)}; choose from {', '.join(SAVE_KINDS)}")
+    return kinds
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -99,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "localize",
         help="where is a trait, by text: concept vs base prompt maps, masks and scores",
         description="Finer-CAM maps of text concepts (compared against a base prompt) for images or folders. "
-        "Writes maps/<image-key>/<concept>.tif (float32, original size, map / max), masks/, overlays/, "
-        "results.csv and run.json under --out; rerunning into the same --out skips finished rows.",
+        "Writes the results store results/part-*.parquet (one row per image and concept: scores and the signed grid "
+        "map, rendered to full-size maps, masks and overlays on demand), results.csv and run.json under --out; "
+        "rerunning into the same --out skips finished rows.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument(
@@ -157,9 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
     )
     p.add_argument(
-        "--save-signed",
-        action="store_true",
-        help="also write signed (pre-ReLU) maps to signed/ (negative = evidence for the base)",
+        "--save",
+        type=_save_kinds,
+        default=(),
+        metavar="KINDS",
+        help="also write files per (image, concept), comma-separated: maps (float32 TIFF, map / max), masks (PNG), "
+        "overlays (PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already "
+        "(render on demand with traitloc export)",
+    )
+    p.add_argument(
+        "--grid-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
@@ -255,7 +276,7 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )  # fmt: skip
     settings = LocalizeSettings(
         concepts=concepts, traits=traits, base=args.base, gamma=args.gamma, batch_size=args.batch_size,
-        threshold=args.threshold, save_signed=args.save_signed, quiet=args.quiet,
+        threshold=args.threshold, save=args.save, quiet=args.quiet, grid_dtype=args.grid_dtype,
     )  # fmt: skip
     try:
         counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))

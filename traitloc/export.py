@@ -37,6 +37,7 @@ __all__ = [
     "read_map_tiff",
     "save_map_tiff",
     "save_mask_png",
+    "overlay_array",
     "save_overlay_png",
     "sha256_file",
     "slugify",
@@ -457,22 +458,14 @@ def _as_rgb_uint8(image: object) -> np.ndarray:
     raise ValueError(f"image must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
 
 
-def save_overlay_png(
-    path: PathLike,
-    image: object,
-    map01: object,
-    alpha: float = 0.5,
-    cmap: str = "inferno",
-) -> np.ndarray:
-    """Blend a colour-mapped [0, 1] map over an RGB image and write it as PNG.
+def overlay_array(image: object, map01: object, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
+    """Blend a colour-mapped [0, 1] map over an RGB image.
 
     ``out = (1 - alpha) * image + alpha * cmap(map01)`` per pixel, with a perceptually uniform matplotlib
     colormap. A map whose size differs from the image's is resized (bilinear) to cover the whole image.
 
     Parameters
     ----------
-    path : path
-        Output file; written atomically, folder created if needed.
     image : PIL.Image.Image or uint8 array of shape (H, W), (H, W, 3) or (H, W, 4)
         The image the map refers to (alpha channel ignored).
     map01 : array_like, shape (h, w)
@@ -485,7 +478,7 @@ def save_overlay_png(
     Returns
     -------
     numpy.ndarray
-        The written overlay, uint8, shape (H, W, 3).
+        uint8, shape (H, W, 3).
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
         raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
@@ -507,7 +500,18 @@ def save_overlay_png(
         heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
     colour = colormap(heat)[..., :3]  # float in [0, 1]
     blended = (1.0 - float(alpha)) * rgb.astype(np.float32) + float(alpha) * 255.0 * colour
-    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def save_overlay_png(
+    path: PathLike,
+    image: object,
+    map01: object,
+    alpha: float = 0.5,
+    cmap: str = "inferno",
+) -> np.ndarray:
+    """Write :func:`overlay_array` of ``image`` and ``map01`` as a PNG (atomically); returns the overlay."""
+    out = overlay_array(image, map01, alpha=alpha, cmap=cmap)
     _save_png(path, Image.fromarray(out))
     return out
 

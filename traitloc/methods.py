@@ -1,0 +1,159 @@
+r"""The method registry: every localization method traitloc offers, in one place.
+
+The CLI's ``--method`` choices, the review app's Query menu, :data:`traitloc.cam.METHODS` and ``docs/methods.md``
+read from :data:`REGISTRY`; add a method here and everywhere else follows.
+
+Every method explains a *query vector* :math:`u_q = v_c - \gamma\, v_b` (concept minus gamma times base; the Finer
+contrast). Every method below is linear in the explained vector up to its last ReLU, so the contrast is formed
+**before** the ReLU and means the same thing for all of them: where the image is more like the concept than like the
+base. With :math:`\gamma = 0` (or no base) each method reduces to its authors' definition.
+
+Notation: :math:`A` target-layer tokens, :math:`x^{(l)}` block inputs, :math:`q, k, v` the attention projections of
+:math:`\mathrm{ln}_1(x)` per head, :math:`\hat f_i` the L2-normalized patch embedding
+:math:`\mathrm{ln_{post}}(\cdot) W_{proj}` of patch :math:`i`, :math:`s(\cdot)` the softmax over tokens.
+
+==========  ======================================================================================================
+gradcam     :math:`M_q = \mathrm{ReLU}(\sum_k \overline{\partial s_q / \partial A_k}\, A_k)` (Selvaraju et al. 2017)
+layercam    :math:`M_q = \mathrm{ReLU}(\sum_k \mathrm{ReLU}(\partial s_q / \partial A_{ik}) A_{ik})` (Jiang et al. 2021)
+scorecam    :math:`M_q = \mathrm{ReLU}(\sum_k \mathrm{softmax}_k(\tau s_q(x \odot H_k)) A_k)` (Wang et al. 2020)
+maskclip    last block: :math:`z = x + W_o v`, :math:`z + \mathrm{MLP}(\mathrm{ln}_2 z)` (q, k dropped)
+clearclip   last block: :math:`z = W_o\, s(q q^\top/\sqrt d)\, v` (no residual, no MLP)
+sclip       last block: :math:`z = x + W_o (s(q q^\top/\sqrt d) + s(k k^\top/\sqrt d)) v`, then the MLP
+naclip      last block: :math:`z = W_o\, s(k k^\top/\sqrt d + \Omega_\sigma) v`, Gaussian neighbourhood
+            :math:`\Omega_\sigma`, no residual, no MLP
+gem         last 6 blocks: a parallel path of self-self attention :math:`\tfrac13 \sum_{t\in\{q,k,v\}} s(\tau \hat t
+            \hat t^\top) v` (one iteration), residual along the path, no MLP
+legrad      :math:`M_q = \sum_{l} \overline{\mathrm{ReLU}(\partial s^{(l)}_q / \partial \mathrm{Attn}^{(l)})}`
+            over heads and query rows, last 2 layers, :math:`s^{(l)}` the score of layer l's mean token
+==========  ======================================================================================================
+
+For the dense methods (maskclip ... gem) the map is the per-patch cosine with the query vector,
+:math:`M_q[i] = \mathrm{ReLU}(\langle \hat f_i, v_c\rangle - \gamma \langle \hat f_i, v_b\rangle)`: one forward pass
+gives :math:`\hat f` for all prompts, and any gamma or base is one matrix product on the cached :math:`\hat f`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MethodInfo", "REGISTRY", "method_names", "get_method", "CAM_METHODS", "DENSE_METHODS", "TEXT_METHODS"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One localization method and what it supports.
+
+    Attributes
+    ----------
+    name : the ``--method`` value.
+    family : ``cam`` (target-layer CAM, any model with an adapter), ``dense`` (forward-only patch-text similarity,
+        open_clip ViTs) or ``attention-gradient`` (LeGrad, open_clip ViTs).
+    title, equation, source, url : what to show the user and the docs.
+    signed : the map has a meaningful negative part (evidence for the base).
+    cached_regamma : a new gamma or base reuses cached per-prompt results with no new forward or backward pass.
+    resnet : works with open_clip ModifiedResNet (RN50 ...) as well as ViTs.
+    forward_only : needs no gradients at all.
+    classifier : usable by ``traitloc explain`` (classifier Finer-CAM), not only for text queries.
+    """
+
+    name: str
+    family: str
+    title: str
+    equation: str
+    source: str
+    url: str
+    signed: bool
+    cached_regamma: bool
+    resnet: bool
+    forward_only: bool
+    classifier: bool
+
+
+REGISTRY: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo(
+            "gradcam", "cam", "Grad-CAM (Finer-CAM)",
+            "ReLU(sum_k mean_cells(d s_q / d A_k) A_k), A = last block's ln_1 tokens",
+            "Selvaraju et al., ICCV 2017; Finer-CAM: Zhang et al., CVPR 2025", "https://arxiv.org/abs/2501.11309",
+            signed=True, cached_regamma=True, resnet=True, forward_only=False, classifier=True,
+        ),
+        MethodInfo(
+            "layercam", "cam", "Layer-CAM",
+            "ReLU(sum_k ReLU(d s_q / d A_ik) A_ik)",
+            "Jiang et al., IEEE TIP 2021", "https://doi.org/10.1109/TIP.2021.3089943",
+            signed=True, cached_regamma=False, resnet=True, forward_only=False, classifier=True,
+        ),
+        MethodInfo(
+            "scorecam", "cam", "Score-CAM",
+            "ReLU(sum_k softmax_k(tau s_q(x * H_k)) A_k), H_k = min-max upsampled channel k",
+            "Wang et al., CVPR-W 2020", "https://arxiv.org/abs/1910.01279",
+            signed=True, cached_regamma=False, resnet=True, forward_only=False, classifier=True,
+        ),
+        MethodInfo(
+            "maskclip", "dense", "MaskCLIP",
+            "last block with identity attention (value path): z = x + W_o v; z + MLP(ln_2 z); per-patch cosine",
+            "Zhou, Loy & Dai, ECCV 2022", "https://arxiv.org/abs/2112.01071",
+            signed=True, cached_regamma=True, resnet=False, forward_only=True, classifier=False,
+        ),
+        MethodInfo(
+            "clearclip", "dense", "ClearCLIP",
+            "last block: z = W_o softmax(q q^T / sqrt d) v, no residual, no MLP; per-patch cosine",
+            "Lan et al., ECCV 2024", "https://arxiv.org/abs/2407.12442",
+            signed=True, cached_regamma=True, resnet=False, forward_only=True, classifier=False,
+        ),
+        MethodInfo(
+            "sclip", "dense", "SCLIP",
+            "last block: z = x + W_o (softmax(q q^T/sqrt d) + softmax(k k^T/sqrt d)) v; z + MLP(ln_2 z)",
+            "Wang, Mei & Yuille, ECCV 2024", "https://arxiv.org/abs/2312.01597",
+            signed=True, cached_regamma=True, resnet=False, forward_only=True, classifier=False,
+        ),
+        MethodInfo(
+            "naclip", "dense", "NACLIP",
+            "last block: z = W_o softmax(k k^T/sqrt d + Gaussian(sigma=5) neighbourhood) v, no residual, no MLP",
+            "Hajimiri, Ben Ayed & Dolz, WACV 2025", "https://arxiv.org/abs/2404.08181",
+            signed=True, cached_regamma=True, resnet=False, forward_only=True, classifier=False,
+        ),
+        MethodInfo(
+            "gem", "dense", "GEM",
+            "last 6 blocks: parallel self-self attention path (q-q, k-k, v-v, 1 iteration), residual, no MLP",
+            "Bousselham et al., CVPR 2024", "https://arxiv.org/abs/2312.00878",
+            signed=True, cached_regamma=True, resnet=False, forward_only=True, classifier=False,
+        ),
+        MethodInfo(
+            "legrad", "attention-gradient", "LeGrad",
+            "sum over last 2 layers of mean_{heads, rows} ReLU(d s_q^(l) / d Attn^(l)), patch columns",
+            "Bousselham et al., 2024 (LeGrad)", "https://arxiv.org/abs/2404.03214",
+            signed=False, cached_regamma=True, resnet=False, forward_only=False, classifier=False,
+        ),
+    )
+}  # fmt: skip
+
+
+def method_names(
+    *, family: str | None = None, classifier: bool | None = None, resnet: bool | None = None
+) -> tuple[str, ...]:
+    """Method names in registry order, optionally filtered by family or capability."""
+    return tuple(
+        m.name
+        for m in REGISTRY.values()
+        if (family is None or m.family == family)
+        and (classifier is None or m.classifier == classifier)
+        and (resnet is None or m.resnet == resnet)
+    )
+
+
+def get_method(name: str) -> MethodInfo:
+    """The registry entry of ``name``; a clear error lists the choices."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+#: target-layer CAM methods (text queries and classifiers)
+CAM_METHODS = method_names(family="cam")
+#: forward-only dense patch-text similarity methods (open_clip ViTs)
+DENSE_METHODS = method_names(family="dense")
+#: every method usable for a text query
+TEXT_METHODS = tuple(REGISTRY)

@@ -1,29 +1,34 @@
-"""traitloc review app: query concepts interactively, browse results folders, review and export maps.
+"""traitloc review app: review a run's maps as a grid of thumbnails, with the keyboard; query concepts interactively.
 
 Start it with ``traitloc app [RESULTS_DIR] [--port 8501]`` (binds to 127.0.0.1), or directly with
-``streamlit run apps/review.py -- [RESULTS_DIR] [--model NAME|CONFIG.json] [--pretrained TAG|FILE]``.
+``streamlit run apps/review.py -- [RESULTS_DIR] [--images DIR] [--model NAME|CONFIG.json] [--pretrained TAG|FILE]``.
 
 Pages
 -----
-Query
-    Pick an image (from the results folder, or ``--images DIR``) or upload one (kept in memory, never written),
-    type a concept and a base prompt, move the gamma slider, pick the method. The image's forward pass to the
-    target layer and the per-prompt gradients are cached in the session, so a new gamma (or a new base prompt:
-    text tower only) recombines cached weights without touching the image again. The model is loaded once per
-    server (``st.cache_resource``). Session counters: ``traitloc_forward_passes`` (image forward passes to the
-    target layer), ``traitloc_gradient_passes`` (truncated backward passes), ``traitloc_masked_passes``
-    (Score-CAM's masked forward passes, cached per prompts and gamma).
-Browse
-    A ``traitloc localize`` / ``explain`` / ``audit`` results folder: image | overlay | mask side by side,
-    filtered by concept or target class, class pair, score range and review status; the audit verdict of each
-    class pair when the folder has ``audit_summary.csv``.
 Review
-    Accept / reject / needs-work with a note per result, stored in ``RESULTS_DIR/review.sqlite``
-    (:class:`traitloc.store.ReviewStore`); the accepted results download as a zip.
+    The run's results store (``RESULTS_DIR/results/part-*.parquet``) as a grid of thumbnails: each map is rendered
+    from its stored grid **at the thumbnail's size** over a thumbnail of the photo, as a mask outline or a heat-map
+    overlay (opacity slider), grouped per photo or per trait, sorted by score or name, 48 per page. The current item
+    is framed and shown large on the right (zoom into the full-size photo). Keyboard: ``a`` accept, ``r``/``x``
+    reject, ``w`` needs work, ``j``/``→`` next, ``k``/``←`` previous, ``u`` undo, ``s`` select, ``n`` note,
+    ``PageDown``/``PageUp``. A decision moves to the next undecided item; the list is frozen for the session and
+    filter (decided items stay in an "unreviewed" view until "Refresh list"), so nothing moves under the reviewer.
+    Bulk decisions on the filter or the selection ask for confirmation with the count; every change can be undone.
+    Decisions and notes persist in ``RESULTS_DIR/review.sqlite`` (:class:`traitloc.store.ReviewStore`). Export
+    writes the accepted set or the current filter to ``RESULTS_DIR/exports/`` with a progress bar, then offers it
+    for download.
+Browse
+    The same grid and detail view, read-only, plus the audit verdicts of ``audit_summary.csv`` / ``audit.csv``.
+Query
+    Pick an image or upload one (kept in memory, never written), type a concept and a base prompt, move gamma.
+    The image's forward pass and the per-prompt gradients (Score-CAM: the masked forward passes) are cached in the
+    session, so a new gamma recombines cached results. A model that failed to load is remembered (a button
+    retries); Score-CAM's masked passes show progress and can be cancelled.
 
-Security: every file the app reads or writes is resolved inside RESULTS_DIR (or the read-only ``--images`` folder):
-``..``, absolute paths and symlinks leaving it are refused (:func:`traitloc.store.resolve_inside`). Uploads are
-decoded in memory. Nothing is unpickled: tables are CSV, maps TIFF, weights come from the command line only.
+Files: photos are read where the run recorded them (absolute paths in the store; read-only, anywhere), or found in
+the ``--images`` folder. Everything the app writes (``review.sqlite``, ``exports/``) is inside RESULTS_DIR; uploads
+are decoded in memory. Text from results files is shown as plain text (never Markdown, HTML or links). Nothing is
+unpickled.
 
 Configuration (environment, set by ``traitloc app``): ``TRAITLOC_APP_RESULTS_DIR``, ``TRAITLOC_APP_IMAGES``,
 ``TRAITLOC_APP_MODEL``, ``TRAITLOC_APP_PRETRAINED``, ``TRAITLOC_APP_DEVICE``, ``TRAITLOC_APP_USER``.
@@ -32,16 +37,14 @@ Configuration (environment, set by ``traitloc app``): ``TRAITLOC_APP_RESULTS_DIR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import io
 import os
-import secrets
 import sys
-import zipfile
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,30 +54,63 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, ImageOps
 
-from traitloc.store import STATUSES, PathSafetyError, ReviewStore, resolve_inside, result_id_from_map
+from traitloc import reviewkit as rk
+from traitloc.store import STATUSES, PathSafetyError, ReviewStore, resolve_inside
 
-PAGES = ("Query", "Browse", "Review")
-METHODS = ("gradcam", "layercam", "scorecam")
+PAGES = ("Review", "Browse", "Query")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
-#: folders of a results folder that hold outputs, not input images
-OUTPUT_DIRS = frozenset({"maps", "masks", "overlays", "signed", "exports", "figures"})
 UPLOAD_MAX_PIXELS = 100_000_000
 WORK_MAX_SIDE = 2048
-THUMB_SIDE = 384
-PAGE_SIZE = 10
-#: formats of the review zip by default (traitloc.formats)
+#: thumbnail side in pixels (the grid renders every map at this size, never full size)
+THUMB_SIDE = 128
+DETAIL_SIDE = 720
+PAGE_SIZES = (24, 48, 96)
+DEFAULT_PAGE_SIZE = 48
+GRID_COLUMNS = 6
+#: formats of an export by default (traitloc.formats)
 DEFAULT_FORMATS = ("png", "tiff", "csv")
 QUERY_CACHE_IMAGES = 4
 FORWARD_COUNTER = "traitloc_forward_passes"
 GRADIENT_COUNTER = "traitloc_gradient_passes"  # truncated backward passes (Grad-CAM, Layer-CAM weights)
-MASKED_COUNTER = "traitloc_masked_passes"  # Score-CAM runs (masked forward passes)
+MASKED_COUNTER = "traitloc_masked_passes"  # Score-CAM masked-feature runs (K masked forward passes each)
+MODEL_LOADS = "traitloc_model_load_attempts"
 QUERY_CACHE = "traitloc_query_cache"
 #: the last Query map and its settings (for tests and scripts)
 LAST_QUERY = "traitloc_last_query"
 NO_BASE = "(none)"
 ALL = "(all)"
 REVIEW_FILTERS = ("all", "unreviewed", *STATUSES)
-STATUS_BADGE = {"accepted": ":green[accepted]", "rejected": ":red[rejected]", "needs-work": ":orange[needs work]"}
+STATUS_MARK = {"accepted": "✓ accepted", "rejected": "✗ rejected", "needs-work": "~ needs work", None: "○ unreviewed"}
+#: what a change of gamma (or of the base prompt) costs, per Query method: shown under the gamma slider
+GAMMA_COST = {
+    "gradcam": "a new gamma recombines the cached per-prompt gradients: no model pass (a new base prompt: one "
+    "text-tower pass and one truncated backward pass)",
+    "layercam": "a new gamma recombines the cached per-cell gradients: no model pass (a new base prompt: one "
+    "text-tower pass and one truncated backward pass)",
+    "scorecam": "the first map of an image costs one masked forward pass per channel (64, with progress; "
+    "cancellable); a new gamma or base prompt reuses those masked features: no model pass",
+    **{
+        m: "a new gamma or base prompt is a product on the cached per-patch embeddings: no model pass"
+        for m in ("maskclip", "clearclip", "sclip", "naclip", "gem")
+    },
+    "legrad": "a new gamma recombines the cached per-prompt attention gradients: no model pass (a new base prompt: "
+    "one text-tower pass and one truncated backward pass)",
+}
+#: keyboard shortcuts: key -> (button key, what it does); the page lists them
+SHORTCUTS: dict[str, tuple[str, str]] = {
+    "a": ("kb_accept", "accept"),
+    "r": ("kb_reject", "reject"),
+    "x": ("kb_reject", "reject"),
+    "w": ("kb_needs", "needs work"),
+    "j": ("kb_next", "next"),
+    "ArrowRight": ("kb_next", "next"),
+    "k": ("kb_prev", "previous"),
+    "ArrowLeft": ("kb_prev", "previous"),
+    "u": ("kb_undo", "undo"),
+    "s": ("kb_select", "select / unselect"),
+    "PageDown": ("kb_pgnext", "next page"),
+    "PageUp": ("kb_pgprev", "previous page"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +130,7 @@ class AppConfig:
 
     @property
     def roots(self) -> list[Path]:
-        """Folders images may be read from."""
+        """Folders that paths from uploads or query parameters may name (RESULTS_DIR, then ``--images``)."""
         return [p for p in (self.results_dir, self.images_dir) if p is not None]
 
 
@@ -134,13 +170,14 @@ def load_config(environ: dict[str, str] | None = None, argv: Sequence[str] | Non
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# safe file access
+# safe file access (paths that come from uploads or query parameters)
 # ----------------------------------------------------------------------------------------------------------------
 def safe_file(cfg: AppConfig, path: str, *, roots: Sequence[Path] | None = None) -> Path | None:
     """``path`` (relative to RESULTS_DIR, or absolute) resolved inside one of the allowed roots, or ``None``.
 
-    Relative paths are taken relative to RESULTS_DIR only; an absolute path is accepted inside any root (so an
-    image recorded with its absolute path shows when it lies in RESULTS_DIR or the ``--images`` folder).
+    For paths that come from the browser (query parameters, uploads): relative paths are taken relative to
+    RESULTS_DIR only; an absolute path is accepted inside RESULTS_DIR or the ``--images`` folder. Photos recorded by
+    the run itself are found with :func:`photo_path` instead.
     """
     if not path or not isinstance(path, str):
         return None
@@ -161,56 +198,812 @@ def _file_sig(path: Path) -> tuple[str, int, int]:
     return (str(path), st_.st_mtime_ns, st_.st_size)
 
 
-@st.cache_resource(max_entries=1024, show_spinner=False)
-def _thumb_cached(sig: tuple[str, int, int], kind: str, side: int) -> np.ndarray:
-    """A display copy of an image or mask file (uint8, longer side at most ``side``); cached without pickling."""
-    from traitloc.imageio import load_image
-
-    im = load_image(Path(sig[0]), max_side=max(side, 64)).image
-    im.thumbnail((side, side), Image.Resampling.BILINEAR if kind != "mask" else Image.Resampling.NEAREST)
-    out = np.asarray(im.convert("RGB") if kind != "mask" else im.convert("L"))
-    out.setflags(write=False)
-    return out
+# ----------------------------------------------------------------------------------------------------------------
+# the store, decisions, thumbnails (shared by all sessions, bounded)
+# ----------------------------------------------------------------------------------------------------------------
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _table_cached(out: str, sig: tuple[Any, ...]) -> rk.ResultsTable:
+    return rk.load_table(out)
 
 
-def thumbnail(path: Path | None, kind: str = "image", side: int = THUMB_SIDE) -> np.ndarray | None:
-    """Display copy of a file that :func:`safe_file` returned, or ``None`` when it cannot be read."""
+def load_table(cfg: AppConfig) -> rk.ResultsTable:
+    """The run's results table (re-read when a part is added)."""
+    assert cfg.results_dir is not None
+    return _table_cached(str(cfg.results_dir), rk.store_signature(cfg.results_dir))
+
+
+@st.cache_resource(show_spinner=False)
+def _caches() -> dict[str, Any]:
+    """Server-wide bounded caches: part grids, decoded photo thumbnails, drawn tiles, full-size detail renders."""
+    return {
+        "grids": rk.GridCache(max_parts=64),
+        "photos": rk.LRU(3000),
+        "tiles": rk.LRU(6000),
+        "full": rk.LRU(4),
+    }
+
+
+def _db_sig(cfg: AppConfig) -> tuple[Any, ...]:
+    sig = []
+    for suffix in ("", "-wal"):
+        p = cfg.results_dir / f"review.sqlite{suffix}"  # type: ignore[operator]
+        try:
+            s = p.stat()
+            sig.append((s.st_size, s.st_mtime_ns))
+        except OSError:
+            sig.append(None)
+    return tuple(sig)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _decisions_cached(root: str, sig: tuple[Any, ...]) -> dict[str, Any]:
+    return ReviewStore(root, readonly=True).decisions()
+
+
+def current_decisions(cfg: AppConfig) -> dict[str, Any]:
+    """``result_id -> Decision`` of review.sqlite (re-read when the database changes; treat as read-only)."""
+    return _decisions_cached(str(cfg.results_dir), _db_sig(cfg))
+
+
+def photo_path(cfg: AppConfig, table: rk.ResultsTable, image: Any) -> Path | None:
+    """A row's photo: where the run recorded it (read-only, anywhere on this disk), else under ``--images``."""
+    cwd = table.run_info.get("cwd") if isinstance(table.run_info.get("cwd"), str) else None
+    return rk.find_photo(str(image) if isinstance(image, str) else "", cfg.results_dir, cfg.images_dir, cwd)
+
+
+def photo_thumb(path: Path | None, side: int = THUMB_SIDE) -> np.ndarray | None:
+    """A decoded thumbnail of a photo (cached), or ``None`` when it cannot be read."""
     if path is None:
         return None
     try:
-        return _thumb_cached(_file_sig(path), kind, side)
-    except Exception:  # noqa: BLE001 - a broken file shows as missing, the page goes on
+        sig = _file_sig(path)
+    except OSError:
         return None
 
+    def make() -> np.ndarray | None:
+        try:
+            return rk.photo_thumbnail(path, side)
+        except Exception:  # noqa: BLE001 - an unreadable photo shows as missing, the page goes on
+            return None
 
-def _colorize(map01: np.ndarray, cmap: str = "inferno") -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[cmap](np.clip(map01, 0, 1))[..., :3] * 255).round().astype(np.uint8)
+    return _caches()["photos"].get((sig, side), make)
 
 
-def overlay_rgb(image: np.ndarray, map01: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
-    """``(1 - alpha) * image + alpha * cmap(map)``: what ``traitloc localize`` writes to ``overlays/``."""
-    heat = _colorize(map01, cmap).astype(np.float32)
-    out = (1.0 - alpha) * image[..., :3].astype(np.float32) + alpha * heat
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+@dataclass(frozen=True)
+class View:
+    """How maps are drawn: mode (outline / overlay), opacity, mask threshold."""
+
+    mode: str = "outline"
+    alpha: float = 0.6
+    threshold: float = 0.5
+
+
+def tile_bytes(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], view: View) -> tuple[bytes | None, str]:
+    """JPEG bytes of a row's thumbnail tile and a problem ('' when none); cached per row, store and view."""
+    caches = _caches()
+    photo = photo_path(cfg, table, row.get("image"))
+    key = (str(table.out), row["result_id"], int(row["_part"]), int(row["_row"]), str(table.parts[int(row["_part"])]),
+           view, photo is not None)  # fmt: skip
+
+    def make() -> tuple[bytes | None, str]:
+        try:
+            full = caches["grids"].row_with_grid(table, row)
+        except Exception as err:  # noqa: BLE001 - a bad row is reported on the page, not fatal
+            return None, f"map unreadable: {err}"
+        thumb = photo_thumb(photo)
+        data = rk.tile(full, thumb, THUMB_SIDE, view.mode, view.alpha, view.threshold)
+        return data, "" if thumb is not None else "photo not found"
+
+    return caches["tiles"].get(key, make)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# results folders
+# filters and the frozen list
 # ----------------------------------------------------------------------------------------------------------------
+def pairs_of(table: rk.ResultsTable) -> pd.Series:
+    """Per row, its class pairs ``"target vs reference"`` (explain) or ``"concept vs base"`` (localize)."""
+    rows = table.rows
+    if rows.empty:
+        return pd.Series([], dtype=object)
+    if table.kind == "explain":
+        refs = rows["references"].astype("string").fillna("") if "references" in rows else pd.Series("", rows.index)
+        return pd.Series(
+            [
+                [f"{t} vs {r.strip()}" for r in str(rs).split(";") if r.strip()] or [str(t)]
+                for t, rs in zip(rows["label"], refs, strict=True)
+            ],
+            index=rows.index,
+        )
+    base = rows["base"].astype("string").fillna("") if "base" in rows else pd.Series("", index=rows.index)
+    return pd.Series([[f"{c} vs {b or NO_BASE}"] for c, b in zip(rows["label"], base, strict=True)], index=rows.index)
+
+
+def filter_rows(
+    table: rk.ResultsTable,
+    *,
+    labels: Sequence[str] = (),
+    pair: str = ALL,
+    score_range: tuple[float, float] | None = None,
+    review: str = "all",
+    decisions: dict[str, Any] | None = None,
+    text: str = "",
+) -> pd.DataFrame:
+    """Rows of the table that pass the filters (labels: any of; pair: one class pair; review status; image text)."""
+    rows = table.rows
+    if rows.empty:
+        return rows
+    keep = pd.Series(True, index=rows.index)
+    if labels:
+        keep &= rows["label"].isin(list(labels))
+    if pair != ALL:
+        keep &= pairs_of(table).map(lambda ps: pair in ps)
+    if score_range is not None:
+        lo, hi = score_range
+        s = rows["score_f"]
+        keep &= s.isna() | ((s >= lo - 1e-9) & (s <= hi + 1e-9))
+    if review != "all":
+        d = decisions or {}
+        status = rows["result_id"].map(lambda r: d[r].status if r in d else "unreviewed")
+        keep &= status == review
+    if text:
+        keep &= rows["image_key"].astype(str).str.contains(text, case=False, regex=False)
+    return rows[keep]
+
+
 @dataclass
-class Folder:
-    """A results folder as the pages see it."""
+class Frozen:
+    """The order of the grid, frozen for the session and filter: decisions never move items."""
 
-    kind: str  # "localize", "explain", "audit" or "empty"
-    results: pd.DataFrame  # rows with status ok and a map: result_id, label, pairs, score_f, ...
-    failed: pd.DataFrame
-    audit: pd.DataFrame | None  # audit.csv
-    summary: pd.DataFrame | None  # audit_summary.csv, level == "pair" rows
-    label_name: str = "Concept"
+    sig: tuple[Any, ...]
+    ids: list[str]
+    groups: list[str]
+    made: str
+    pos: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pos = {r: i for i, r in enumerate(self.ids)}
 
 
+def _state(key: str, default: Any) -> Any:
+    if key not in st.session_state:
+        st.session_state[key] = default
+    return st.session_state[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decisions (callbacks of the buttons and shortcuts)
+# ----------------------------------------------------------------------------------------------------------------
+def _who(cfg: AppConfig) -> str:
+    return str(st.session_state.get("reviewer") or cfg.user or "reviewer").strip() or "reviewer"
+
+
+def _writable(cfg: AppConfig) -> ReviewStore:
+    return ReviewStore(cfg.results_dir, who=_who(cfg))  # type: ignore[arg-type]
+
+
+def _fresh_decisions(cfg: AppConfig) -> dict[str, Any]:
+    return ReviewStore(cfg.results_dir, readonly=True).decisions()  # type: ignore[arg-type]
+
+
+def _next_undecided(ids: list[str], start: int, decisions: dict[str, Any]) -> int:
+    """The first undecided item after ``start`` (wrapping around), else the item after ``start``."""
+    n = len(ids)
+    for k in range(1, n + 1):
+        i = (start + k) % n
+        if ids[i] not in decisions:
+            return i
+    return min(start + 1, n - 1)
+
+
+def decide(cfg: AppConfig, key: str, status: str) -> None:
+    """Record ``status`` for the current item and move to the next undecided one (button/shortcut callback)."""
+    fr: Frozen | None = st.session_state.get(f"{key}_frozen")
+    if fr is None or not fr.ids:
+        return
+    cur = min(int(st.session_state.get(f"{key}_cursor", 0)), len(fr.ids) - 1)
+    rid = fr.ids[cur]
+    store = _writable(cfg)
+    prev = store.get(rid)
+    pending = st.session_state.setdefault("rv_pending_notes", {})
+    notes = {rid: pending[rid]} if rid in pending else None
+    entry = rk.apply_decision(store, [rid], status, {rid: prev} if prev else {}, notes)
+    pending.pop(rid, None)
+    st.session_state.setdefault("rv_undo", []).append(entry)
+    after = {**current_decisions(cfg), rid: True}
+    st.session_state[f"{key}_cursor"] = _next_undecided(fr.ids, cur, after)
+    st.session_state["rv_last"] = f"saved: {rid} {status}"
+
+
+def undo_last(cfg: AppConfig, key: str) -> None:
+    """Undo the last change of this session (one decision or one bulk decision) and go back to it."""
+    stack: list[rk.UndoEntry] = st.session_state.get("rv_undo", [])
+    if not stack:
+        st.session_state["rv_last"] = "nothing to undo"
+        return
+    entry = stack.pop()
+    rk.undo(_writable(cfg), entry)
+    fr: Frozen | None = st.session_state.get(f"{key}_frozen")
+    if fr is not None and entry.before and entry.before[0][0] in fr.pos:
+        st.session_state[f"{key}_cursor"] = fr.pos[entry.before[0][0]]
+    st.session_state["rv_last"] = f"undone: {entry.label}"
+
+
+def move(key: str, step: int, page_size: int | None = None) -> None:
+    """Move the cursor by ``step`` items (or to the first item of the next/previous page)."""
+    fr: Frozen | None = st.session_state.get(f"{key}_frozen")
+    if fr is None or not fr.ids:
+        return
+    cur = int(st.session_state.get(f"{key}_cursor", 0))
+    if page_size:
+        cur = (cur // page_size + step) * page_size
+    else:
+        cur += step
+    st.session_state[f"{key}_cursor"] = max(0, min(cur, len(fr.ids) - 1))
+
+
+def goto(key: str, pos: int) -> None:
+    st.session_state[f"{key}_cursor"] = int(pos)
+
+
+def toggle_select(key: str) -> None:
+    fr: Frozen | None = st.session_state.get(f"{key}_frozen")
+    if fr is None or not fr.ids:
+        return
+    rid = fr.ids[min(int(st.session_state.get(f"{key}_cursor", 0)), len(fr.ids) - 1)]
+    sel: set[str] = st.session_state.setdefault("rv_selected", set())
+    sel.symmetric_difference_update({rid})
+    st.session_state["rv_bulk_scope"] = "selection" if sel else "filter"
+
+
+def save_note(cfg: AppConfig, rid: str, widget: str) -> None:
+    """Save a note as it is edited: at once when the result has a decision, else kept for the decision."""
+    note = str(st.session_state.get(widget, "") or "")
+    d = ReviewStore(cfg.results_dir, readonly=True).get(rid)  # type: ignore[arg-type]
+    if d is not None:
+        _writable(cfg).set(rid, d.status, note)
+        st.session_state["rv_note_status"] = (rid, f"note saved {time.strftime('%H:%M:%S')}")
+    else:
+        st.session_state.setdefault("rv_pending_notes", {})[rid] = note
+        st.session_state["rv_note_status"] = (rid, "note kept: it is saved with your decision")
+
+
+def bulk_apply(cfg: AppConfig) -> None:
+    """Apply the confirmed bulk decision (one transaction), undoable as one change."""
+    pending = st.session_state.pop("rv_bulk", None)
+    if not pending:
+        return
+    status, ids = pending["status"], pending["ids"]
+    entry = rk.apply_decision(_writable(cfg), ids, status, _fresh_decisions(cfg))
+    st.session_state.setdefault("rv_undo", []).append(entry)
+    st.session_state["rv_last"] = f"saved: {status} for {len(ids)} results"
+    st.session_state["rv_selected"] = set()
+    st.session_state["rv_bulk_scope"] = "filter"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------------
+def export_formats() -> tuple[str, ...]:
+    """Formats of :mod:`traitloc.formats` this installation can write (Parquet only with pyarrow/fastparquet)."""
+    from traitloc.formats import FORMATS
+
+    has_parquet = any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
+    return tuple(f for f in FORMATS if f != "parquet" or has_parquet)
+
+
+def write_export(
+    results_dir: Path,
+    formats: Sequence[str],
+    selection: str | Sequence[str],
+    name: str,
+    progress: Callable[[int, int], None] | None = None,
+    image_roots: Sequence[Path] | None = None,
+) -> Path:
+    """Export ``selection`` (a status such as ``"accepted"`` or result ids) to ``RESULTS_DIR/exports/NAME.zip``.
+
+    :func:`traitloc.formats.export_results` streams the zip to a temporary file and renames it when complete;
+    ``progress(done, total)`` is called as results are written. Returns the zip's path.
+
+    Raises
+    ------
+    traitloc.formats.FormatError
+        With the reason (nothing selected, an unsafe path...).
+    """
+    from traitloc.formats import export_results
+
+    root = Path(results_dir).resolve()
+    (root / "exports").mkdir(exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".-") or "export"
+    target = resolve_inside(root, f"exports/{safe}.zip")
+    sel = selection if isinstance(selection, str) else list(selection)
+    export_results(root, list(formats), target, sel, as_zip=True, image_roots=image_roots,
+                   argv=["traitloc app"], progress=progress or False)  # fmt: skip
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# keyboard
+# ----------------------------------------------------------------------------------------------------------------
+_KEY_SCRIPT = """
+<script>
+(function () {
+  const win = window.parent;
+  if (win.__traitlocKeys) return;
+  win.__traitlocKeys = true;
+  const s = win.document.createElement('script');
+  s.textContent = `(function () {
+    const MAP = %MAP%;
+    document.addEventListener('keydown', function (e) {
+      const t = e.target || {};
+      const tag = (t.tagName || '').toLowerCase();
+      if (tag === 'input' || tag === 'textarea' || tag === 'select' || t.isContentEditable ||
+          (t.getAttribute && t.getAttribute('role') === 'slider')) {
+        if (e.key === 'Escape' && t.blur) t.blur();
+        return;
+      }
+      if (e.ctrlKey || e.metaKey || e.altKey) return;
+      if (e.key === 'n') {
+        const note = document.querySelector('.st-key-note_box input');
+        if (note) { e.preventDefault(); note.focus(); }
+        return;
+      }
+      const key = MAP[e.key];
+      if (!key) return;
+      const btn = document.querySelector('.st-key-' + key + ' button');
+      if (btn && !btn.disabled) { e.preventDefault(); e.stopPropagation(); btn.click(); }
+    }, true);
+  })();`;
+  win.document.head.appendChild(s);
+})();
+</script>
+"""
+
+
+def keyboard() -> None:
+    """Install the page's keyboard shortcuts once per browser tab: keys click the (visible) shortcut buttons."""
+    import json
+
+    with st.container(key="kb_script", height=1, border=False):
+        st.iframe(_KEY_SCRIPT.replace("%MAP%", json.dumps({k: v[0] for k, v in SHORTCUTS.items()})), height=1)
+
+
+_CSS = """
+<style>
+[class*="st-key-grid_"] [data-testid="stImageCaption"] { font-size: 0.72rem; line-height: 1.2; }
+</style>
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the grid pages
+# ----------------------------------------------------------------------------------------------------------------
+def _no_folder(cfg: AppConfig) -> bool:
+    if cfg.results_dir is None:
+        st.info("No results folder: start the app with `traitloc app RESULTS_DIR` to browse and review results.")
+        return True
+    return False
+
+
+def _filters(table: rk.ResultsTable, key: str, decisions: dict[str, Any]) -> tuple[pd.DataFrame, tuple[Any, ...]]:
+    """Filter widgets (in the sidebar) and the rows that pass them, with a signature of the filter values."""
+    rows = table.rows
+    labels = sorted(rows["label"].unique().tolist()) if not rows.empty else []
+    chosen = st.multiselect(table.label_name, labels, key=f"{key}_labels")
+    pair = ALL
+    if table.kind == "explain":
+        pairs = sorted({p for ps in pairs_of(table) for p in ps})
+        pair = st.selectbox("Class pair", [ALL, *pairs], key=f"{key}_pair")
+    c1, c2 = st.columns(2)
+    review = c1.selectbox("Review status", REVIEW_FILTERS, key=f"{key}_review")
+    text = c2.text_input("Image contains", key=f"{key}_text")
+    scores = rows["score_f"].dropna() if not rows.empty else pd.Series(dtype=float)
+    score_range = None
+    if len(scores) and float(scores.min()) < float(scores.max()):
+        lo, hi = float(scores.min()), float(scores.max())
+        step = max((hi - lo) / 200, 1e-6)
+        score_range = st.slider("Score range", lo, hi, (lo, hi), step, format="%.4f", key=f"{key}_score")
+    out = filter_rows(table, labels=chosen, pair=pair, score_range=score_range, review=review,
+                      decisions=decisions, text=text)  # fmt: skip
+    return out, (tuple(chosen), pair, score_range, review, text)
+
+
+def _view_controls(key: str, per_photo: int = 2) -> tuple[str, str, View, int]:
+    c1, c2 = st.columns(2)
+    group = c1.selectbox("Group by", rk.GROUPINGS, key=f"{key}_group", format_func=lambda g: f"per {g}",
+                         index=0 if per_photo > 1 else 2)  # fmt: skip
+    sort = c2.selectbox("Sort by", rk.SORTS, key=f"{key}_sort")
+    c3, c4 = st.columns(2)
+    mode = c3.selectbox("Show map as", rk.DISPLAY_MODES, key=f"{key}_mode")
+    page_size = c4.selectbox("Per page", PAGE_SIZES, index=PAGE_SIZES.index(DEFAULT_PAGE_SIZE), key=f"{key}_psize")
+    alpha = st.slider("Opacity", 0.1, 1.0, 0.6, 0.05, key=f"{key}_alpha")
+    threshold = st.slider("Mask threshold", 0.05, 0.95, 0.5, 0.05, key=f"{key}_threshold",
+                          help="the outline is the border of map / max > threshold")  # fmt: skip
+    return group, sort, View(mode, float(alpha), float(threshold)), int(page_size)
+
+
+def _frozen(table: rk.ResultsTable, key: str, rows: pd.DataFrame, sig: tuple[Any, ...], refresh: bool) -> Frozen:
+    fr: Frozen | None = st.session_state.get(f"{key}_frozen")
+    full_sig = (str(table.out), len(table.parts), *sig)
+    if fr is None or fr.sig != full_sig or refresh:
+        group, sort = sig[-2], sig[-1]
+        ids, groups = rk.order_rows(rows, group, sort)
+        cur = int(st.session_state.get(f"{key}_cursor", 0))
+        keep_rid = fr.ids[min(cur, len(fr.ids) - 1)] if fr and fr.ids else None
+        fr = Frozen(full_sig, ids, groups, time.strftime("%H:%M:%S"))
+        st.session_state[f"{key}_frozen"] = fr
+        st.session_state[f"{key}_cursor"] = fr.pos.get(keep_rid, 0) if keep_rid else 0
+    return fr
+
+
+def _tile_caption(row: dict[str, Any], pos: int, decision: Any, selected: bool, group: str) -> str:
+    score = row.get("score_f")
+    what = str(row["label"]) if group != "trait" else str(row["image_key"])
+    if group == "none":
+        what = f"{row['image_key']} · {row['label']}"
+    s = f"{score:.3f}" if score is not None and score == score else "-"
+    mark = STATUS_MARK[decision.status if decision is not None else None]
+    return f"#{pos + 1} {what} · {s} · {mark}" + (" · selected" if selected else "")
+
+
+def _placeholder() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (THUMB_SIDE, THUMB_SIDE * 3 // 4), (90, 90, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _goto_number(key: str) -> None:
+    st.session_state[f"{key}_cursor"] = max(0, int(st.session_state.get(f"{key}_goto", 1)) - 1)
+
+
+def _grid(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: View, page_size: int,
+          decisions: dict[str, Any], group: str) -> None:  # fmt: skip
+    """One page of thumbnails: one image list per group (cheap to draw), the current item framed by CSS."""
+    n = len(fr.ids)
+    cur = min(int(st.session_state.get(f"{key}_cursor", 0)), n - 1)
+    page = cur // page_size
+    n_pages = -(-n // page_size)
+    first = page * page_size
+    ids = fr.ids[first : first + page_size]
+    sel: set[str] = st.session_state.get("rv_selected", set())
+    records = table.rows.iloc[table.positions(ids)].to_dict("records")
+    problems = st.session_state.setdefault(f"{key}_tile_problems", {})
+    c1, c2, c3, c4 = st.columns([1, 1, 1.2, 3], vertical_alignment="bottom")
+    c1.button("◀ Page", key="kb_pgprev", on_click=move, args=(key, -1, page_size), disabled=page == 0,
+              help="PageUp")  # fmt: skip
+    c2.button("Page ▶", key="kb_pgnext", on_click=move, args=(key, 1, page_size), disabled=page >= n_pages - 1,
+              help="PageDown")  # fmt: skip
+    st.session_state[f"{key}_goto"] = cur + 1
+    c3.number_input("Go to item", 1, n, key=f"{key}_goto", on_change=_goto_number, args=(key,))
+    c4.caption(f"items {first + 1}–{first + len(ids)} of {n} · page {page + 1} of {n_pages} · list frozen at "
+               f"{fr.made}: decided items stay until Refresh list")  # fmt: skip
+    segments: list[tuple[str, list[tuple[int, dict[str, Any]]]]] = []
+    for i, rec in enumerate(records):
+        g = fr.groups[first + i]
+        if not segments or segments[-1][0] != g:
+            segments.append((g, []))
+        segments[-1][1].append((first + i, rec))
+    css = []
+    for s_i, (g, items) in enumerate(segments):
+        if group != "none":
+            st.text(f"{'photo' if group == 'photo' else table.label_name.lower()}: {g}  ({len(items)} on this page)")
+        images, captions = [], []
+        for j, (pos, rec) in enumerate(items):
+            rid = rec["result_id"]
+            data, problem = tile_bytes(cfg, table, rec, view)
+            if problem:
+                problems[rid] = problem
+            images.append(data if data is not None else _placeholder())
+            caption = _tile_caption(rec, pos, decisions.get(rid), rid in sel, group)
+            captions.append(caption + (f" · {problem}" if problem else ""))
+            if pos == cur:
+                css.append(f".st-key-grid_{s_i} [data-testid='stImageContainer']:nth-child({j + 1}) img")
+        with st.container(key=f"grid_{s_i}"):
+            st.image(images, caption=captions, width=THUMB_SIDE)
+    if css:  # our own static selector: the frame of the current item
+        st.markdown(f"<style>{css[0]} {{ outline: 4px solid #ff4b4b; outline-offset: -4px; }}</style>",
+                    unsafe_allow_html=True)  # fmt: skip
+
+
+def _describe(row: dict[str, Any], table: rk.ResultsTable, decision: Any) -> list[str]:
+    """Plain-text lines describing a result (shown with ``st.text``: no Markdown, no links)."""
+    lines = [f"{row['label']}  ·  image {row['image_key']}"]
+    if table.kind == "explain":
+        lines.append(f"vs {row.get('references') or '-'}  ·  predicted {row.get('predicted', '')}")
+    else:
+        lines.append(f"vs {row.get('base') or NO_BASE}")
+    score = row.get("score_f")
+    bits = [f"gamma {row.get('gamma', '')}", str(row.get("method", ""))]
+    if score is not None and score == score:
+        bits.append(f"score {score:.4f}")
+    lines.append("  ·  ".join(bits))
+    lines.append(STATUS_MARK[decision.status if decision is not None else None]
+                 + (f"  ·  note: {decision.note}" if decision is not None and decision.note else ""))  # fmt: skip
+    return lines
+
+
+def _detail(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: View, decisions: dict[str, Any],
+            review: bool) -> None:  # fmt: skip
+    n = len(fr.ids)
+    cur = min(int(st.session_state.get(f"{key}_cursor", 0)), n - 1)
+    rid = fr.ids[cur]
+    row = table.rows.iloc[table.positions([rid])[0]].to_dict()
+    d = decisions.get(rid)
+    st.subheader(f"Item {cur + 1} of {n}")
+    st.text("\n".join(_describe(row, table, d)))
+    photo = photo_path(cfg, table, row.get("image"))
+    z1, z2, z3 = st.columns(3)
+    zoom = z1.select_slider("Zoom", [1, 2, 4, 8], value=1, key=f"{key}_zoom")
+    cx = z2.slider("Pan x", 0.0, 1.0, 0.5, 0.05, key=f"{key}_panx", disabled=zoom == 1)
+    cy = z3.slider("Pan y", 0.0, 1.0, 0.5, 0.05, key=f"{key}_pany", disabled=zoom == 1)
+    try:
+        img = detail_image(cfg, table, row, photo, view, int(zoom), float(cx), float(cy))
+        st.image(img, width="stretch", caption=f"{'zoom ' + str(zoom) + 'x of the ' if zoom > 1 else ''}full-size "
+                 f"photo, {row['width']} x {row['height']} px")  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - shown, the page goes on
+        st.error(f"cannot draw this result: {err}")
+    if photo is None:
+        st.warning("photo not found (moved or deleted?): start the app with --images FOLDER to show it")
+        st.text(f"recorded path: {row.get('image', '')}")
+    else:
+        st.caption("photo (read-only):")
+        st.text(str(photo))
+    if review:
+        note_key = "note_" + hashlib.sha1(rid.encode()).hexdigest()[:16]
+        if note_key not in st.session_state:
+            pending = st.session_state.get("rv_pending_notes", {})
+            st.session_state[note_key] = pending.get(rid, d.note if d is not None else "")
+        with st.container(key="note_box"):
+            st.text_input("Note (n; Enter saves)", key=note_key, on_change=save_note, args=(cfg, rid, note_key),
+                          placeholder="what is right or wrong with this map")  # fmt: skip
+        ns = st.session_state.get("rv_note_status")
+        if ns and ns[0] == rid:
+            st.caption(ns[1])
+
+
+def detail_image(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], photo: Path | None, view: View,
+                 zoom: int, cx: float, cy: float) -> np.ndarray:  # fmt: skip
+    """The detail view: the map rendered at the photo's full size over the full-size photo, cropped by the zoom."""
+    from traitloc.imageio import load_image
+
+    caches = _caches()
+    H, W = int(row["height"]), int(row["width"])
+
+    def make() -> tuple[np.ndarray | None, np.ndarray]:
+        full = caches["grids"].row_with_grid(table, row)
+        unit = rk.unit_map(full, (H, W))  # the map at the original size, as exported (render_unit_map)
+        img = None
+        if photo is not None:
+            try:
+                im = load_image(photo).image.convert("RGB")
+                img = np.asarray(im) if im.size == (W, H) else np.asarray(im.resize((W, H), Image.Resampling.BILINEAR))
+            except Exception:  # noqa: BLE001 - drawn on grey
+                img = None
+        return img, unit
+
+    img, unit = caches["full"].get((row["result_id"], str(table.parts[int(row["_part"])]), str(photo)), make)
+    ch, cw = max(1, round(H / zoom)), max(1, round(W / zoom))
+    y0 = int(round(min(max(cy * H - ch / 2, 0), H - ch)))
+    x0 = int(round(min(max(cx * W - cw / 2, 0), W - cw)))
+    crop_u = unit[y0 : y0 + ch, x0 : x0 + cw]
+    crop_i = None if img is None else img[y0 : y0 + ch, x0 : x0 + cw]
+    rgb = rk.draw(crop_i, crop_u, view.mode, view.alpha, view.threshold, outline_width=max(1, round(max(ch, cw) / 300)))
+    out = Image.fromarray(rgb)
+    if max(out.size) > DETAIL_SIDE * 2:
+        out.thumbnail((DETAIL_SIDE * 2, DETAIL_SIDE * 2), Image.Resampling.LANCZOS)
+    return np.asarray(out)
+
+
+def _bad_rows(table: rk.ResultsTable, key: str) -> None:
+    problems: dict[str, str] = st.session_state.get(f"{key}_tile_problems", {})
+    unreadable = {r: p for r, p in problems.items() if p.startswith("map unreadable")}
+    n_bad = len(table.bad) + len(unreadable)
+    if not n_bad:
+        return
+    st.warning(f"{n_bad} result{'s' if n_bad != 1 else ''} of this run cannot be shown (not counted above): "
+               "see the list below")  # fmt: skip
+    with st.expander(f"{n_bad} results not shown, and why"):
+        extra = pd.DataFrame([{"result_id": r, "image": "", "label": "", "reason": p} for r, p in unreadable.items()])
+        st.dataframe(pd.concat([table.bad, extra], ignore_index=True) if len(extra) else table.bad,
+                     hide_index=True, key=f"{key}_bad_table")  # fmt: skip
+
+
+def _progress(cfg: AppConfig, table: rk.ResultsTable, decisions: dict[str, Any]) -> None:
+    rows = table.rows
+    n = len(rows)
+    status = rows["result_id"].map(lambda r: decisions[r].status if r in decisions else "unreviewed")
+    reviewed = int((status != "unreviewed").sum())
+    counts = status.value_counts()
+    st.progress(reviewed / n if n else 0.0, text=f"{reviewed} of {n} reviewed · " + " · ".join(
+        f"{s} {int(counts.get(s, 0))}" for s in STATUSES))  # fmt: skip
+    if st.toggle("Progress per trait and per reviewer", key="rv_show_progress"):
+        per = pd.crosstab(rows["label"], status)
+        for c in (*STATUSES, "unreviewed"):
+            if c not in per.columns:
+                per[c] = 0
+        per = per[[*STATUSES, "unreviewed"]]
+        per.insert(0, "total", per.sum(axis=1))
+        per.insert(1, "reviewed %", (100 * (per["total"] - per["unreviewed"]) / per["total"]).round(1))
+        st.dataframe(per.reset_index().rename(columns={"label": table.label_name}), hide_index=True,
+                     key="rv_progress_trait")  # fmt: skip
+        who = ReviewStore(cfg.results_dir, readonly=True).reviewer_counts() if decisions else {}  # type: ignore[arg-type]
+        if who:
+            dfw = pd.DataFrame.from_dict(who, orient="index")[list(STATUSES)]
+            dfw.insert(0, "decisions", dfw.sum(axis=1))
+            st.dataframe(dfw.rename_axis("reviewer").reset_index(), hide_index=True, key="rv_progress_who")
+
+
+def _shortcut_bar(cfg: AppConfig, key: str, review: bool) -> None:
+    if review:
+        b = st.columns([1, 1, 1.35])
+        b[0].button("Accept (a)", key="kb_accept", on_click=decide, args=(cfg, key, "accepted"), type="primary",
+                    width="stretch")  # fmt: skip
+        b[1].button("Reject (r)", key="kb_reject", on_click=decide, args=(cfg, key, "rejected"), width="stretch")
+        b[2].button("Needs work (w)", key="kb_needs", on_click=decide, args=(cfg, key, "needs-work"),
+                    width="stretch")  # fmt: skip
+        b = st.columns([0.8, 0.8, 1.1, 1.2])
+        b[0].button("◀ (k)", key="kb_prev", on_click=move, args=(key, -1), width="stretch")
+        b[1].button("▶ (j)", key="kb_next", on_click=move, args=(key, 1), width="stretch")
+        b[2].button("Undo (u)", key="kb_undo", on_click=undo_last, args=(cfg, key), width="stretch",
+                    disabled=not st.session_state.get("rv_undo"))  # fmt: skip
+        b[3].button("Select (s)", key="kb_select", on_click=toggle_select, args=(key,), width="stretch")
+        st.caption("Keys: a accept · r/x reject · w needs work · j/→ next · k/← previous · u undo · s select · "
+                   "n note (Enter saves, Esc leaves) · PageDown/PageUp pages. A decision moves to the next "
+                   "undecided item.")  # fmt: skip
+    else:
+        b = st.columns(4)
+        b[0].button("◀ (k)", key="kb_prev", on_click=move, args=(key, -1), width="stretch")
+        b[1].button("▶ (j)", key="kb_next", on_click=move, args=(key, 1), width="stretch")
+        st.caption("Keys: j/→ next · k/← previous · PageDown/PageUp pages")
+    if st.session_state.get("rv_last") and review:
+        st.caption(str(st.session_state["rv_last"]))
+
+
+def _bulk(cfg: AppConfig, key: str, fr: Frozen) -> None:
+    sel: set[str] = st.session_state.get("rv_selected", set())
+    with st.expander("Bulk decision", expanded="rv_bulk" in st.session_state):
+        scopes = {"filter": list(fr.ids), "selection": [r for r in fr.ids if r in sel]}
+        names = {"filter": "the current filter", "selection": "the selection"}
+        c1, c2, c3 = st.columns([2, 1, 1], vertical_alignment="bottom")
+        if st.session_state.get("rv_bulk_scope") not in scopes:
+            st.session_state["rv_bulk_scope"] = "selection" if scopes["selection"] else "filter"
+        scope = c1.selectbox("Apply to", list(scopes), key="rv_bulk_scope",
+                             format_func=lambda s: f"{names[s]} ({len(scopes[s])} results)")  # fmt: skip
+        status = c2.selectbox("Decision", STATUSES, key="rv_bulk_status")
+        if c3.button("Apply…", key="rv_bulk_ask", disabled=not scopes[scope]):
+            st.session_state["rv_bulk"] = {"status": status, "ids": scopes[scope],
+                                           "scope": f"{names[scope]}"}  # fmt: skip
+        pending = st.session_state.get("rv_bulk")
+        if pending:
+            decided = sum(1 for r in pending["ids"] if r in current_decisions(cfg))
+            st.warning(f"Set '{pending['status']}' for {len(pending['ids'])} results ({pending['scope']})? "
+                       f"{decided} of them already have a decision, which this replaces (notes are kept). "
+                       "Undo (u) reverts the whole bulk decision.")  # fmt: skip
+            d1, d2, _ = st.columns([1, 1, 3])
+            d1.button(f"Confirm: {pending['status']} {len(pending['ids'])}", key="rv_bulk_confirm",
+                      on_click=bulk_apply, args=(cfg,), type="primary")  # fmt: skip
+            d2.button("Cancel", key="rv_bulk_cancel", on_click=lambda: st.session_state.pop("rv_bulk", None))
+
+
+def _export(cfg: AppConfig, table: rk.ResultsTable, fr: Frozen, decisions: dict[str, Any]) -> None:
+    assert cfg.results_dir is not None
+    with st.expander("Export", expanded="rv_export_path" in st.session_state):
+        accepted = [r for r in table.rows["result_id"] if r in decisions and decisions[r].status == "accepted"]
+        acc_in = [r for r in fr.ids if r in decisions and decisions[r].status == "accepted"]
+        scopes: dict[str, str | list[str]] = {
+            "accepted": "accepted",
+            "filter": list(fr.ids),
+            "accepted-in-filter": acc_in,
+        }
+        counts = {"accepted": len(accepted), "filter": len(fr.ids), "accepted-in-filter": len(acc_in)}
+        names = {
+            "accepted": "accepted",
+            "filter": "current filter",
+            "accepted-in-filter": "accepted in the current filter",
+        }
+        try:
+            available = export_formats()
+        except Exception as err:  # noqa: BLE001 - export module missing or broken: say so, review goes on
+            st.error(f"Export unavailable: {err}")
+            return
+        c1, c2, c3 = st.columns([2, 3, 1], vertical_alignment="bottom")
+        scope = c1.selectbox("Results to export", list(scopes), key="rv_export_scope",
+                             format_func=lambda s: f"{names[s]} ({counts[s]})")  # fmt: skip
+        fmts = c2.multiselect("Formats", available, default=[f for f in DEFAULT_FORMATS if f in available],
+                              key="rv_formats")  # fmt: skip
+        sel = scopes[scope]
+        n = counts[scope]
+        go = c3.button("Write export", key="rv_export_go", disabled=not n or not fmts)
+        if go:
+            from traitloc.formats import FormatError
+
+            bar = st.progress(0.0, text="exporting…")
+            last = [0.0]
+
+            def progress(done: int, total: int) -> None:
+                now = time.monotonic()
+                if now - last[0] > 0.2 or done >= total:
+                    last[0] = now
+                    bar.progress(min(1.0, done / max(total, 1)), text=f"exporting: {done} of {total}")
+
+            name = f"{cfg.results_dir.name}-{scope}-{time.strftime('%Y%m%dT%H%M%S')}"
+            try:
+                path = write_export(cfg.results_dir, fmts, sel, name, progress)
+            except FormatError as err:
+                st.session_state.pop("rv_export_path", None)
+                st.error(f"Export failed: {err}")
+            else:
+                bar.progress(1.0, text="export written")
+                st.session_state["rv_export_path"] = str(path)
+        path_s = st.session_state.get("rv_export_path")
+        if path_s and Path(path_s).is_file():
+            p = Path(path_s)
+            st.caption(f"written ({p.stat().st_size / 1e6:.1f} MB):")
+            st.text(str(p))
+            st.download_button(f"Download {p.name}", data=lambda: p.read_bytes(), file_name=p.name,
+                               mime="application/zip", key="rv_download")  # fmt: skip
+
+
+def page_grid(cfg: AppConfig, review: bool) -> None:
+    """The Review page (``review=True``) or the Browse page: filters, grid, detail view."""
+    key = "r" if review else "b"
+    st.header("Review" if review else "Browse")
+    if _no_folder(cfg):
+        return
+    try:
+        table = load_table(cfg)
+    except Exception as err:  # noqa: BLE001 - a damaged store: say why
+        st.error(f"Cannot read the results store of {cfg.results_dir}: {err}")
+        return
+    decisions = current_decisions(cfg)
+    if table.kind == "empty":
+        if review or not _audit(cfg):
+            st.warning(f"{cfg.results_dir} has no results store (results/part-*.parquet): run traitloc localize or "
+                       "traitloc explain with --out there" + ("" if review else ", or add audit.csv"))  # fmt: skip
+        return
+    st.markdown(_CSS, unsafe_allow_html=True)  # our own static CSS: the current tile's frame
+    keyboard()
+    with st.sidebar:
+        st.subheader("Filter")
+        rows, sig = _filters(table, key, decisions)
+        refresh = st.button("Refresh list", key=f"{key}_refresh", help="re-apply the filter to the current decisions")
+        st.subheader("View")
+        per_photo = int(table.rows["image_key"].value_counts().max()) if len(table.rows) else 1
+        group, sort, view, page_size = _view_controls(key, per_photo)
+    fr = _frozen(table, key, rows, (*sig, group, sort), refresh)
+    _bad_rows(table, key)
+    st.text(f"{len(fr.ids)} of {len(table.rows)} results ({table.kind})")
+    if not fr.ids:
+        st.info("No result passes the filter.")
+        if not review:
+            _audit(cfg)
+        return
+    _work_area(cfg, table, key, fr, view, page_size, group, review)
+    if not review:
+        _audit(cfg)
+
+
+@st.fragment
+def _work_area(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: View, page_size: int, group: str,
+               review: bool) -> None:  # fmt: skip
+    """Progress, grid, detail, decisions: a fragment, so a key press reruns only this part of the page."""
+    decisions = current_decisions(cfg)
+    if review:
+        _progress(cfg, table, decisions)
+    left, right = st.columns([3, 2], gap="medium")
+    with right:
+        _shortcut_bar(cfg, key, review)
+    with left:  # the grid first: it is what the reviewer looks at
+        _grid(cfg, table, key, fr, view, page_size, decisions, group)
+    with right:
+        _detail(cfg, table, key, fr, view, decisions, review)
+        if review:
+            _bulk(cfg, key, fr)
+            _export(cfg, table, fr, decisions)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# audit tables (Browse)
+# ----------------------------------------------------------------------------------------------------------------
 def _read_csv(path: Path | None) -> pd.DataFrame | None:
     if path is None:
         return None
@@ -220,179 +1013,40 @@ def _read_csv(path: Path | None) -> pd.DataFrame | None:
         return None
 
 
-def _sig_or_none(cfg: AppConfig, name: str) -> tuple[str, int, int] | None:
-    p = safe_file(cfg, name, roots=[cfg.results_dir] if cfg.results_dir else [])
-    return _file_sig(p) if p is not None else None
-
-
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _load_folder_cached(
-    results_sig: tuple[str, int, int] | None,
-    audit_sig: tuple[str, int, int] | None,
-    summary_sig: tuple[str, int, int] | None,
-) -> Folder:
-    df = _read_csv(Path(results_sig[0]) if results_sig else None)
-    audit = _read_csv(Path(audit_sig[0]) if audit_sig else None)
-    summary = _read_csv(Path(summary_sig[0]) if summary_sig else None)
+def _audit(cfg: AppConfig) -> bool:
+    """The audit verdicts per class pair and audit.csv, when the folder has them; ``True`` if it does."""
+    summary = _read_csv(safe_file(cfg, "audit_summary.csv", roots=[cfg.results_dir]))  # type: ignore[list-item]
+    audit = _read_csv(safe_file(cfg, "audit.csv", roots=[cfg.results_dir]))  # type: ignore[list-item]
     if summary is not None and "level" in summary.columns:
         summary = summary[summary["level"] == "pair"].reset_index(drop=True)
-    kind = "empty"
-    label_name = "Concept"
-    results = failed = pd.DataFrame()
-    if df is not None and "map" in df.columns:
-        if "target" in df.columns:
-            kind, label_name = "explain", "Target class"
-        else:
-            kind = "localize"
-        ok = df["status"].eq("ok") if "status" in df.columns else pd.Series(True, index=df.index)
-        failed = df[~ok].reset_index(drop=True)
-        results = df[ok & df["map"].ne("")].copy()
-        ids, labels, pairs, scores = [], [], [], []
-        for row in results.to_dict("records"):
-            try:
-                ids.append(result_id_from_map(row["map"]))
-            except ValueError:
-                ids.append("")
-            if kind == "explain":
-                refs = [r.strip() for r in str(row.get("references", "")).split(";") if r.strip()]
-                labels.append(str(row.get("target", "")))
-                pairs.append([f"{row.get('target', '')} vs {r}" for r in refs] or [f"{row.get('target', '')}"])
-            else:
-                labels.append(str(row.get("concept", "")))
-                pairs.append([f"{row.get('concept', '')} vs {row.get('base', '') or NO_BASE}"])
-            try:
-                scores.append(float(row.get("score", "nan")))
-            except ValueError:
-                scores.append(float("nan"))
-        results["result_id"] = ids
-        results["label"] = labels
-        results["pairs"] = pairs
-        results["score_f"] = scores
-        results = results[results["result_id"] != ""].drop_duplicates("result_id", keep="last").reset_index(drop=True)
-    elif audit is not None or summary is not None:
-        kind, label_name = "audit", "Attribute"
-    return Folder(kind, results, failed, audit, summary, label_name)
-
-
-def load_folder(cfg: AppConfig) -> Folder:
-    """The results folder's tables (re-read when a file changes)."""
-    if cfg.results_dir is None:
-        return Folder("empty", pd.DataFrame(), pd.DataFrame(), None, None)
-    return _load_folder_cached(
-        _sig_or_none(cfg, "results.csv"), _sig_or_none(cfg, "audit.csv"), _sig_or_none(cfg, "audit_summary.csv")
-    )
-
-
-def pair_verdicts(folder: Folder) -> dict[str, list[str]]:
-    """``"true vs similar" -> ["source: verdict", ...]`` from ``audit_summary.csv``."""
-    out: dict[str, list[str]] = {}
-    if folder.summary is None or folder.summary.empty:
-        return out
-    for r in folder.summary.to_dict("records"):
-        key = f"{r.get('true_class', '')} vs {r.get('similar_class', '')}"
-        out.setdefault(key, []).append(f"{r.get('source', '')}: {r.get('verdict', '')}")
-    return out
-
-
-def filter_results(
-    results: pd.DataFrame,
-    *,
-    labels: Sequence[str] = (),
-    pair: str = ALL,
-    score_range: tuple[float, float] | None = None,
-    review: str = "all",
-    decisions: dict[str, Any] | None = None,
-    text: str = "",
-) -> pd.DataFrame:
-    """Rows of ``results`` that pass the filters (labels: any of; pair: one class pair; review status)."""
-    if results.empty:
-        return results
-    keep = pd.Series(True, index=results.index)
-    if labels:
-        keep &= results["label"].isin(list(labels))
-    if pair != ALL:
-        keep &= results["pairs"].map(lambda ps: pair in ps)
-    if score_range is not None:
-        lo, hi = score_range
-        s = results["score_f"]
-        keep &= s.isna() | ((s >= lo - 1e-9) & (s <= hi + 1e-9))
-    if review != "all":
-        d = decisions or {}
-        status = results["result_id"].map(lambda r: d[r].status if r in d else "unreviewed")
-        keep &= status == review
-    if text:
-        keep &= results["image_key"].str.contains(text, case=False, regex=False)
-    return results[keep]
+    if summary is not None and not summary.empty:
+        st.subheader("Audit verdict per class pair")
+        pairs = sorted(f"{t} vs {d}" for t, d in zip(summary["true_class"], summary["similar_class"], strict=True))
+        pick = st.selectbox("Audit class pair", [ALL, *dict.fromkeys(pairs)], key="b_audit_pair")
+        if pick != ALL:
+            summary = summary[(summary["true_class"] + " vs " + summary["similar_class"]) == pick]
+        cols = [c for c in ("source", "true_class", "similar_class", "n_images", "accuracy", "lift", "verdict")
+                if c in summary.columns]  # fmt: skip
+        st.dataframe(summary[cols], hide_index=True, key="b_audit_table")
+    if audit is not None and not audit.empty:
+        with st.expander(f"audit.csv ({len(audit)} rows)"):
+            st.dataframe(audit, hide_index=True)
+    return summary is not None or audit is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# export
+# query engine (model once per server, failures remembered; per-image work once per session)
 # ----------------------------------------------------------------------------------------------------------------
-def accepted_ids(cfg: AppConfig) -> list[str]:
-    """Accepted result ids of the results folder."""
-    if cfg.results_dir is None or not (cfg.results_dir / "review.sqlite").exists():
-        return []
-    return ReviewStore(cfg.results_dir, readonly=True).accepted()
-
-
-def export_formats() -> tuple[str, ...]:
-    """Formats of :mod:`traitloc.formats` this installation can write (Parquet only with pyarrow/fastparquet)."""
-    from traitloc.formats import FORMATS
-
-    has_parquet = any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
-    return tuple(f for f in FORMATS if f != "parquet" or has_parquet)
-
-
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _export_problem_cached(results_sig: tuple[str, int, int] | None) -> str | None:
-    if results_sig is None:
-        return None
-    from traitloc.formats import FormatError, list_results
-
+def query_methods() -> tuple[str, ...]:
+    """Methods the Query page offers: those of :mod:`traitloc.methods` that :func:`run_query` can compute."""
+    supported = tuple(GAMMA_COST)
     try:
-        list_results(Path(results_sig[0]).parent)
-    except FormatError as err:
-        return str(err)
-    return None
+        from traitloc.methods import REGISTRY
+    except ImportError:  # pragma: no cover - older tree
+        return supported
+    return tuple(m for m in REGISTRY if m in supported) or supported
 
 
-def export_problem(cfg: AppConfig) -> str | None:
-    """Why the results folder cannot be exported (an unsafe path in results.csv...), or ``None``."""
-    return _export_problem_cached(_sig_or_none(cfg, "results.csv")) if cfg.results_dir else None
-
-
-def build_export_zip(
-    results_dir: Path, formats: Sequence[str] = DEFAULT_FORMATS, image_roots: Sequence[Path] | None = None
-) -> bytes:
-    """The accepted results as a zip in ``formats``: :func:`traitloc.formats.export_results` (``traitloc export``)
-    with the selection ``"accepted"`` (read from review.sqlite when called).
-
-    The zip is written to a temporary file in ``RESULTS_DIR/exports/`` (the app writes nowhere else), read back and
-    removed. A refused export (nothing accepted any more, an unsafe path) gives a zip holding ``export_error.txt``:
-    the download runs after the page was drawn, so this is the only way left to tell the user.
-    """
-    from traitloc.formats import FormatError, export_results
-
-    root = Path(results_dir).resolve()
-    (root / "exports").mkdir(exist_ok=True)
-    target = resolve_inside(root, f"exports/.review-download-{secrets.token_hex(6)}.zip")
-    try:
-        export_results(root, list(formats), target, "accepted", image_roots=image_roots, argv=["traitloc app"])
-        return target.read_bytes()
-    except FormatError as err:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("export_error.txt", f"traitloc export of the accepted results failed: {err}\n")
-        return buf.getvalue()
-    finally:
-        target.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (root / "exports").rmdir()  # only when empty
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# query engine (model once per server, per-image prefix and per-prompt gradients once per session)
-# ----------------------------------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner="Loading the model (once per server)...")
 def load_localizer(model: str, pretrained: str | None, device: str) -> Any:
     """The :class:`traitloc.localize.ConceptLocalizer` of the configured model (shared by all sessions)."""
@@ -400,6 +1054,89 @@ def load_localizer(model: str, pretrained: str | None, device: str) -> Any:
     from traitloc.models import load_clip
 
     return ConceptLocalizer(load_clip(model, pretrained, device))
+
+
+@st.cache_resource(show_spinner=False)
+def _load_failures() -> dict[tuple[Any, ...], str]:
+    """Server-wide memory of weights that failed to load: ``(model, pretrained, device) -> reason``."""
+    return {}
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def weights_problem(model: str, pretrained: str | None) -> str | None:
+    """Why named (not local) weights cannot load here, found in seconds: not cached and the hub is unreachable.
+
+    A local file, random weights (``None``), weights already in the Hugging Face or open_clip cache, or a reachable
+    hub give ``None`` (the load is attempted).
+    """
+    if not pretrained or os.sep in pretrained or Path(pretrained).suffix in (".safetensors", ".bin", ".pt"):
+        return None
+    try:
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(model.removesuffix(".json"), pretrained) or {}
+    except Exception:  # noqa: BLE001 - unknown names are for load_clip to report
+        cfg = {}
+    hub = str(cfg.get("hf_hub", "") or "")
+    url = str(cfg.get("url", "") or "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = hub.rstrip("/")
+            for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(repo, fname), str):
+                    return None
+        except Exception:  # noqa: BLE001
+            pass
+    if url and (Path.home() / ".cache" / "clip" / Path(url).name).is_file():
+        return None
+    if model.startswith("hf-hub:") or hub or url:
+        if _hub_reachable():
+            return None
+        from traitloc.models import _offline_hint
+
+        return _offline_hint(model, pretrained)
+    return None
+
+
+def get_localizer(cfg: AppConfig) -> Any:
+    """The localizer, or :class:`traitloc.models.ModelLoadError` with the reason; a failure is not retried until
+    the user asks (it is remembered per server: offline hub weights fail in seconds, once)."""
+    from traitloc.models import ModelLoadError
+
+    key = (cfg.model, cfg.pretrained, cfg.device)
+    failures = _load_failures()
+    if key in failures:
+        raise ModelLoadError(failures[key])
+    st.session_state[MODEL_LOADS] = int(st.session_state.get(MODEL_LOADS, 0)) + 1
+    problem = weights_problem(cfg.model, cfg.pretrained)
+    if problem:
+        failures[key] = problem
+        raise ModelLoadError(problem)
+    try:
+        return load_localizer(cfg.model, cfg.pretrained, cfg.device)
+    except ModelLoadError as err:
+        failures[key] = str(err)
+        raise
+    except Exception as err:  # noqa: BLE001 - anything else is remembered too, with its type
+        failures[key] = f"{type(err).__name__}: {err}"
+        raise ModelLoadError(failures[key]) from err
+
+
+def _retry_load(cfg: AppConfig) -> None:
+    _load_failures().pop((cfg.model, cfg.pretrained, cfg.device), None)
 
 
 @dataclass
@@ -411,7 +1148,8 @@ class QueryEntry:
     features: Any = None  # (1, D)
     alphas: dict[str, Any] = field(default_factory=dict)  # prompt -> (C,) Grad-CAM weights
     cells: dict[str, Any] = field(default_factory=dict)  # prompt -> (N, C) per-cell gradients (Layer-CAM)
-    scorecam: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (prompts, gamma, k) -> signed map
+    masked: dict[Any, Any] = field(default_factory=dict)  # channels -> (chans, sel, (K, D) masked features)
+    dense: dict[str, Any] = field(default_factory=dict)  # dense method -> DenseCache; "legrad" -> per-prompt grads
 
 
 @dataclass
@@ -442,20 +1180,87 @@ def _entry(loc: Any, image: Image.Image, image_id: str) -> QueryEntry:
     return entry
 
 
+def scorecam_features(loc: Any, entry: QueryEntry, channels: int | None,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+    """Score-CAM's masked forward passes for one image, independent of the prompts: ``(chans, sel, feats)``.
+
+    The same masks and passes as :meth:`traitloc.cam.FinerCAM._scorecam` (the ``channels`` activation maps of
+    largest spatial variance, min-max normalized, upsampled to the input, multiplied with it). The Finer score
+    ``feats @ u`` is linear in the query vector ``u = v_c - gamma v_b``, so these features serve every gamma and
+    base prompt. ``progress(done, total)`` after each batch of passes (a Streamlit rerun stops there: cancel).
+    """
+    import torch
+
+    from traitloc.cam import upsample_maps
+
+    if channels in entry.masked:
+        return entry.masked[channels]
+    pre = entry.prefix
+    acts = pre.acts.float()
+    _, N, C = acts.shape
+    h, w = pre.grid
+    if channels is not None and channels < C:
+        chans = acts.var(1).topk(channels, dim=-1).indices
+    else:
+        chans = torch.arange(C, device=acts.device).unsqueeze(0)
+    K = chans.shape[1]
+    sel = torch.gather(acts, 2, chans.unsqueeze(1).expand(-1, N, -1))[0]  # (N, K)
+    masks = upsample_maps(sel.t().reshape(K, h, w), pre.input_size)
+    lo = masks.flatten(1).min(1).values[:, None, None]
+    hi = masks.flatten(1).max(1).values[:, None, None]
+    masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
+    batch = int(getattr(loc.cam, "scorecam_batch", 32) or 32)
+    feats = []
+    for i in range(0, K, batch):
+        xm = entry.x * masks[i : i + batch].unsqueeze(1).to(entry.x.dtype)
+        with torch.no_grad():
+            feats.append(loc.adapter.score_features(loc.adapter.embed(xm)).float())
+        if progress is not None:
+            progress(min(i + batch, K), K)
+    out = (chans, sel, torch.cat(feats))
+    entry.masked[channels] = out
+    _bump(MASKED_COUNTER)
+    return out
+
+
+def _dense_query(loc: Any, entry: QueryEntry, method: str, prompts: list[str], V: Any, W: Any) -> Any:
+    """Signed grid map for the dense methods (one cached forward from the prefix) and LeGrad (per-prompt cached
+    gradients); a new gamma or base is a product on the cache (traitloc.dense)."""
+    import torch
+
+    from traitloc.dense import DenseCLIP, LeGrad, LeGradCache
+
+    if method == "legrad":
+        grads = entry.dense.setdefault("legrad", {})
+        missing = [p for p in prompts if p not in grads]
+        if missing:
+            lc = LeGrad(loc.adapter).gradients(entry.x, loc.text.encode(missing))
+            _bump(GRADIENT_COUNTER)
+            grads.update({p: lc.grads[0, i] for i, p in enumerate(missing)})
+            entry.dense["legrad:rest"] = (lc.values, lc.features, lc.grid, lc.input_size)
+        lc = LeGradCache(torch.stack([grads[p] for p in prompts])[None], *entry.dense["legrad:rest"])
+        return lc.combine(W).signed[0, 0]
+    if method not in entry.dense:
+        entry.dense[method] = DenseCLIP(loc.adapter, method).features(entry.x if method == "gem" else entry.prefix)
+        _bump(FORWARD_COUNTER)
+    return entry.dense[method].combine(W, V).signed[0, 0]
+
+
 def run_query(
     loc: Any, image: Image.Image, image_id: str, concept: str, base: str | None, gamma: float, method: str,
-    scorecam_channels: int | None = 64,
+    scorecam_channels: int | None = 64, progress: Callable[[int, int], None] | None = None,
 ) -> QueryResult:  # fmt: skip
     """Map of ``concept`` vs ``base`` at ``gamma``: cached forward pass and gradients, recombined.
 
     Grad-CAM and Layer-CAM gradients are linear in the explained vector, so per-prompt gradients are cached and
     ``s_concept - gamma * s_base`` is their linear combination (the engine's :meth:`GradCache.combine`); a new
-    gamma costs no model pass, a new base prompt one text-tower pass and one truncated backward. Score-CAM needs
-    masked forward passes; they are cached per (prompts, gamma).
+    gamma costs no model pass, a new base prompt one text-tower pass and one truncated backward. Score-CAM's masked
+    forward passes do not depend on the prompts: they are cached per image (:func:`scorecam_features`), and a new
+    gamma or base only re-weights them.
     """
     import torch
 
-    from traitloc.cam import FinerCAM, GradCache, finer_coefficients, upsample_maps
+    from traitloc.cam import GradCache, finer_coefficients, upsample_maps
     from traitloc.export import map_to_unit
 
     entry = _entry(loc, image, image_id)
@@ -487,15 +1292,13 @@ def run_query(
         gsum = torch.einsum("p,pnc->nc", W[0].to(pre.acts.device), torch.stack([entry.cells[p] for p in prompts]))
         signed = (gsum.clamp_min(0) * pre.acts[0].float()).sum(-1).reshape(pre.grid)
     elif method == "scorecam":
-        k = (tuple(prompts), g, scorecam_channels)
-        if k not in entry.scorecam:
-            tau = loc.cam.score_temperature
-            cam = FinerCAM(loc.adapter, "scorecam", score_temperature=tau, scorecam_channels=scorecam_channels)
-            out = cam(entry.x, V, W, prefix=pre)
-            _bump(MASKED_COUNTER)
-            entry.scorecam[k] = out.signed[0, 0]
-            entry.features = out.features
-        signed = entry.scorecam[k]
+        _chans, sel, feats = scorecam_features(loc, entry, scorecam_channels, progress)
+        U = W.to(V.device).float() @ V.float()  # (1, D): the explained query vector
+        S = feats @ U.t().to(feats.device)  # (K, 1)
+        wts = (loc.cam.score_temperature * S).softmax(0)
+        signed = (wts.t() @ sel.t())[0].reshape(pre.grid)
+    elif method in GAMMA_COST:
+        signed = _dense_query(loc, entry, method, prompts, V, W)
     else:
         raise ValueError(f"unknown method {method!r}")
     if entry.features is None:
@@ -539,15 +1342,29 @@ def decode_upload(data: bytes, max_side: int = WORK_MAX_SIDE) -> Image.Image:
 
 
 def candidate_images(cfg: AppConfig, limit: int = 500) -> list[tuple[str, Path]]:
-    """Images under RESULTS_DIR (outside its output folders) and ``--images``: ``(label, path)`` pairs."""
+    """Photos to query: those of the run's store (where they are), then images under ``--images``."""
     out: list[tuple[str, Path]] = []
     seen: set[Path] = set()
-    for root in cfg.roots:
+    if cfg.results_dir is not None:
+        try:
+            table = load_table(cfg)
+        except Exception:  # noqa: BLE001 - the Review page reports a damaged store
+            table = None
+        if table is not None and not table.rows.empty:
+            firsts = table.rows.drop_duplicates("image_key")[["image_key", "image"]]
+            for key, image in firsts.itertuples(index=False, name=None):
+                p = photo_path(cfg, table, image)
+                if p is None or p in seen:
+                    continue
+                seen.add(p)
+                out.append((str(key), p))
+                if len(out) >= limit:
+                    return out
+    if cfg.images_dir is not None:
+        root = cfg.images_dir
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             here = Path(dirpath)
-            dirnames[:] = sorted(
-                d for d in dirnames if not d.startswith(".") and not (here == root and d in OUTPUT_DIRS)
-            )
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
                     continue
@@ -558,22 +1375,19 @@ def candidate_images(cfg: AppConfig, limit: int = 500) -> list[tuple[str, Path]]
                 if p in seen or not p.is_file():
                     continue
                 seen.add(p)
-                prefix = "" if root == cfg.results_dir else "images: "
-                out.append((prefix + (here / name).relative_to(root).as_posix(), p))
+                out.append(("images: " + (here / name).relative_to(root).as_posix(), p))
                 if len(out) >= limit:
                     return out
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# pages
-# ----------------------------------------------------------------------------------------------------------------
+def _cancel_query(token: str) -> None:
+    st.session_state["q_cancelled"] = token
+
+
 def page_query(cfg: AppConfig) -> None:
     st.header("Query: where is this trait?")
-    st.caption(
-        "Finer-CAM of a text concept against a base prompt: s = s_concept - gamma * s_base. The image's forward "
-        "pass and the per-prompt gradients are cached, so moving gamma recomputes nothing."
-    )
+    st.caption("Finer-CAM of a text concept against a base prompt: s = s_concept - gamma * s_base.")
     choices = candidate_images(cfg)
     sources = (["Results folder"] if choices else []) + ["Upload"]
     source = st.radio("Image", sources, horizontal=True, key="q_source")
@@ -587,7 +1401,8 @@ def page_query(cfg: AppConfig) -> None:
             try:
                 image = decode_upload(data)
             except Exception as err:  # noqa: BLE001 - any decode failure is the user's file
-                st.error(f"Cannot read {up.name}: {type(err).__name__}: {err}")
+                st.error(f"Cannot read the uploaded file: {type(err).__name__}: {err}")
+                st.text(f"file name: {up.name}")
             image_id = "upload:" + hashlib.sha256(data).hexdigest()
     else:
         labels = [c[0] for c in choices]
@@ -607,8 +1422,9 @@ def page_query(cfg: AppConfig) -> None:
     base = c2.text_input("Base prompt (empty: plain CAM)", key="q_base", placeholder="bird").strip()
     c3, c4, c5 = st.columns([2, 1, 1])
     gamma = c3.slider("gamma (comparison strength)", 0.0, 3.0, 1.0, 0.05, key="q_gamma", disabled=not base)
-    method = c4.selectbox("Method", METHODS, key="q_method")
+    method = c4.selectbox("Method", query_methods(), key="q_method")
     threshold = c5.slider("Mask threshold", 0.0, 0.95, 0.5, 0.05, key="q_threshold")
+    st.caption(f"Cost of a gamma change with {method}: {GAMMA_COST.get(method, 'see docs/methods.md')}.")
     if image is None or not concept:
         st.info("Pick or upload an image and type a concept.")
         return
@@ -622,12 +1438,33 @@ def page_query(cfg: AppConfig) -> None:
         st.error(str(err))
         return
     try:
-        loc = load_localizer(cfg.model, cfg.pretrained, cfg.device)
+        loc = get_localizer(cfg)
     except ModelLoadError as err:
-        st.error(f"Model could not be loaded: {err}. Start the app with --model/--pretrained.")
+        st.error(f"Model could not be loaded: {err}")
+        st.caption("This failure is remembered: nothing is retried until you press the button (restart the app "
+                   "with --model/--pretrained FILE to use other weights).")  # fmt: skip
+        st.button("Retry loading the model", key="q_retry", on_click=_retry_load, args=(cfg,))
         return
+    token = f"{image_id}|{method}"
+    progress_cb = None
+    if method == "scorecam":
+        entry_key = f"{image_id}|{loc.bundle.name}|{loc.resize}"
+        cached = st.session_state.get(QUERY_CACHE, {}).get(entry_key)
+        if cached is None or 64 not in cached.masked:
+            if st.session_state.get("q_cancelled") == token:
+                st.info("Score-CAM was cancelled for this image.")
+                if st.button("Compute Score-CAM", key="q_resume"):
+                    st.session_state.pop("q_cancelled", None)
+                    st.rerun()
+                return
+            bar = st.progress(0.0, text="Score-CAM: masked forward passes…")
+            st.button("Cancel", key="q_cancel", on_click=_cancel_query, args=(token,))
+
+            def progress_cb(done: int, total: int) -> None:
+                bar.progress(done / max(total, 1), text=f"Score-CAM: masked forward passes {done} of {total}")
+
     with st.spinner("Computing the map..."):
-        res = run_query(loc, image, image_id, concept, base_p, gamma, method)
+        res = run_query(loc, image, image_id, concept, base_p, gamma, method, progress=progress_cb)
     from traitloc.export import mask_from_map
 
     st.session_state[LAST_QUERY] = {"map01": res.map01, "score": res.score, "method": method, "gamma": gamma}
@@ -635,203 +1472,19 @@ def page_query(cfg: AppConfig) -> None:
     mask = mask_from_map(res.map01, threshold)
     i1, i2, i3 = st.columns(3)
     i1.image(work, caption="image", width="stretch")
-    i2.image(overlay_rgb(work, res.map01), caption=f"overlay: {concept}", width="stretch")
+    i2.image(rk.draw(work, res.map01, "overlay", 0.5), caption="overlay", width="stretch")
     i3.image((mask.astype(np.uint8) * 255), caption=f"mask (map > {threshold:g})", width="stretch")
     m1, m2, m3 = st.columns(3)
     m1.metric("objective s", f"{res.score:.4f}")
-    m2.metric(f"cos({concept[:24]})", f"{res.concept_score:.4f}")
+    m2.metric("cos(concept)", f"{res.concept_score:.4f}")
     m3.metric("cos(base)", "-" if res.base_score is None else f"{res.base_score:.4f}")
     st.caption(
-        f"model {loc.bundle.name} · method {method} · gamma {gamma if base_p else 0:g} · raw max {res.raw_max:.4g} · "
+        f"method {method} · gamma {gamma if base_p else 0:g} · raw max {res.raw_max:.4g} · "
         f"image forward passes this session: {st.session_state.get(FORWARD_COUNTER, 0)} · "
         f"gradient passes: {st.session_state.get(GRADIENT_COUNTER, 0)} · "
-        f"Score-CAM runs: {st.session_state.get(MASKED_COUNTER, 0)}"
+        f"Score-CAM masked runs: {st.session_state.get(MASKED_COUNTER, 0)}"
     )
-
-
-def _filters(folder: Folder, key: str, decisions: dict[str, Any]) -> pd.DataFrame:
-    """Filter widgets (label, class pair, score range, review status, image) and the rows that pass them."""
-    res = folder.results
-    labels = sorted(res["label"].unique().tolist()) if not res.empty else []
-    pairs = sorted({p for ps in res["pairs"] for p in ps}) if not res.empty else []
-    c1, c2, c3 = st.columns([2, 2, 1])
-    chosen = c1.multiselect(folder.label_name, labels, key=f"{key}_labels")
-    pair = c2.selectbox("Class pair", [ALL, *pairs], key=f"{key}_pair")
-    review = c3.selectbox("Review", REVIEW_FILTERS, key=f"{key}_review")
-    c4, c5 = st.columns([3, 2])
-    scores = res["score_f"].dropna() if not res.empty else pd.Series(dtype=float)
-    score_range = None
-    if len(scores) and float(scores.min()) < float(scores.max()):
-        lo, hi = float(scores.min()), float(scores.max())
-        step = max((hi - lo) / 200, 1e-6)
-        score_range = c4.slider("Score range", lo, hi, (lo, hi), step, format="%.4f", key=f"{key}_score")
-    text = c5.text_input("Image contains", key=f"{key}_text")
-    return filter_results(res, labels=chosen, pair=pair, score_range=score_range, review=review,
-                          decisions=decisions, text=text)  # fmt: skip
-
-
-def _paged(rows: pd.DataFrame, key: str) -> pd.DataFrame:
-    n_pages = max(1, -(-len(rows) // PAGE_SIZE))
-    page = 1
-    if n_pages > 1:
-        page = int(st.number_input(f"Page (of {n_pages})", 1, n_pages, 1, key=f"{key}_page"))
-    return rows.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
-
-
-def _triptych(cfg: AppConfig, row: dict[str, Any]) -> None:
-    cols = st.columns(3)
-    img = thumbnail(safe_file(cfg, str(row.get("image", ""))), "image")
-    for col, (what, kind) in zip(cols, (("image", "image"), ("overlay", "image"), ("mask", "mask")), strict=True):
-        arr = img if what == "image" else thumbnail(safe_file(cfg, str(row.get(what, ""))), kind)
-        if arr is None:
-            col.caption(f"{what}: not available" + (" (outside RESULTS_DIR)" if what == "image" else ""))
-        else:
-            col.image(arr, caption=what, width="stretch")
-
-
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()<>#+-.!|~:$"})
-
-
-def md(text: object) -> str:
-    """Text from a results file, escaped for Markdown (no links, images or formatting from file contents)."""
-    return " ".join(str(text).split()).translate(_MD_SPECIAL)
-
-
-def _describe(row: dict[str, Any], folder: Folder, verdicts: dict[str, list[str]], decision: Any) -> str:
-    score = row.get("score_f")
-    bits = [f"**{md(row['label'])}**", f"image {md(row['image_key'])}"]
-    if folder.kind == "explain":
-        bits.append(f"vs {md(row.get('references', '') or '-')} · predicted {md(row.get('predicted', ''))}")
-    else:
-        bits.append(f"vs {md(row.get('base', '') or NO_BASE)}")
-    bits.append(f"gamma {md(row.get('gamma', ''))} · {md(row.get('method', ''))}")
-    if score is not None and score == score:
-        bits.append(f"score {score:.4f}")
-    bits.append(STATUS_BADGE.get(decision.status, "") if decision is not None else "unreviewed")
-    text = " · ".join(b for b in bits if b)
-    found = [f"{md(p)}: {md(v)}" for p in row["pairs"] for v in verdicts.get(p, [])]
-    if found:
-        text += "  \naudit: " + " | ".join(found)
-    return text
-
-
-def _no_folder(cfg: AppConfig) -> bool:
-    if cfg.results_dir is None:
-        st.info("No results folder: start the app with `traitloc app RESULTS_DIR` to browse and review results.")
-        return True
-    return False
-
-
-def page_browse(cfg: AppConfig) -> None:
-    st.header("Browse")
-    if _no_folder(cfg):
-        return
-    folder = load_folder(cfg)
-    decisions = ReviewStore(cfg.results_dir, readonly=True).decisions()  # type: ignore[arg-type]
-    verdicts = pair_verdicts(folder)
-    if folder.kind == "empty":
-        st.warning(f"{cfg.results_dir} has no results.csv, audit.csv or audit_summary.csv.")
-        return
-    if folder.kind in ("localize", "explain"):
-        rows = _filters(folder, "b", decisions)
-        st.markdown(f"**{len(rows)}** of {len(folder.results)} results ({folder.kind})")
-        for row in _paged(rows, "b").to_dict("records"):
-            with st.container(border=True):
-                st.markdown(_describe(row, folder, verdicts, decisions.get(row["result_id"])))
-                _triptych(cfg, row)
-        if not folder.failed.empty:
-            with st.expander(f"{len(folder.failed)} failed rows"):
-                st.dataframe(folder.failed[[c for c in ("image", "status") if c in folder.failed.columns]])
-    if folder.summary is not None and not folder.summary.empty:
-        st.subheader("Audit verdict per class pair")
-        summ = folder.summary
-        pairs = sorted(f"{t} vs {d}" for t, d in zip(summ["true_class"], summ["similar_class"], strict=True))
-        pick = st.selectbox("Audit class pair", [ALL, *dict.fromkeys(pairs)], key="b_audit_pair")
-        if pick != ALL:
-            summ = summ[(summ["true_class"] + " vs " + summ["similar_class"]) == pick]
-        cols = [c for c in ("source", "true_class", "similar_class", "n_images", "accuracy", "lift", "verdict")
-                if c in summ.columns]  # fmt: skip
-        st.dataframe(summ[cols], hide_index=True, key="b_audit_table")
-    if folder.audit is not None and not folder.audit.empty:
-        with st.expander(f"audit.csv ({len(folder.audit)} rows)"):
-            st.dataframe(folder.audit, hide_index=True)
-
-
-def _decide(cfg: AppConfig, who: str, result_id: str, status: str, note_key: str) -> None:
-    note = str(st.session_state.get(note_key, "") or "")
-    ReviewStore(cfg.results_dir, who=who).set(result_id, status, note)  # type: ignore[arg-type]
-    st.session_state["review_last"] = f"{result_id}: {status}"
-
-
-def _widget_key(prefix: str, result_id: str) -> str:
-    return f"{prefix}_{hashlib.sha1(result_id.encode()).hexdigest()[:16]}"
-
-
-def page_review(cfg: AppConfig) -> None:
-    st.header("Review")
-    if _no_folder(cfg):
-        return
-    folder = load_folder(cfg)
-    if folder.results.empty:
-        st.warning("No maps to review here (a localize or explain results folder has them).")
-        return
-    who = str(st.session_state.get("reviewer") or cfg.user or "reviewer")
-    store = ReviewStore(cfg.results_dir, who=who)  # type: ignore[arg-type]
-    decisions = store.decisions()
-    verdicts = pair_verdicts(folder)
-    counts = store.counts()
-    n = len(folder.results)
-    reviewed = sum(1 for r in folder.results["result_id"] if r in decisions)
-    st.progress(reviewed / n if n else 0.0, text=f"{reviewed} of {n} reviewed · " + " · ".join(
-        f"{k} {v}" for k, v in counts.items()))  # fmt: skip
-    _export_section(cfg, folder)
-    if st.session_state.get("review_last"):
-        st.caption(f"saved: {st.session_state['review_last']}")
-    rows = _filters(folder, "r", decisions)
-    st.markdown(f"**{len(rows)}** of {n} results")
-    for row in _paged(rows, "r").to_dict("records"):
-        rid = row["result_id"]
-        d = decisions.get(rid)
-        note_key = _widget_key("note", rid)
-        if note_key not in st.session_state:
-            st.session_state[note_key] = d.note if d is not None else ""
-        with st.container(border=True, key=_widget_key("card", rid)):
-            st.markdown(_describe(row, folder, verdicts, d))
-            _triptych(cfg, row)
-            st.text_input("Note", key=note_key, placeholder="what is right or wrong with this map")
-            b1, b2, b3, _ = st.columns([1, 1, 1, 3])
-            for col, status, label in zip((b1, b2, b3), STATUSES, ("Accept", "Reject", "Needs work"), strict=True):
-                col.button(
-                    label,
-                    key=_widget_key(status, rid),
-                    on_click=_decide,
-                    args=(cfg, who, rid, status, note_key),
-                    type="primary" if d is not None and d.status == status else "secondary",
-                )
-
-
-def _export_section(cfg: AppConfig, folder: Folder) -> None:
-    results_dir = cfg.results_dir
-    assert results_dir is not None
-    known = set(folder.results["result_id"])
-    n_accepted = sum(1 for i in accepted_ids(cfg) if i in known)
-    problem = export_problem(cfg)
-    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
-    available = export_formats()
-    fmts = c1.multiselect(
-        "Export formats", available, default=[f for f in DEFAULT_FORMATS if f in available], key="r_formats"
-    )
-    roots = cfg.roots
-    c2.download_button(
-        f"Download accepted ({n_accepted}) as zip",
-        data=lambda: build_export_zip(results_dir, fmts, roots),  # built on click, with the decisions of then
-        file_name=f"{results_dir.name}-accepted.zip",
-        mime="application/zip",
-        disabled=not n_accepted or not fmts or problem is not None,
-        key="r_download",
-    )
-    if problem is not None:
-        st.error(f"Export unavailable: {problem}")
+    st.text(f"model {loc.bundle.name}")
 
 
 def main() -> None:
@@ -845,22 +1498,27 @@ def main() -> None:
     st.session_state.setdefault(MASKED_COUNTER, 0)
     if "page" not in st.session_state:
         wanted = st.query_params.get("page", "")
-        st.session_state["page"] = wanted if wanted in PAGES else ("Browse" if cfg.results_dir else "Query")
+        st.session_state["page"] = wanted if wanted in PAGES else ("Review" if cfg.results_dir else "Query")
     with st.sidebar:
         st.title("traitloc")
         page = st.radio("Page", PAGES, key="page")
         if cfg.results_dir:
-            st.caption(f"results: `{cfg.results_dir.name}`", help=str(cfg.results_dir))
+            st.caption("results:")
+            st.text(cfg.results_dir.name)
         else:
             st.caption("no results folder")
-        weights = Path(cfg.pretrained).name if cfg.pretrained else "random weights"
-        st.caption(f"model: `{Path(cfg.model).stem}` ({weights})", help=f"{cfg.model} · {cfg.pretrained}")
         if "reviewer" not in st.session_state:
             st.session_state["reviewer"] = cfg.user or _os_user()
         st.text_input("Reviewer", key="reviewer")
+        weights = Path(cfg.pretrained).name if cfg.pretrained else "random weights"
+        st.caption("Query model:")
+        st.text(f"{Path(cfg.model).stem} ({weights})")
     if st.query_params.get("page") != page:
         st.query_params["page"] = page
-    {"Query": page_query, "Browse": page_browse, "Review": page_review}[page](cfg)
+    if page == "Query":
+        page_query(cfg)
+    else:
+        page_grid(cfg, review=page == "Review")
 
 
 def _os_user() -> str:

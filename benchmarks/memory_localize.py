@@ -1,7 +1,7 @@
 """Benchmark: peak memory (RSS) of ``traitloc localize`` as the number of images grows.
 
-``traitloc localize`` streams its inputs (images are decoded one batch ahead, outputs are written and the rows
-appended per image), so its peak resident memory should not depend on how many images a folder holds. This runs the
+``traitloc localize`` streams its inputs (images are decoded one batch ahead, each batch's rows are written as one part
+of the results store and appended to results.csv), so its peak resident memory should not depend on how many images a folder holds. This runs the
 real console script, each N in a fresh process, over a folder of N generated photo-like JPEGs with 16 concept
 prompts against the base prompt "bird", on ViT-B-16 with random weights saved to a local ``.safetensors`` file
 (created in the work folder; never committed), and reports per N:
@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 with open(out / "results.csv", newline="") as f:
                     ok = sum(r["status"] == "ok" for r in csv.DictReader(f))
+            store_bytes = sum(f.stat().st_size for f in (out / "results").rglob("*") if f.is_file())
             res.update(n_images=n, n_concepts=len(CONCEPTS), rows=rows, rows_ok=ok,
-                       images_per_s=round(n / res["seconds"], 3))  # fmt: skip
+                       images_per_s=round(n / res["seconds"], 3), store_bytes=store_bytes)  # fmt: skip
             print(
                 f"N = {n}: rc {res['returncode']}, peak RSS {res['peak_rss_mb']:.0f} MB "
                 f"(polled {res['polled_peak_rss_mb']:.0f} MB; at progress {res['rss_at_progress']}), "

@@ -392,7 +392,17 @@ def test_resume_skips_finished_images(fake_cub: CUB, tmp_path: Path) -> None:
     (out / "audit.csv").write_text(text + "999,partial")
     third = run_audit(fake_cub, clf, out, AuditSettings(sources=("parts",), quiet=True))
     assert third["counts"]["skipped"] == n_test
-    with pytest.raises(ValueError, match="other settings"):
+    # the rows live in the run's results store; the CSVs are its summaries
+    from traitloc.resultstore import read_results, render_map, rows_of
+
+    stored = read_results(out)
+    audit_rows = stored[stored["kind"] == "audit"]
+    assert len(audit_rows) == len(after) and len(stored) - len(audit_rows) == len(pd.read_csv(out / "controls.csv"))
+    assert not stored.duplicated(["image_id", "source", "rank", "control"]).any()
+    row = next(rows_of(audit_rows.head(1)))
+    assert row["cub_image"] == after["image"].iloc[0] and Path(row["image"]).is_absolute()
+    assert render_map(row).shape == (row["height"], row["width"])  # the classifier's map, on its grid
+    with pytest.raises(ValueError, match=r"holds results made with gamma=0\.6 \(now 0\.3\)"):
         run_audit(fake_cub, clf, out, AuditSettings(sources=("parts",), gamma=0.3, quiet=True))
 
 
@@ -537,3 +547,27 @@ def test_real_cub_audit_runs_end_to_end(tmp_path: Path) -> None:
             assert (r.width, r.height) == im.size
         assert r.image == test.loc[r.image_id, "path"]
     assert (tmp_path / "audit_summary.csv").is_file() and (tmp_path / "controls.csv").is_file()
+
+
+def test_non_finite_classifier_map_fails_its_image(
+    fake_cub: CUB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN classifier map fails its own image with the one-line error every command gives; the others are done."""
+    import traitloc.audit as audit_mod
+
+    orig = audit_mod.classifier_maps
+
+    def nan_first(*a: object, **kw: object) -> dict:
+        res = orig(*a, **kw)
+        res["signed"] = res["signed"].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+        return res
+
+    monkeypatch.setattr(audit_mod, "classifier_maps", nan_first)
+    out = tmp_path / "out"
+    res = run_audit(fake_cub, wing_classifier(), out, AuditSettings(sources=("parts",), limit=3, quiet=True))
+    assert res["counts"] == {"ok": 2, "failed": 1, "skipped": 0}
+    df = pd.read_csv(out / "audit.csv")
+    first = int(fake_cub.split("test").image_id.iloc[0])
+    bad = df[df["image_id"] == first]
+    assert len(bad) == 1 and bad["status"].item() == "error: the map is not finite (NaN or infinite values)"
+    assert (df.loc[df["image_id"] != first, "status"] == "ok").all()

@@ -269,6 +269,55 @@ def test_overlay_png_blend_and_resize(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the file writers on rows of a results store (what `localize --save` and `traitloc export` write)
+# ---------------------------------------------------------------------------------------------------------------
+def test_writers_on_store_rows(tmp_path: Path) -> None:
+    from traitloc.resultstore import (
+        ResultStore,
+        read_results,
+        render_map,
+        render_mask,
+        render_overlay,
+        render_unit_map,
+        rows_of,
+    )
+
+    rng = np.random.default_rng(7)
+    grid = rng.standard_normal((5, 7)).astype(np.float32)
+    grid[2, 3] = 4.0  # a clear maximum
+    store = ResultStore(tmp_path / "run", {"concept": "str", "score": "float"}, ("image_key", "concept"))
+    store.write([
+        {"image": str(tmp_path / "a.png"), "image_key": "a", "concept": "red wing", "status": "ok", "score": 0.5,
+         "width": 41, "height": 29, "resize": "stretch", "interpolation": "bilinear", "grid": grid, "grid_h": 5,
+         "grid_w": 7, "raw_max": 4.0},
+        {"image": str(tmp_path / "b.png"), "image_key": "b", "concept": "red wing", "status": "error: unreadable"},
+    ])  # fmt: skip
+    rows = {r["image_key"]: r for r in rows_of(read_results(tmp_path / "run"))}
+    assert rows["a"]["result_id"] == "a/red-wing" and rows["b"]["status"].startswith("error")
+    row = rows["a"]
+    # TIFF: the rendered unit map round-trips bit for bit, at the original size
+    unit = render_unit_map(row)
+    assert unit.shape == (29, 41) and unit.max() == 1.0 and unit.min() == 0.0
+    np.testing.assert_array_equal(unit, map_to_unit(render_map(row)))
+    save_map_tiff(tmp_path / "m.tif", unit, {"concept": row["concept"]})
+    back, meta = read_map_tiff(tmp_path / "m.tif")
+    np.testing.assert_array_equal(back, unit)
+    assert meta["concept"] == "red wing"
+    # PNG mask: the rendered mask, 0/255
+    save_mask_png(tmp_path / "m.png", render_mask(row, 0.5))
+    with Image.open(tmp_path / "m.png") as im:
+        np.testing.assert_array_equal(np.asarray(im) == 255, unit > 0.5)
+    # overlay: the writer and render_overlay agree, at the photo's size (a reduced copy works too)
+    photo = rng.integers(0, 256, (29, 41, 3), dtype=np.uint8)
+    written = save_overlay_png(tmp_path / "o.png", photo, unit)
+    np.testing.assert_array_equal(written, render_overlay(row, photo))
+    small = render_overlay(row, Image.fromarray(photo).resize((20, 14)))
+    assert small.shape == (14, 20, 3)
+    with pytest.raises(ValueError, match="no map"):
+        render_unit_map(rows["b"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # provenance
 # ---------------------------------------------------------------------------------------------------------------
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:

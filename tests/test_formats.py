@@ -1,8 +1,10 @@
-"""Tests of the export formats and ``traitloc export`` (traitloc/formats.py, issue #5).
+"""Tests of the export formats and ``traitloc export`` (traitloc/formats.py).
 
 Round trips: TIFF values and ImageJ metadata, COCO RLE (against pycocotools when installed), polygons back to
-masks, figures (SVG parsed as XML, PDF text, PNG dpi); the command line on a folder made by ``traitloc localize``
-with the tiny random open_clip model of ``conftest.py``; selection by review status; path traversal.
+masks, figures (SVG parsed as XML, PDF text, PNG dpi). Exports render from the run's results store: hand-made
+stores (:class:`traitloc.resultstore.ResultStore`, no model) for selection, safety and streaming, and a folder made
+by ``traitloc localize --save maps,masks,overlays`` with the tiny random open_clip model of ``conftest.py``, whose
+files must equal the export's renderings of the same rows.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from conftest import make_image_array
 from PIL import Image
 
 from traitloc import formats
-from traitloc.export import read_map_tiff, save_map_tiff, save_mask_png
+from traitloc.export import read_map_tiff
 from traitloc.formats import (
     COLORBAR_GID,
     COLORBAR_LABEL,
@@ -49,11 +51,22 @@ from traitloc.formats import (
     rle_from_string,
     rle_to_string,
 )
+from traitloc.resultstore import ResultStore, read_results, render_mask, render_unit_map, rows_of
 
 SVG = "{http://www.w3.org/2000/svg}"
 #: Parquet is optional (pyarrow comes with streamlit in the app extra); its checks are skipped without an engine
 HAS_PARQUET = any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
 CONCEPTS = ["red wing", "Blue tail (male)"]
+#: the store columns of a localize run (LocalizeJob's) and of an explain run
+LOCALIZE_COLUMNS = {
+    "concept": "str", "trait": "str", "base": "str", "gamma": "float", "method": "str", "model": "str",
+    "score": "float", "concept_score": "float", "base_score": "float", "mask_fraction": "float",
+    "threshold": "str", "map": "str", "mask": "str", "overlay": "str",
+}  # fmt: skip
+EXPLAIN_COLUMNS = {
+    "target": "str", "predicted": "str", "references": "str", "gamma": "float", "method": "str", "score": "float",
+    "threshold": "str",
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -106,62 +119,56 @@ def signed_area(ring: Sequence[Sequence[float]]) -> float:
     return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
 
 
+def blob_grid(seed: int, shape: tuple[int, int] = (6, 8)) -> np.ndarray:
+    """A signed grid map with a positive blob somewhere and negative values elsewhere."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    cy, cx = rng.uniform(1, shape[0] - 2), rng.uniform(1, shape[1] - 2)
+    return (np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 3.0) - 0.3 + 0.05 * rng.standard_normal(shape)).astype(
+        np.float32
+    )
+
+
 def make_results(
     root: Path, *, kind: str = "concept", n_images: int = 2, labels: Sequence[str] = ("red wing", "blue tail"),
-    images_dir: Path | None = None, threshold: float = 0.5,
+    images_dir: Path | None = None, threshold: float | str = 0.5, extra_rows: Sequence[dict[str, Any]] = (),
 ) -> Path:  # fmt: skip
-    """A hand-made results folder with the layout of localize (``kind="concept"``) or explain (``"target"``)."""
+    """A run folder with a hand-made results store, laid out as localize (``kind="concept"``) or explain
+    (``"target"``) writes it: two photos (absolute paths) x ``labels``, plus a failed row."""
     root.mkdir(parents=True, exist_ok=True)
     images_dir = images_dir or root.parent / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    columns = LOCALIZE_COLUMNS if kind == "concept" else EXPLAIN_COLUMNS
+    store = ResultStore(root, columns, ("image_key", kind))
     rows = []
     for i in range(n_images):
         h, w = 24 + 4 * i, 32 - 2 * i
         img = images_dir / f"img{i}.png"
-        rng = np.random.default_rng(i)
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img)
         for j, label in enumerate(labels):
-            from skimage.filters import gaussian
-
-            unit = gaussian(np.random.default_rng(10 * i + j).random((h, w)), sigma=3).astype(np.float32)
-            unit = (unit - unit.min()) / (unit.max() - unit.min())
-            slug = label.replace(" ", "-")
-            rel_map, rel_mask = f"maps/img{i}/{slug}.tif", f"masks/img{i}/{slug}.png"
-            meta = {kind: label, "gamma": 0.6, "method": "gradcam", "model": "tiny"}
+            grid = blob_grid(10 * i + j)
+            row = {"image": str(img.resolve()), "image_key": f"img{i}", kind: label, "gamma": 0.6,
+                   "method": "gradcam", "score": 0.1 * j, "status": "ok", "notes": "", "width": w, "height": h,
+                   "resize": "stretch", "interpolation": "bilinear", "grid": grid, "grid_h": grid.shape[0],
+                   "grid_w": grid.shape[1], "raw_max": float(grid.clip(0).max()), "threshold": str(threshold),
+                   "run_id": "2025-01-01T00:00:00Z"}  # fmt: skip
             if kind == "concept":
-                meta["base"] = "bird"
+                row.update(base="bird", model="tiny")
             else:
-                meta["references"] = ["Tiger cat", "Egyptian cat"]
-            save_map_tiff(root / rel_map, unit, meta)
-            save_mask_png(root / rel_mask, unit > threshold)
-            row = {"image": str(img), "image_key": f"img{i}", kind: label, "gamma": "0.6", "method": "gradcam",
-                   "raw_max": "0.5", "score": str(0.1 * j), "map": rel_map, "mask": rel_mask,
-                   "status": "ok"}  # fmt: skip
-            if kind == "concept":
-                row["base"] = "bird"
-            else:
-                row["references"] = "Tiger cat; Egyptian cat"
+                row.update(predicted=label, references="Tiger cat; Egyptian cat")
             rows.append(row)
-    rows.append({"image": str(images_dir / "broken.png"), "image_key": "broken", kind: labels[0], "map": "",
-                 "mask": "", "status": "error: cannot decode"})  # fmt: skip
-    write_rows(root, rows)
+    rows.append({"image": str(images_dir / "broken.png"), "image_key": "broken", kind: labels[0],
+                 "status": "error: cannot decode"})  # fmt: skip
+    store.write(rows[: len(rows) // 2])  # two parts, as two batches write them
+    store.write(rows[len(rows) // 2 :] + list(extra_rows))
     (root / "run.json").write_text(json.dumps({"command": "localize", "threshold": threshold, "model": "tiny"}))
     return root
 
 
-def write_rows(root: Path, rows: list[dict[str, str]]) -> None:
-    header: list[str] = []
-    for row in rows:
-        header.extend(k for k in row if k not in header)
-    with open(root / "results.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, header)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_rows(root: Path) -> list[dict[str, str]]:
-    with open(root / "results.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+def store_rows(root: Path) -> dict[str, dict[str, Any]]:
+    """The ok rows of a run's store, by result id (with their grids)."""
+    df = read_results(root)
+    return {r["result_id"]: r for r in rows_of(df) if r["status"] == "ok"}
 
 
 def write_decisions(root: Path, decisions: dict[str, str]) -> None:
@@ -483,7 +490,8 @@ def test_figure_without_image_and_bad_options() -> None:
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def localized(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Path, tiny_clip_weights: Path) -> Path:
-    """``traitloc localize`` with the tiny random model: 2 images (one not square) x 2 concepts."""
+    """``traitloc localize --save maps,masks,overlays`` with the tiny random model: 2 images (one not square)
+    x 2 concepts, started from the images' folder with relative paths (as the README does)."""
     import torch
 
     from traitloc.cli import main
@@ -495,24 +503,32 @@ def localized(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Path, 
     Image.fromarray(make_image_array((64, 64), 0)).save(images / "sparrow.png")
     Image.fromarray(make_image_array((80, 50), 1)).save(images / "finch.jpg")
     out = base / "results"
-    argv = ["localize", str(images), *[a for c in CONCEPTS for a in ("--concept", c)], "--base", "bird",
-            "--model", str(tiny_clip_config), "--pretrained", str(tiny_clip_weights), "--device", "cpu",
-            "--out", str(out), "--quiet"]  # fmt: skip
-    assert main(argv) == 0
-    rows = read_rows(out)
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    argv = ["localize", "sparrow.png", "finch.jpg", *[a for c in CONCEPTS for a in ("--concept", c)], "--base",
+            "bird", "--model", str(tiny_clip_config), "--pretrained", str(tiny_clip_weights), "--device", "cpu",
+            "--save", "maps,masks,overlays", "--out", str(out), "--quiet"]  # fmt: skip
+    cwd = os.getcwd()
+    try:
+        os.chdir(images)
+        assert main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    df = read_results(out, columns=["status", "map", "mask", "overlay"])
+    assert len(df) == 4 and (df["status"] == "ok").all() and (df["map"] != "").all()
     return out
 
 
 @pytest.mark.slow  # the localize fixture loads open_clip (several seconds on 2 cores)
-def test_export_folder_round_trips(localized: Path, tmp_path: Path) -> None:
+def test_export_matches_localize_save_files(localized: Path, tmp_path: Path) -> None:
+    """Rendering from the store reproduces the files of ``localize --save``: maps exactly (float32 grids), masks and
+    overlays identical; every format round-trips to the same mask."""
     out = tmp_path / "export"
-    fmts = ["png", "tiff", "coco", "geojson", "csv", *(["parquet"] if HAS_PARQUET else [])]
+    fmts = ["png", "tiff", "overlay", "coco", "geojson", "csv", *(["parquet"] if HAS_PARQUET else [])]
     manifest = export_results(localized, fmts, out, argv=["test"])
-    rows = read_rows(localized)
-    ids = sorted(r["map"][len("maps/") : -len(".tif")] for r in rows)
+    rows = store_rows(localized)
+    ids = sorted(rows)
     assert sorted(e["result_id"] for e in manifest["results"]) == ids
     assert manifest["counts"] == {"selected": 4, "exported": 4, "skipped": 0}
+    assert not any("warnings" in e for e in manifest["results"])  # the photos were found (relative argv paths)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["formats"] == fmts
     assert on_disk["run"]["command"] == "localize" and on_disk["argv"] == ["test"]
@@ -523,40 +539,50 @@ def test_export_folder_round_trips(localized: Path, tmp_path: Path) -> None:
     coco = json.loads((out / "coco.json").read_text())
     assert {c["name"] for c in coco["categories"]} == set(CONCEPTS)
     anns = {a["traitloc"]["result_id"]: a for a in coco["annotations"]}
-    for row in rows:
-        rid = row["map"][len("maps/") : -len(".tif")]
-        src_map, src_meta = read_map_tiff(localized / row["map"])
-        src_mask = np.asarray(Image.open(localized / row["mask"])) > 127
-        # PNG masks are the results' masks
-        np.testing.assert_array_equal(png_mask((out / "masks" / f"{rid}.png").read_bytes()), src_mask)
-        # TIFF maps: same float32 values, settings in ImageJ Info
+    assert sorted(anns) == ids and sorted(a["id"] for a in coco["annotations"]) == [1, 2, 3, 4]
+    for rid, row in rows.items():
+        assert row["map"] == f"maps/{rid}.tif" and row["mask"] == f"masks/{rid}.png"
+        saved_map, saved_meta = read_map_tiff(localized / row["map"])
+        saved_mask = np.asarray(Image.open(localized / row["mask"])) > 127
+        # TIFF maps: bit for bit what localize --save wrote, settings in ImageJ Info
         values, settings = read_export_tiff(out / "maps" / f"{rid}.tif")
-        np.testing.assert_array_equal(values, src_map)
+        assert values.dtype == np.float32 and values.shape == (row["height"], row["width"])
+        np.testing.assert_array_equal(values, saved_map)
+        np.testing.assert_array_equal(values, render_unit_map(row))
         assert settings["concept"] == row["concept"] and settings["base"] == "bird"
         assert settings["gamma"] == 1.0 and settings["method"] == "gradcam" and settings["threshold"] == 0.5
-        assert settings["model"] == src_meta["model"]
+        assert settings["model"] == saved_meta["model"] and settings["image"] == row["image"]
+        # PNG masks: identical to localize's
+        mask = png_mask((out / "masks" / f"{rid}.png").read_bytes())
+        np.testing.assert_array_equal(mask, saved_mask)
+        np.testing.assert_array_equal(mask, render_mask(row, 0.5))
+        # overlays: identical pixels to localize's (same working photo, same rendering)
+        with Image.open(out / "overlays" / f"{rid}.png") as a, Image.open(localized / row["overlay"]) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # COCO RLE decodes to the mask
         ann = anns[rid]
-        np.testing.assert_array_equal(rle_decode(ann["segmentation"]), src_mask)
-        assert ann["area"] == int(src_mask.sum()) and ann["iscrowd"] == 1
+        np.testing.assert_array_equal(rle_decode(ann["segmentation"]), saved_mask)
+        assert ann["area"] == int(saved_mask.sum()) and ann["iscrowd"] == 1 and ann["score"] == row["score"]
         image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
-        assert (image["height"], image["width"]) == src_mask.shape
+        assert (image["height"], image["width"]) == saved_mask.shape and image["traitloc_image"] == row["image"]
         # GeoJSON polygons rasterize back to the mask
         geo = json.loads((out / "polygons" / f"{row['image_key']}.geojson").read_text())
         feature = next(f for f in geo["features"] if f["id"] == rid)
         assert feature["geometry"]["type"] == "MultiPolygon"
-        back = rasterize(feature["geometry"]["coordinates"], src_mask.shape)
-        assert iou(back, src_mask) >= 0.99 and boundary_distance(back, src_mask) <= 1.0
+        back = rasterize(feature["geometry"]["coordinates"], saved_mask.shape)
+        np.testing.assert_array_equal(back, saved_mask)
         assert feature["properties"]["concept"] == row["concept"]
     import pandas as pd
 
     table = pd.read_csv(out / "tables" / "results.csv", keep_default_na=False)
-    assert sorted(table["result_id"]) == ids
+    assert sorted(table["result_id"]) == ids and "grid" not in table.columns
+    assert list(table.columns[:1]) == ["result_id"] and list(table.columns[-2:]) == ["review_status", "review_note"]
     if not HAS_PARQUET:
         return
     parquet = pd.read_parquet(out / "tables" / "results.parquet")
     assert sorted(table["result_id"]) == ids == sorted(parquet["result_id"])
     assert parquet["gamma"].dtype == np.float64 and parquet["image_key"].map(type).eq(str).all()
+    assert str(parquet["width"].dtype) in ("int64", "Int64")
     np.testing.assert_allclose(parquet.sort_values("result_id")["raw_max"], table.sort_values("result_id")["raw_max"])
 
 
@@ -582,16 +608,86 @@ def test_cli_zip_with_figures(localized: Path, tmp_path: Path, capsys: pytest.Ca
         else:
             root = ET.fromstring(entries[name])
             assert any(el.get("id") == COLORBAR_GID for el in root.iter())
+            texts = " ".join("".join(el.itertext()) for el in root.iter(f"{SVG}text"))
+            assert "image not available" not in texts  # the photo was drawn
     assert not any("warnings" in e for e in manifest["results"])  # the source images were found
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow  # a tiny classifier, three images
+def test_export_of_an_explain_run_matches_its_save_files(tmp_path: Path, image_factory: Any) -> None:
+    """``traitloc explain --save maps,masks`` (tiny ViT classifier of tests/tiny_backbones.py): the export renders
+    the same maps and masks from the store, labelled by the target class."""
+    import torch
+
+    from traitloc.cli import main
+
+    torch.set_num_threads(1)
+    images = [image_factory(f"e{s}.png", size=(48, 40), seed=s) for s in range(3)]
+    out = tmp_path / "ex"
+    argv = ["explain", *map(str, images), "--classifier", "tiny_backbones:tiny_vit_classifier", "--device", "cpu",
+            "--save", "maps,masks", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    rows = store_rows(out)
+    assert len(rows) == 3
+    manifest = export_results(out, "png,tiff,coco", tmp_path / "export")
+    assert sorted(e["result_id"] for e in manifest["results"]) == sorted(rows)
+    coco = json.loads((tmp_path / "export" / "coco.json").read_text())
+    assert {c["name"] for c in coco["categories"]} == {r["target"] for r in rows.values()}
+    assert {c["supercategory"] for c in coco["categories"]} == {"target"}
+    for rid, row in rows.items():
+        values, settings = read_export_tiff(tmp_path / "export" / "maps" / f"{rid}.tif")
+        np.testing.assert_array_equal(values, read_map_tiff(out / row["map"])[0])
+        assert settings["target"] == row["target"] and settings["references"] == row["references"]
+        saved_mask = np.asarray(Image.open(out / row["mask"])) > 127
+        np.testing.assert_array_equal(png_mask((tmp_path / "export" / "masks" / f"{rid}.png").read_bytes()), saved_mask)
+    target = next(iter(rows.values()))["target"]
+    picked = export_results(out, "png", tmp_path / "one", concepts=[target])
+    assert {e["label"] for e in picked["results"]} == {target}
+
+
 # ------------------------------------------------------------------------------------------------------------------
-# selection by review status
+# listing and selection
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def handmade(tmp_path: Path) -> Path:
     return make_results(tmp_path / "results")
+
+
+def test_list_results_reads_the_store_and_lists_skipped_rows(handmade: Path) -> None:
+    results, skipped = list_results(handmade)
+    assert [r.result_id for r in results] == ["img0/red-wing", "img0/blue-tail", "img1/red-wing", "img1/blue-tail"]
+    first = results[0]
+    assert (first.image_key, first.label, first.kind) == ("img0", "red wing", "concept")
+    assert first.row["image"] == str((handmade.parent / "images" / "img0.png").resolve())
+    assert "grid" not in first.row and first.row["width"] == 32 and first.row["gamma"] == 0.6
+    assert {r.part for r in results} == {0, 1}  # two parts
+    # the failed row is not silently dropped: it is listed with its reason (the app shows the count)
+    assert skipped == [{"result_id": "broken/red-wing", "image_key": "broken", "label": "red wing",
+                        "reason": "error: cannot decode"}]  # fmt: skip
+
+
+def test_list_results_last_written_row_wins(tmp_path: Path) -> None:
+    root = make_results(tmp_path / "r", n_images=1, labels=("red wing",))
+    store = ResultStore(root, LOCALIZE_COLUMNS, ("image_key", "concept"))
+    again = store_rows(root)["img0/red-wing"]
+    store.write([{**again, "score": 7.0, "grid": blob_grid(99)}])  # a second writer, same key
+    results, _ = list_results(root)
+    assert [r.row["score"] for r in results] == [7.0]
+    manifest = export_results(root, "tiff", tmp_path / "o")
+    values, _ = read_export_tiff(tmp_path / "o" / "maps" / "img0" / "red-wing.tif")
+    np.testing.assert_array_equal(values, render_unit_map({**again, "grid": blob_grid(99)}))
+    assert manifest["counts"]["exported"] == 1
+
+
+def test_a_folder_without_a_store_names_localize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.csv").write_text("image,image_key,concept,map,status\n")
+    with pytest.raises(FormatError, match=r"no results store .*traitloc localize"):
+        list_results(tmp_path / "old")
+    assert export_cli([str(tmp_path / "old"), "--format", "png", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "traitloc localize" in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("use_store", [True, False])
@@ -627,6 +723,35 @@ def importlib_missing(name: str) -> bool:
         return True
 
 
+def test_select_by_concept_and_score(handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # scores: red wing 0.0, blue tail 0.1 on both photos
+    manifest = export_results(handmade, "png", tmp_path / "a", concepts=["blue tail"])
+    assert sorted(e["result_id"] for e in manifest["results"]) == ["img0/blue-tail", "img1/blue-tail"]
+    assert manifest["selection"] == {"status": "all", "concepts": ["blue tail"]}
+    manifest = export_results(handmade, "png", tmp_path / "b", score_min=0.05)
+    assert sorted(e["result_id"] for e in manifest["results"]) == ["img0/blue-tail", "img1/blue-tail"]
+    manifest = export_results(handmade, "png", tmp_path / "c", score_max=0.05, concepts="red wing")
+    assert sorted(e["result_id"] for e in manifest["results"]) == ["img0/red-wing", "img1/red-wing"]
+    write_decisions(handmade, {"img0/red-wing": "accepted", "img1/blue-tail": "accepted"})
+    manifest = export_results(handmade, "png", tmp_path / "d", "accepted", score_min=0.05)
+    assert [e["result_id"] for e in manifest["results"]] == ["img1/blue-tail"]
+    assert manifest["selection"] == {"status": "accepted", "score_min": 0.05, "score_max": None}
+    rc = export_cli([str(handmade), "--concept", "red wing", "--concept", "blue tail", "--min-score", "0.05",
+                     "--max-score", "1", "--format", "png", "--out", str(tmp_path / "e"), "--quiet"])  # fmt: skip
+    assert rc == 0 and len(list((tmp_path / "e" / "masks").rglob("*.png"))) == 2
+    with pytest.raises(FormatError, match="unknown concept 'red wings'.*'red wing'"):
+        export_results(handmade, "png", tmp_path / "x", concepts=["red wings"])
+    with pytest.raises(FormatError, match="nothing to export: no ok results and score_min 5"):
+        export_results(handmade, "png", tmp_path / "x", score_min=5)
+    with pytest.raises(FormatError, match="above score_max"):
+        export_results(handmade, "png", tmp_path / "x", score_min=1, score_max=0)
+    with pytest.raises(FormatError, match="score_min must be finite"):
+        export_results(handmade, "png", tmp_path / "x", score_min=float("nan"))
+    rc = export_cli([str(handmade), "--concept", "wing", "--format", "png", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "unknown concept 'wing'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_selection_errors_and_ids(handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = export_cli([str(handmade), "--status", "accepted", "--format", "png", "--zip", str(tmp_path / "a.zip")])
     assert rc == 2
@@ -639,44 +764,102 @@ def test_selection_errors_and_ids(handmade: Path, tmp_path: Path, capsys: pytest
     manifest = export_results(handmade, "png", tmp_path / "ids", ["img1/red-wing"])
     assert [e["result_id"] for e in manifest["results"]] == ["img1/red-wing"]
     assert manifest["skipped"][0]["reason"] == "error: cannot decode"
+    assert manifest["counts"] == {"selected": 1, "exported": 1, "skipped": 1}
     with pytest.raises(FormatError, match="unknown result id"):
         export_results(handmade, "png", tmp_path / "x", ["img9/nothing"])
+    with pytest.raises(FormatError, match="unknown result id"):
+        export_results(handmade, "png", tmp_path / "x", ["broken/red-wing"])  # a failed row is not exportable
     with pytest.raises(FormatError, match="unknown format"):
         export_results(handmade, "png,jpeg", tmp_path / "x")
     with pytest.raises(FormatError, match="threshold"):
         export_results(handmade, "png", tmp_path / "x", threshold=1.5)
+    with pytest.raises(TypeError, match="progress"):
+        export_results(handmade, "png", tmp_path / "x", progress="yes")  # type: ignore[arg-type]
     rc = export_cli([str(handmade), "--format", "png", "--figure-format", "eps", "--out", str(tmp_path / "y")])
     assert rc == 0  # figure formats are only checked when figures are asked for
     rc = export_cli([str(handmade), "--format", "figure", "--figure-format", "eps", "--out", str(tmp_path / "z")])
     assert rc == 2 and "figure formats" in capsys.readouterr().err
 
 
-def test_threshold_rederives_masks_and_explain_layout(tmp_path: Path) -> None:
-    root = make_results(tmp_path / "explained", kind="target", labels=("Tabby cat",))
+def test_threshold_and_explain_layout(tmp_path: Path) -> None:
+    root = make_results(tmp_path / "explained", kind="target", labels=("Tabby cat",), threshold="otsu")
+    rows = store_rows(root)
+    # the run's threshold (otsu) by default, the export's when given
+    manifest = export_results(root, "png", tmp_path / "run")
+    for entry in manifest["results"]:
+        mask = png_mask((tmp_path / "run" / "masks" / f"{entry['result_id']}.png").read_bytes())
+        np.testing.assert_array_equal(mask, render_mask(rows[entry["result_id"]], "otsu"))
+        assert entry["settings"]["threshold"] == "otsu"
     manifest = export_results(root, "png,coco,figure", tmp_path / "out", threshold=0.8, figure_formats="svg")
     for entry in manifest["results"]:
-        unit, _ = read_map_tiff(root / "maps" / f"{entry['result_id']}.tif")
+        unit = render_unit_map(rows[entry["result_id"]])
         mask = png_mask((tmp_path / "out" / "masks" / f"{entry['result_id']}.png").read_bytes())
         np.testing.assert_array_equal(mask, unit > 0.8)
+        assert 0 < mask.sum() < mask.size
         assert entry["settings"]["threshold"] == 0.8 and entry["settings"]["target"] == "Tabby cat"
         svg = ET.parse(tmp_path / "out" / "figures" / f"{entry['result_id']}.svg").getroot()
         texts = " ".join("".join(el.itertext()) for el in svg.iter(f"{SVG}text"))
         assert "Tabby cat" in texts and "Tiger cat" in texts and "map > 0.8" in texts
     coco = json.loads((tmp_path / "out" / "coco.json").read_text())
     assert coco["categories"] == [{"id": 1, "name": "Tabby cat", "supercategory": "target"}]
+    assert export_results(root, "png", tmp_path / "t", concepts=["Tabby cat"])["counts"]["exported"] == 2
 
 
-def test_image_roots_restrict_source_images(handmade: Path, tmp_path: Path) -> None:
+def test_float16_grids_render_close(tmp_path: Path) -> None:
+    root = tmp_path / "f16"
+    store = ResultStore(root, LOCALIZE_COLUMNS, ("image_key", "concept"), grid_dtype="float16")
+    grid = blob_grid(3)
+    row = {"image": str(tmp_path / "none.png"), "image_key": "a", "concept": "red wing", "status": "ok",
+           "width": 40, "height": 30, "resize": "stretch", "interpolation": "bilinear", "grid": grid,
+           "grid_h": 6, "grid_w": 8, "raw_max": 1.0}  # fmt: skip
+    store.write([row])
+    export_results(root, "tiff", tmp_path / "o")
+    values, _ = read_export_tiff(tmp_path / "o" / "maps" / "a" / "red-wing.tif")
+    assert np.abs(values - render_unit_map(row)).max() <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# photos: recorded absolute paths, image roots for moved photos
+# ------------------------------------------------------------------------------------------------------------------
+def test_photos_are_read_where_the_run_recorded_them(handmade: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    manifest = export_results(handmade, "figure", tmp_path / "a", ["img0/red-wing"], figure_formats="png",
+    # the recorded absolute path is read wherever it is, image_roots or not (read-only)
+    manifest = export_results(handmade, "figure,overlay", tmp_path / "a", ["img0/red-wing"], figure_formats="png",
                               dpi=30, image_roots=[elsewhere])  # fmt: skip
-    assert "outside the allowed" in manifest["results"][0]["warnings"][0]
-    manifest = export_results(handmade, "figure", tmp_path / "b", ["img0/red-wing"], figure_formats="png",
-                              dpi=30, image_roots=[handmade.parent / "images"])  # fmt: skip
     assert "warnings" not in manifest["results"][0]
+    photo = np.asarray(Image.open(handmade.parent / "images" / "img0.png").convert("RGB"))
+    with Image.open(tmp_path / "a" / "overlays" / "img0" / "red-wing.png") as im:
+        overlay = np.asarray(im)
+    assert overlay.shape == photo.shape and not np.array_equal(overlay, photo)
+    # moved photos are found in image_roots (by file name), else the export says so and draws without them
+    (handmade.parent / "images").rename(tmp_path / "moved")
+    manifest = export_results(handmade, "figure,overlay", tmp_path / "b", ["img0/red-wing"], figure_formats="png",
+                              dpi=30)  # fmt: skip
+    warnings = manifest["results"][0]["warnings"]
+    assert any(w.startswith("no overlay: image") and "not found" in w for w in warnings)
+    assert any(w.startswith("figure drawn without the image") for w in warnings)
+    assert manifest["results"][0]["files"] == ["figures/img0/red-wing.png"]
+    manifest = export_results(handmade, "overlay", tmp_path / "c", ["img0/red-wing"], image_roots=[tmp_path / "moved"])
+    assert "warnings" not in manifest["results"][0]
+    with Image.open(tmp_path / "c" / "overlays" / "img0" / "red-wing.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), overlay)
 
 
+def test_relative_photo_paths_stay_inside_their_roots(tmp_path: Path) -> None:
+    root = make_results(tmp_path / "r", n_images=1, labels=("red wing",))
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(secret)
+    store = ResultStore(root, LOCALIZE_COLUMNS, ("image_key", "concept"))
+    row = store_rows(root)["img0/red-wing"]
+    store.write([{**row, "image": "../secret.png"}])  # a relative path that leaves the results folder
+    manifest = export_results(root, "overlay", tmp_path / "o")
+    assert "not found" in manifest["results"][0]["warnings"][0] and not (tmp_path / "o" / "overlays").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tables only, engines, zip bytes
+# ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not HAS_PARQUET, reason="no parquet engine (pyarrow or fastparquet)")
 def test_audit_tables_only(tmp_path: Path) -> None:
     root = tmp_path / "audit"
@@ -686,7 +869,20 @@ def test_audit_tables_only(tmp_path: Path) -> None:
     manifest = export_results(root, "csv,parquet", tmp_path / "t.zip")
     assert manifest["tables"] == ["tables/audit.csv", "tables/audit.parquet", "tables/audit_summary.csv",
                                   "tables/audit_summary.parquet"]  # fmt: skip
-    with pytest.raises(FormatError, match="no results.csv"):
+    entries = zip_entries(tmp_path / "t.zip")
+    assert entries["tables/audit.csv"].decode().splitlines()[1] == "1,a/b.jpg,has_wing,0.25,1"
+    with pytest.raises(FormatError, match="no results store.*traitloc localize"):
+        export_results(root, "png", tmp_path / "u.zip")
+    with pytest.raises(FormatError, match="no results store"):
+        export_results(root, "csv", tmp_path / "u.zip", concepts=["x"])
+    # audit keeps its per-image maps in a store without concepts or targets: its tables export as before
+    audit_store = ResultStore(root, {"kind": "str", "image_id": "int", "source": "str"}, ("image_id", "source"))
+    audit_store.write([{"image": "/x/1.jpg", "image_key": "1", "result_id": "1/parts", "kind": "audit",
+                        "image_id": 1, "source": "parts", "status": "ok", "width": 8, "height": 8,
+                        "grid": np.ones((2, 2), np.float32), "grid_h": 2, "grid_w": 2}])  # fmt: skip
+    again = export_results(root, "csv", tmp_path / "t2.zip")
+    assert again["tables"] == ["tables/audit.csv", "tables/audit_summary.csv"]
+    with pytest.raises(FormatError, match="no concept or target maps.*--format csv,parquet"):
         export_results(root, "png", tmp_path / "u.zip")
 
 
@@ -704,80 +900,89 @@ def test_export_zip_bytes(handmade: Path) -> None:
     data, manifest = export_zip_bytes(handmade, ["png", "coco"], None)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert "coco.json" in zf.namelist() and "manifest.json" in zf.namelist()
+        coco = json.loads(zf.read("coco.json"))
+    assert [a["id"] for a in coco["annotations"]] == [1, 2, 3, 4] and len(coco["images"]) == 2
     assert manifest["counts"]["exported"] == 4
     with pytest.raises(TypeError, match="out"):
         export_zip_bytes(handmade, "png", out="x.zip")
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# safety: paths in results.csv, output locations, atomicity
+# streaming: progress, the zip grows on disk beside its destination
+# ------------------------------------------------------------------------------------------------------------------
+def test_progress_callback_and_streamed_zip(handmade: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    seen: list[tuple[int, int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        temps = [p for p in dest.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
+        assert len(temps) == 1 and not (dest / "e.zip").exists()  # a temporary file beside the destination
+        seen.append((done, total, temps[0].stat().st_size))
+
+    manifest = export_results(handmade, "png,tiff,coco", dest / "e.zip", progress=progress)
+    assert [(d, t) for d, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    sizes = [s for _, _, s in seen]
+    assert sizes[-1] > sizes[0] > 0  # entries go to disk as they are rendered, not at the end
+    assert manifest["counts"]["exported"] == 4 and sorted(p.name for p in dest.iterdir()) == ["e.zip"]
+
+
+def test_progress_bar_on_stderr(handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli([str(handmade), "--format", "png", "--zip", str(tmp_path / "p.zip")]) == 0
+    err = capsys.readouterr().err
+    assert "export" in err and "4/4" in err and "4 results exported, 1 left out" in err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# safety: ids from the store, fixed files, output locations, atomicity
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "column, value",
+    "key, rid",
     [
-        ("map", "../outside/x.tif"),
-        ("map", "maps/../../outside/x.tif"),
-        ("map", "/etc/passwd"),
-        ("map", "C:\\Windows\\x.tif"),
-        ("mask", "../outside/m.png"),
-        ("mask", "/tmp/m.png"),
-        ("map", "masks/img0/red-wing.png"),  # not a map path
+        ("img0", "img0/../../outside/x"),
+        ("..", "../x"),
+        ("img0", "/etc/passwd"),
+        ("img0", "img0\\..\\x"),
+        ("img0", "img0//x"),
+        ("img0", "other/x"),  # the id must start with its image key
     ],
 )
-def test_paths_leaving_the_results_folder_are_rejected(
-    handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], column: str, value: str
+def test_unsafe_ids_in_the_store_stop_the_export(
+    handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, rid: str
 ) -> None:
-    rows = read_rows(handmade)
-    rows[1][column] = value
-    write_rows(handmade, rows)
-    with pytest.raises(FormatError, match="line 3"):
+    store = ResultStore(handmade, LOCALIZE_COLUMNS, ("image_key", "concept"))
+    row = store_rows(handmade)["img0/red-wing"]
+    store.write([{**row, "image_key": key, "concept": "evil", "result_id": rid}])
+    with pytest.raises(FormatError, match="result id|image key"):
         list_results(handmade)
     out = tmp_path / "out"
-    assert export_cli([str(handmade), "--format", "png,tiff", "--out", str(out), "--quiet"]) == 2
+    assert export_cli([str(handmade), "--format", "png,tiff,geojson", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "results.csv line 3" in err
-    assert not out.exists() and not leftovers(tmp_path)
+    assert len(err.splitlines()) == 1 and ("result id" in err or "image key" in err)
+    assert not out.exists() and not leftovers(tmp_path) and not (tmp_path / "outside").exists()
 
 
 def test_symlinks_out_of_the_results_folder_are_rejected(handmade: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
-    (outside / "img9").mkdir(parents=True)
-    save_map_tiff(outside / "img9" / "secret.tif", np.ones((4, 4), np.float32))
-    (handmade / "maps" / "evil").symlink_to(outside / "img9", target_is_directory=True)
-    rows = read_rows(handmade)
-    rows[0]["map"] = "maps/evil/secret.tif"
-    write_rows(handmade, rows)
-    with pytest.raises(FormatError, match="resolves outside"):
-        export_results(handmade, "tiff", tmp_path / "out")
-    # a mask file that is a link to a file outside
-    rows[0]["map"] = "maps/img0/red-wing.tif"
-    write_rows(handmade, rows)
-    mask = handmade / "masks" / "img0" / "red-wing.png"
-    mask.unlink()
-    mask.symlink_to(outside / "img9" / "secret.tif")
-    with pytest.raises(FormatError, match="resolves outside"):
+    outside.mkdir()
+    (outside / "run.json").write_text('{"command": "secret"}')
+    (handmade / "run.json").unlink()
+    (handmade / "run.json").symlink_to(outside / "run.json")
+    with pytest.raises(FormatError, match="run.json.*resolves outside"):
         export_results(handmade, "png", tmp_path / "out")
-    # results.csv itself a link out
-    real = tmp_path / "elsewhere.csv"
-    (handmade / "results.csv").rename(real)
-    (handmade / "results.csv").symlink_to(real)
-    with pytest.raises(FormatError, match="results.csv"):
-        export_results(handmade, "png", tmp_path / "out")
+    (handmade / "run.json").unlink()
+    write_decisions(outside, {"img0/red-wing": "accepted"})
+    (handmade / "review.sqlite").symlink_to(outside / "review.sqlite")
+    with pytest.raises(FormatError, match="review.sqlite.*resolves outside"):
+        export_results(handmade, "png", tmp_path / "out", "accepted")
     assert not (tmp_path / "out").exists()
-
-
-def test_links_inside_the_results_folder_are_fine(handmade: Path, tmp_path: Path) -> None:
-    (handmade / "maps" / "alias").symlink_to(handmade / "maps" / "img0", target_is_directory=True)
-    rows = read_rows(handmade)
-    rows[0]["map"] = "maps/alias/red-wing.tif"
-    write_rows(handmade, rows)
-    manifest = export_results(handmade, "tiff", tmp_path / "out")
-    assert "alias/red-wing" in [e["result_id"] for e in manifest["results"]]
 
 
 def test_output_location_guards(handmade: Path, tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="results folder itself"):
         export_results(handmade, "png", handmade)
+    with pytest.raises(FormatError, match="inside the results folder's results"):
+        export_results(handmade, "png", handmade / "results" / "x.zip")
     with pytest.raises(FormatError, match="inside the results folder's masks"):
         export_results(handmade, "png", handmade / "masks" / "x")
     inside = export_results(handmade, "png", handmade / "exports" / "accepted.zip")  # allowed: the app's choice
@@ -819,7 +1024,7 @@ def test_zip_is_atomic(handmade: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(formats, "map_tiff_bytes", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export_results(handmade, "png,tiff", out)
+        export_results(handmade, "png,tiff,coco", out)
     assert out.read_bytes() == before  # the old zip is untouched
     with pytest.raises(RuntimeError, match="disk on fire"):
         calls["n"] = 0
@@ -828,17 +1033,32 @@ def test_zip_is_atomic(handmade: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert not leftovers(tmp_path)
 
 
-def test_unreadable_map_is_left_out_not_fatal(handmade: Path, tmp_path: Path) -> None:
-    (handmade / "maps" / "img1" / "red-wing.tif").write_bytes(b"not a tiff")
-    manifest = export_results(handmade, "png,tiff", tmp_path / "out")
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"grid": np.full((6, 8), np.nan, np.float32)},  # not finite
+        {"grid_h": 5},  # grid size does not match its shape
+        {"grid": None},  # an ok row without a grid
+        {"interpolation": "nearest"},  # unknown rendering
+    ],
+)
+def test_a_row_that_cannot_be_rendered_is_left_out_with_its_reason(tmp_path: Path, bad: dict[str, Any]) -> None:
+    good = make_results(tmp_path / "r")
+    row = store_rows(good)["img1/red-wing"]
+    ResultStore(good, LOCALIZE_COLUMNS, ("image_key", "concept")).write([{**row, **bad}])
+    manifest = export_results(good, "png,tiff", tmp_path / "out")
     assert manifest["counts"] == {"selected": 4, "exported": 3, "skipped": 2}
-    assert any(s.get("result_id") == "img1/red-wing" for s in manifest["skipped"])
+    left = next(s for s in manifest["skipped"] if s.get("result_id") == "img1/red-wing")
+    assert left["reason"] and left["label"] == "red wing"
+    assert not (tmp_path / "out" / "maps" / "img1" / "red-wing.tif").exists()
 
 
 def test_help_and_missing_destination(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         export_cli(["--help"])
-    assert exc.value.code == 0 and "--figure-format" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exc.value.code == 0 and "--figure-format" in help_text
+    assert "--concept" in help_text and "--min-score" in help_text and "overlay" in help_text
     with pytest.raises(SystemExit) as exc:
         export_cli([str(tmp_path)])  # neither --out nor --zip
     assert exc.value.code == 2

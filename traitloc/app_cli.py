@@ -34,11 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Add the ``app`` subcommand to the ``traitloc`` parser."""
     p = subparsers.add_parser(
         "app",
-        help="review app: query concepts, browse results, accept/reject maps, export a zip",
-        description="Start the Streamlit review app on 127.0.0.1. Query concepts on an image (the model is "
-        "loaded on first use), browse a localize/explain/audit results folder, record accept/reject/needs-work "
-        "decisions (RESULTS_DIR/review.sqlite) and download the accepted results. The app reads and writes only "
-        "under RESULTS_DIR (and reads --images).",
+        help="review app: review a run's maps as a grid with the keyboard, browse, query concepts, export",
+        description="Start the Streamlit review app on 127.0.0.1. Review a localize/explain run (its results store) "
+        "as a grid of thumbnails rendered on demand, with keyboard shortcuts, bulk decisions and undo "
+        "(RESULTS_DIR/review.sqlite); browse audit verdicts; query concepts on a photo (the model is loaded on "
+        "first use); export the accepted set or a filter to RESULTS_DIR/exports/. Photos are read, never written, "
+        "where the run recorded them (or under --images); everything the app writes stays under RESULTS_DIR.",
     )
     p.add_argument("results_dir", nargs="?", metavar="RESULTS_DIR", help="results folder (optional: Query only)")
     p.add_argument("--port", type=_port, default=8501, help="port (default: 8501)")
@@ -48,7 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="address to bind (default: 127.0.0.1; the app has no login, so anyone who can reach a "
         "non-loopback address can read and edit the reviews)",
     )
-    p.add_argument("--images", metavar="DIR", help="a read-only folder of the original images, shown beside maps")
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="a read-only folder where the photos are now, when they moved since the run (searched by "
+        "the end of the recorded path, then by file name)",
+    )
     p.add_argument(
         "--model",
         default="ViT-B-16",

@@ -80,7 +80,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from .pipeline import CsvSpec, Job, load_or_error, run_job
 from .traits import attribute_parts, load_trait_list, parse_attribute
 
 if TYPE_CHECKING:  # torch, pandas and PIL load on first use: `traitloc --help` stays fast
@@ -593,7 +594,8 @@ def classifier_maps(
     Returns
     -------
     dict with ``logits`` (B, K), ``predicted``, ``targets``, ``similar`` (lists), ``maps`` (B, h, w) ReLU maps,
-    ``random_maps`` (B, h, w) or None, ``scores`` (B,) Finer objective, ``grid`` and ``input_size``.
+    ``signed`` (B, h, w) the same maps before the ReLU, ``random_maps`` (B, h, w) or None, ``scores`` (B,) Finer
+    objective, ``grid`` and ``input_size``.
     """
     import torch
 
@@ -647,6 +649,7 @@ def classifier_maps(
         "targets": tgt,
         "similar": sim,
         "maps": maps[:, 0],
+        "signed": out.signed[:, 0].detach(),
         "random_maps": maps[:, 1] if random_seeds is not None else None,
         "scores": out.scores[:, 0].detach(),
         "grid": out.grid,
@@ -774,31 +777,30 @@ class AuditSettings:
 
 
 @dataclass
-class _Job:
+class AuditItem:
+    """One image of an audit (an item of :class:`AuditJob`; picklable)."""
+
     image_id: int
     path: Path
-    rel: str
+    rel: str  # the path as in CUB's images.txt (the ``image`` column of audit.csv)
     true_cub: int  # CUB class row index
     true_k: int  # probe class index
     box: tuple[float, float, float, float]
     sources: list[str]
 
 
-def _load_job(job: _Job) -> Any:
-    from .imageio import ImageLoadError, load_image
-
-    try:
-        return load_image(job.path)
-    except ImageLoadError as err:
-        return err
-    except Exception as err:  # noqa: BLE001 - a bad file is a per-image error
-        return ImageLoadError(job.path, f"{type(err).__name__}: {err}")
-
-
 def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return "nan" if not math.isfinite(v) else f"{v:.6g}"
     return v
+
+
+@dataclass
+class _Decoded:
+    """An image decoded and preprocessed in the prefetch thread."""
+
+    im: Any  # traitloc.imageio.LoadedImage
+    x: Tensor  # (C, H, W) classifier input
 
 
 class _Auditor:
@@ -830,7 +832,7 @@ class _Auditor:
 
     # -- per image ------------------------------------------------------------------------------------------------
     def image_rows(
-        self, job: _Job, image: Image.Image, size: tuple[int, int], cmap: Tensor, rmap: Tensor | None, info: dict
+        self, job: AuditItem, image: Image.Image, size: tuple[int, int], cmap: Tensor, rmap: Tensor | None, info: dict
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         from .cam import upsample_maps
         from .metrics import box_mask
@@ -887,14 +889,14 @@ class _Auditor:
                 ctrl.update(attribute=row["attribute"], source=source, rank=rank)
                 if am is None:
                     row["status"] = NO_VISIBLE
-                    rows.append({k: _fmt(v) for k, v in row.items()})
+                    rows.append(row)
                     continue
                 am_s = ScoredMap(am.values, s.fraction)
                 row.update(_scores(cm, am_s, am.region, bird_lift["real"], kw))
                 row["visible_parts"] = ";".join(am.info.get("visible_parts") or [])
                 row["sigma_px"] = am.info.get("sigma_px")
                 row["status"] = EMPTY_CLASSIFIER if cm.constant else (EMPTY_ATTRIBUTE if am_s.constant else "ok")
-                rows.append({k: _fmt(v) for k, v in row.items()})
+                rows.append(row)
                 if rm is not None:
                     sc = _scores(rm, am_s, am.region, bird_lift["random"], kw)
                     st = EMPTY_CLASSIFIER if rm.constant else row["status"]
@@ -914,9 +916,9 @@ class _Auditor:
                     controls.append(
                         {**ctrl, **sc, "control": "shuffled_attribute", "control_attribute": plabel, "status": st}
                     )
-        return rows, [{k: _fmt(v) for k, v in c.items()} for c in controls]
+        return rows, controls
 
-    def _moved_box(self, job: _Job, size: tuple[int, int], rng: np.random.Generator) -> tuple[str, AttributeMap]:
+    def _moved_box(self, job: AuditItem, size: tuple[int, int], rng: np.random.Generator) -> tuple[str, AttributeMap]:
         """The bird box of a random other image of the split, placed at the same relative position in this one."""
         from PIL import Image
 
@@ -937,7 +939,7 @@ class _Auditor:
         image: Image.Image,
         size: tuple[int, int],
         kp: pd.DataFrame,
-        job: _Job,
+        job: AuditItem,
         diffs: list[AttributeDifference],
         partners: list[int | None],
     ) -> tuple[list[AttributeMap | None], list[tuple[AttributeMap | None, str]]]:
@@ -987,7 +989,7 @@ def _scores(
     return sc
 
 
-def _error_row(job: _Job, source: str, label: str, reason: str) -> dict[str, Any]:
+def _error_row(job: AuditItem, source: str, label: str, reason: str) -> dict[str, Any]:
     """The row of a failed image: keyed as its first attribute row, which replaces it when a rerun succeeds."""
     return {
         **dict.fromkeys(AUDIT_COLUMNS, ""),
@@ -996,17 +998,230 @@ def _error_row(job: _Job, source: str, label: str, reason: str) -> dict[str, Any
     }  # fmt: skip
 
 
-def _done_images(table: Any) -> set[tuple[str, str]]:
-    """(image_id, source) pairs whose attribute rows are all on file with a final status."""
-    got: dict[tuple[str, str], set[int]] = {}
-    want: dict[tuple[str, str], int] = {}
-    for r in table.rows():
-        if r["status"] not in _DONE:
-            continue
-        key = (r["image_id"], r["source"])
-        got.setdefault(key, set()).add(int(r["rank"]))
-        want[key] = int(r["n_attributes"])
-    return {k for k, ranks in got.items() if ranks == set(range(1, want[k] + 1))}
+#: the float columns that a scored row always has: NaN there is a computed value ("nan" in the CSV), not a gap
+_SCORED_FLOATS = frozenset([*SCORE_COLUMNS, "area_share", "lift", "bird_lift"])
+
+
+class AuditJob(Job):
+    """The audit of a classifier on CUB images: store rows per image x attribute x source (``kind = audit``) and
+    per control (``kind = control``).
+
+    Keys are ``image_id, source, rank, control`` (``control`` empty for audit rows); an image is done when its
+    first audit row of a source is in the store (a part holds all the rows of its images). Audit rows keep the
+    classifier's signed Finer map on its grid (``grid``; render with :func:`traitloc.resultstore.render_map`). The
+    summaries are ``audit.csv`` and ``controls.csv`` (the same columns and values as ever); :meth:`summarize`
+    writes ``audit_summary.csv`` from them at the end of a run.
+    """
+
+    name = "audit"
+    key_columns = ("image_id", "source", "rank", "control")
+    retry_errors = True
+    columns = {
+        "kind": "str", "image_id": "int", "cub_image": "str", "true_class": "str", "predicted_class": "str",
+        "similar_class": "str", "attribute": "str", "attribute_difference": "float", "source": "str",
+        **dict.fromkeys(SCORE_COLUMNS, "float"), "sign": "int", "prompt": "str", "parts": "str", "rank": "int",
+        "n_attributes": "int", "attribute_id": "int", "true_value": "float", "similar_value": "float",
+        "correct": "int", "similar_by": "str", "gamma": "float", "area_share": "float", "lift": "float",
+        "bird_lift": "float", "visible_parts": "str", "sigma_px": "float", "classifier_score": "float",
+        "control": "str", "control_attribute": "str",
+    }  # fmt: skip
+
+    def __init__(self, auditor: _Auditor, fingerprint: dict[str, Any]) -> None:
+        from .resultstore import INTERPOLATION
+
+        self.auditor = auditor
+        self.s = auditor.s
+        self.clf = auditor.clf
+        self.fingerprint = fingerprint
+        self.map_settings = json.loads(json.dumps(fingerprint))  # as run.json keeps them (lists, not tuples)
+        self.common = {"resize": "stretch", "interpolation": INTERPOLATION, "notes": ""}
+        self.summary: pd.DataFrame | None = None
+        self.headline: dict[str, Any] = {}
+
+    def csv_specs(self) -> list[CsvSpec]:
+        return [
+            CsvSpec("audit.csv", tuple(AUDIT_COLUMNS), tuple(AUDIT_KEY), {"kind": "audit"}),
+            CsvSpec("controls.csv", tuple(CONTROL_COLUMNS), tuple(CONTROL_KEY), {"kind": "control"}),
+        ]
+
+    # -- items ----------------------------------------------------------------------------------------------------
+    def item_keys(self, item: AuditItem) -> list[tuple[Any, ...]]:
+        return [(item.image_id, src, 1, "") for src in item.sources]
+
+    def load(self, item: AuditItem) -> Any:
+        from .imageio import ImageLoadError
+
+        im = load_or_error(item.path)
+        if isinstance(im, ImageLoadError):
+            return im
+        try:
+            x = self.clf.preprocess(im.image)
+        except Exception as err:  # noqa: BLE001 - a per-image error
+            return ImageLoadError(item.path, f"preprocess failed: {type(err).__name__}: {err}".splitlines()[0])
+        return _Decoded(im, x)
+
+    def _wanted(self, item: AuditItem) -> list[str]:
+        """The item's sources not in the store yet (the runner keeps the set of stored keys)."""
+        done = getattr(self, "_done", set())
+        return [src for src in item.sources if (item.image_id, src, 1, "") not in done]
+
+    def _stored(self, item: AuditItem, row: dict[str, Any], kind: str) -> dict[str, Any]:
+        """A row of ``audit.csv`` or ``controls.csv`` as a store row (``image``: the absolute path)."""
+        key, control = Path(item.rel).stem, row.get("control", "")
+        rid = f"{key}/{row['source']}-{row['rank']}" + (f"-{control.replace('_', '-')}" if control else "")
+        return {
+            **self.common, **row, "kind": kind, "image": str(Path(item.path).resolve()), "cub_image": item.rel,
+            "image_key": key, "control": control, "result_id": rid,
+        }  # fmt: skip
+
+    def error_rows(self, item: AuditItem, reason: str) -> list[dict[str, Any]]:
+        label = self.auditor.class_label[item.true_cub]
+        srcs = self._wanted(item) or item.sources
+        return [self._stored(item, _error_row(item, src, label, reason), "audit") for src in srcs]
+
+    # -- compute --------------------------------------------------------------------------------------------------
+    def compute(self, batch: list[tuple[AuditItem, _Decoded]]) -> list[list[dict[str, Any]] | str]:
+        """Rows of each image; images of one input shape share the classifier's passes."""
+        import dataclasses
+
+        out: list[list[dict[str, Any]] | str | None] = [None] * len(batch)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, dec) in enumerate(batch):
+            groups.setdefault(tuple(dec.x.shape), []).append(i)
+        for idx in groups.values():
+            results = _explain_group(self.clf, [(batch[i][0], batch[i][1].im, batch[i][1].x) for i in idx], self.s)
+            for i, res in zip(idx, results, strict=True):
+                item, dec = batch[i]
+                job = dataclasses.replace(item, sources=self._wanted(item) or list(item.sources))
+                W0, H0 = dec.im.orig_size
+                if not _all_finite(res["signed"]):
+                    out[i] = "the map is not finite (NaN or infinite values)"  # as in every command
+                    continue
+                try:
+                    rows, crows = self.auditor.image_rows(
+                        job, dec.im.image, (H0, W0), res["map"], res["random_map"], res
+                    )
+                except Exception as err:  # noqa: BLE001 - recorded for this image; the run goes on
+                    log.warning("image %d: %s: %s", item.image_id, type(err).__name__, err)
+                    out[i] = f"{type(err).__name__}: {err}"
+                    continue
+                signed = res["signed"]
+                grid = {"grid": signed.numpy(), "grid_h": int(signed.shape[0]), "grid_w": int(signed.shape[1])}
+                out[i] = [self._stored(item, {**r, **grid}, "audit") for r in rows] + [
+                    self._stored(item, {**c, "width": W0, "height": H0}, "control") for c in crows
+                ]
+        return [r if r is not None else "not audited" for r in out]
+
+    def rows_ok(self, rows: list[dict[str, Any]]) -> bool:
+        """An image is done well unless it failed (``no visible part`` and empty maps are results)."""
+        return not any(str(r.get("status", "")).startswith("error") for r in rows)
+
+    # -- summaries ------------------------------------------------------------------------------------------------
+    def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        scored = _is_scored(row.get("status"))
+        out = {k: _csv_text(self._kind(k), k, row.get(k), scored) for k in row if k != "grid"}
+        out["image"] = row.get("cub_image", "")
+        return out
+
+    def csv_frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        import pandas as pd
+
+        scored = [_is_scored(s) for s in df["status"]]
+        cols = {
+            c: [_csv_text(self._kind(c), c, v, sc) for v, sc in zip(df[c].tolist(), scored, strict=True)]
+            for c in df.columns
+        }
+        out = pd.DataFrame(cols, index=df.index, dtype=object)
+        out["image"] = out["cub_image"]
+        return out
+
+    def _kind(self, column: str) -> str:
+        from .resultstore import BASE_COLUMNS
+
+        return self.columns.get(column) or BASE_COLUMNS.get(column, "str")
+
+    def run_info(self) -> dict[str, Any]:
+        return {"settings": self.fingerprint, "method": "gradcam", "headline": self.headline}
+
+    def summarize(self, out: Path, info: dict[str, Any]) -> None:
+        """``audit_summary.csv`` from ``audit.csv`` and ``controls.csv``, and the headline in ``run.json``."""
+        import csv
+
+        from .export import atomic_write, write_run_json
+
+        def rows(name: str) -> list[dict[str, str]]:
+            path = out / name
+            if not path.is_file():
+                return []
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+
+        names = self.auditor.prompts_by_name
+        summary = summarize(rows("audit.csv"), rows("controls.csv"), verdict_lift=self.s.verdict_lift, names=names)
+        atomic_write(out / "audit_summary.csv", summary.to_csv(index=False, float_format="%.4g", lineterminator="\n"))
+        self.summary = summary
+        self.headline = _headline(summary)
+        info["headline"] = self.headline
+        write_run_json(out / "run.json", info)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether a tensor has no NaN or infinite value."""
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def _is_scored(status: Any) -> bool:
+    s = "" if status is None else str(status)
+    return s != NO_VISIBLE and not s.startswith("error")
+
+
+def _csv_text(kind: str, column: str, v: Any, scored: bool) -> str:
+    """A store value as ``audit.csv``/``controls.csv`` have always written it (floats to 6 significant digits)."""
+    import pandas as pd
+
+    if isinstance(v, str) and v == "":
+        return ""
+    if v is None or v is pd.NA:
+        return "nan" if kind == "float" and scored and column in _SCORED_FLOATS else ""
+    if kind == "float":
+        f = float(v)
+        if f != f:
+            return "nan" if scored and column in _SCORED_FLOATS else ""
+        return str(_fmt(f))
+    if kind == "int":
+        return str(int(v))
+    return str(v)
+
+
+def audit_items(cub: Any, clf: ProbeClassifier, settings: AuditSettings) -> tuple[list[AuditItem], list[int], int]:
+    """The images of an audit: items (split, probe classes only, ``limit``), CUB class ids not in the probe, count."""
+    in_probe = {c: k for k, c in enumerate(clf_cub_classes(cub, clf))}
+    df = cub.split(settings.split)
+    skipped_classes = sorted({int(c) for c in df["class_id"] if int(c) - 1 not in in_probe})
+    if skipped_classes:
+        warnings.warn(
+            f"{len(skipped_classes)} class(es) of the {settings.split} split are not in the probe and are skipped "
+            f"(class ids {skipped_classes[:8]}{'...' if len(skipped_classes) > 8 else ''})",
+            UserWarning,
+            stacklevel=3,
+        )
+        df = df[(df["class_id"] - 1).isin(list(in_probe))]
+    if settings.limit is not None:
+        df = df.iloc[: settings.limit]
+    items = [
+        AuditItem(int(r.image_id), Path(cub.image_path(int(r.image_id))), str(r.path), int(r.class_id) - 1,
+                  in_probe[int(r.class_id) - 1], (float(r.x), float(r.y), float(r.width), float(r.height)),
+                  list(settings.sources))
+        for r in df.itertuples(index=False)
+    ]  # fmt: skip
+    return items, skipped_classes, len(df)
+
+
+def clf_cub_classes(cub: Any, clf: ProbeClassifier) -> list[int]:
+    """The CUB class row index of each of the classifier's classes."""
+    return [cub.class_index(n) for n in clf.class_names]
 
 
 def run_audit(
@@ -1020,11 +1235,15 @@ def run_audit(
 ) -> dict[str, Any]:
     """Audit a classifier on a CUB split; write ``audit.csv``, ``controls.csv``, ``audit_summary.csv``, ``run.json``.
 
+    A job of the pipeline runner (:func:`traitloc.pipeline.run_job`): the rows go to the run's results store
+    (``results/part-*.parquet``), the CSVs are its summaries.
+
     Parameters
     ----------
     cub : a :class:`~traitloc.cub.CUB` reader.
     clf : the classifier (:func:`load_probe_classifier`); its class names must be CUB class names.
-    out_dir : output folder; a rerun into it skips images already done (same settings required).
+    out_dir : output folder; a rerun into it skips images already done and retries failed ones (same settings
+        required: other settings raise :class:`traitloc.pipeline.SettingsMismatchError`, a ``ValueError``).
     settings : :class:`AuditSettings`.
     localizer : a :class:`~traitloc.localize.ConceptLocalizer`, needed for the ``clip`` source.
     run_info : extra entries for ``run.json`` (argv, model descriptions...).
@@ -1034,155 +1253,41 @@ def run_audit(
     dict with ``counts`` (``ok``, ``failed``, ``skipped`` images), ``seconds`` and ``headline`` (mean real vs control
     scores per source, from the summary's ``overall`` rows).
     """
-    from .batch import _prefetched
-    from .export import atomic_write, utc_now, write_run_json
-    from .results import ResultsTable
-
     s = settings
     if "clip" in s.sources and localizer is None:
         raise ValueError("the clip source needs a ConceptLocalizer (localizer=...)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fingerprint = {**s.fingerprint(), "probe_sha256": clf.describe.get("probe_sha256")}
-    old = out / "run.json"
-    table = ResultsTable(out / "audit.csv", AUDIT_COLUMNS, AUDIT_KEY)
-    if old.is_file() and len(table):
-        try:
-            before = json.loads(old.read_text()).get("settings")
-        except (OSError, json.JSONDecodeError):
-            before = None
-        if before is not None and before != json.loads(json.dumps(fingerprint)):
-            changed = sorted(k for k in fingerprint if before.get(k) != json.loads(json.dumps(fingerprint))[k])
-            raise ValueError(
-                f"{out} holds an audit made with other settings ({', '.join(changed)}); use a new --out folder"
-            )
-    ctable = ResultsTable(out / "controls.csv", CONTROL_COLUMNS, CONTROL_KEY)
     auditor = _Auditor(cub, clf, s, localizer)
-    in_probe = {c: k for k, c in enumerate(auditor.cub_of_class)}
-
-    df = cub.split(s.split)
-    skipped_classes = sorted({int(c) for c in df["class_id"] if int(c) - 1 not in in_probe})
-    if skipped_classes:
-        warnings.warn(
-            f"{len(skipped_classes)} class(es) of the {s.split} split are not in the probe and are skipped "
-            f"(class ids {skipped_classes[:8]}{'...' if len(skipped_classes) > 8 else ''})",
-            UserWarning,
-            stacklevel=2,
-        )
-        df = df[(df["class_id"] - 1).isin(list(in_probe))]
-    if s.limit is not None:
-        df = df.iloc[: s.limit]
-    done = _done_images(table)
-    jobs = []
-    for r in df.itertuples(index=False):
-        srcs = [src for src in s.sources if (str(r.image_id), src) not in done]
-        if srcs:
-            jobs.append(
-                _Job(int(r.image_id), cub.image_path(int(r.image_id)), str(r.path), int(r.class_id) - 1,
-                     in_probe[int(r.class_id) - 1], (float(r.x), float(r.y), float(r.width), float(r.height)), srcs)
-            )  # fmt: skip
-    counts = {"ok": 0, "failed": 0, "skipped": len(df) - len(jobs)}
+    items, skipped_classes, n_images = audit_items(cub, clf, s)
+    job = AuditJob(auditor, fingerprint)
     info: dict[str, Any] = dict(run_info or {})
     info.update(
         command=info.get("command", "audit"),
-        start_utc=info.get("start_utc") or utc_now(),
-        end_utc=None,
         cub_root=str(cub.root),
         classifier=clf.describe,
-        settings=fingerprint,
-        method="gradcam",
-        n_images=len(df),
-        n_images_todo=len(jobs),
+        n_images=n_images,
         classes_not_in_probe=skipped_classes,
-        status="running",
     )
-    write_run_json(out / "run.json", info)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(jobs), desc="audit", unit="img", disable=s.quiet, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    try:
-        for chunk in _prefetched(jobs, s.batch_size, _load_job):
-            for job, im in chunk:
-                if not hasattr(im, "image"):
-                    label = auditor.class_label[job.true_cub]
-                    table.append([_error_row(job, src, label, im.reason) for src in job.sources])
-                    counts["failed"] += 1
-                    bar.update(1)
-            good = [(j, im) for j, im in chunk if hasattr(im, "image")]
-            for group in _same_shape_groups(good, clf.preprocess):
-                try:
-                    results = _explain_group(clf, group, s)
-                except Exception as err:  # noqa: BLE001 - retried image by image below
-                    log.warning("batch failed (%s); retrying image by image", err)
-                    results = []
-                    for item in group:
-                        try:
-                            results.extend(_explain_group(clf, [item], s))
-                        except Exception as e1:  # noqa: BLE001
-                            results.append(e1)
-                for (job, im, _), res in zip(group, results, strict=True):
-                    label = auditor.class_label[job.true_cub]
-                    if isinstance(res, Exception):
-                        reason = f"{type(res).__name__}: {res}"
-                        table.append([_error_row(job, src, label, reason) for src in job.sources])
-                        counts["failed"] += 1
-                        bar.update(1)
-                        continue
-                    W0, H0 = im.orig_size
-                    try:
-                        rows, crows = auditor.image_rows(job, im.image, (H0, W0), res["map"], res["random_map"], res)
-                    except Exception as err:  # noqa: BLE001 - recorded for this image; the run goes on
-                        log.warning("image %d: %s: %s", job.image_id, type(err).__name__, err)
-                        reason = f"{type(err).__name__}: {err}"
-                        table.append([_error_row(job, src, label, reason) for src in job.sources])
-                        counts["failed"] += 1
-                        bar.update(1)
-                        continue
-                    ctable.append(crows)
-                    table.append(rows)
-                    counts["ok"] += 1
-                    bar.update(1)
-    finally:
-        bar.close()
-        summary = summarize(table.rows(), ctable.rows(), verdict_lift=s.verdict_lift, names=auditor.prompts_by_name)
-        atomic_write(out / "audit_summary.csv", summary.to_csv(index=False, float_format="%.4g", lineterminator="\n"))
-        table.rewrite()
-        ctable.rewrite()
-        seconds = round(time.perf_counter() - t0, 3)
-        headline = _headline(summary)
-        info.update(end_utc=utc_now(), status="finished", counts=counts, seconds=seconds, headline=headline)
-        write_run_json(out / "run.json", info)
-    return {"counts": counts, "seconds": seconds, "headline": headline}
+    counts = run_job(job, items, out_dir, info, batch_size=s.batch_size, quiet=s.quiet)
+    seconds = round(time.perf_counter() - t0, 3)
+    return {"counts": counts, "seconds": seconds, "headline": job.headline}
 
 
-def _same_shape_groups(
-    good: list[tuple[_Job, Any]], preprocess: Callable[[Image.Image], Tensor]
-) -> Iterator[list[tuple[_Job, Any, Tensor]]]:
-    """Preprocess, then yield consecutive runs of images with one input shape (a batch must be rectangular)."""
-    group: list[tuple[_Job, Any, Tensor]] = []
-    for job, im in good:
-        x = preprocess(im.image)
-        if group and group[-1][2].shape != x.shape:
-            yield group
-            group = []
-        group.append((job, im, x))
-    if group:
-        yield group
-
-
-def _explain_group(clf: ProbeClassifier, group: list[tuple[_Job, Any, Tensor]], s: AuditSettings) -> list[dict]:
+def _explain_group(clf: ProbeClassifier, group: list[tuple[AuditItem, Any, Tensor]], s: AuditSettings) -> list[dict]:
     import torch
 
-    from .batch import split_on_oom
+    from .pipeline import split_on_oom
 
-    def fn(items: list[tuple[_Job, Any, Tensor]]) -> list[dict]:
+    def fn(items: list[tuple[AuditItem, Any, Tensor]]) -> list[dict]:
         x = torch.stack([t for _, _, t in items])
         seeds = [s.seed * 1_000_003 + j.image_id for j, _, _ in items] if s.controls else None
         res = classifier_maps(clf, x, [j.true_k for j, _, _ in items], s.similar, s.gamma, seeds)
+        signed = res["signed"].detach().float().cpu()
         return [
             {
                 "map": res["maps"][b].cpu(),
+                "signed": signed[b],
                 "random_map": res["random_maps"][b].cpu() if res["random_maps"] is not None else None,
                 "predicted": res["predicted"][b],
                 "similar": res["similar"][b],

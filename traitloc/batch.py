@@ -33,6 +33,7 @@ __all__ = [
     "LocalizeSettings",
     "SettingsMismatchError",
     "run_localize",
+    "save_files",
     "split_on_oom",
 ]
 
@@ -44,9 +45,6 @@ LOCALIZE_COLUMNS = [
 NO_BASE = "(none)"
 #: what ``--save`` can write as files beside the store
 SAVE_KINDS = ("maps", "masks", "overlays", "signed")
-#: the longer side of the rendering that ``mask_fraction`` is measured on (the full size would cost more than
-#: the maps themselves for large photos; the fraction of a bilinear map above a threshold changes little)
-MASK_FRACTION_SIDE = 256
 
 
 @dataclass
@@ -127,24 +125,21 @@ class LocalizeJob(Job):
         if not torch.isfinite(signed).all():
             return "the map is not finite (NaN or infinite values)"
         W0, H0 = im.orig_size
-        relu = signed.clamp_min(0)
-        raw_max = relu.flatten(1).amax(1)
-        frac = _mask_fractions(relu, (H0, W0), self.s.threshold)
+        raw_max = signed.clamp_min(0).flatten(1).amax(1).tolist()
         scores, cscores = res.scores.float().tolist(), res.concept_scores.float().tolist()
         bscore = None if res.base_score is None else float(res.base_score)
         h, w = signed.shape[-2:]
-        notes = "; ".join(im.warnings)
         grids = signed.numpy()
-        rows = []
-        for q, (concept, trait) in enumerate(zip(self.s.concepts, self.s.traits, strict=True)):
-            row = self._row(item, concept, trait)
-            row.update(
-                grid=grids[q], grid_h=h, grid_w=w, width=W0, height=H0, raw_max=float(raw_max[q]),
-                score=scores[q], concept_score=cscores[q], base_score=bscore, mask_fraction=float(frac[q]),
-                status="ok", notes=notes,
-            )  # fmt: skip
-            rows.append(row)
-        return rows
+        same = {
+            **self.common, "image": str(Path(item).resolve()), "image_key": self.keys[item], "grid_h": h,
+            "grid_w": w, "width": W0, "height": H0, "base_score": bscore, "status": "ok",
+            "notes": "; ".join(im.warnings),
+        }  # fmt: skip
+        return [
+            {**same, "concept": c, "trait": t or "", "grid": grids[q], "raw_max": raw_max[q], "score": scores[q],
+             "concept_score": cscores[q]}  # fmt: skip
+            for q, (c, t) in enumerate(zip(self.s.concepts, self.s.traits, strict=True))
+        ]
 
     def finish(self, rows: list[dict[str, Any]], item: Path, loaded: Any) -> list[dict[str, Any]]:
         if not self.s.save:
@@ -169,27 +164,8 @@ class LocalizeJob(Job):
         }  # fmt: skip
 
 
-def _mask_fractions(relu: torch.Tensor, size_hw: tuple[int, int], threshold: float | str) -> list[float]:
-    """Fraction of each map above ``threshold`` x its max, on a rendering of at most MASK_FRACTION_SIDE px."""
-    H0, W0 = size_hw
-    scale = min(1.0, MASK_FRACTION_SIDE / max(H0, W0))
-    size = (max(1, round(H0 * scale)), max(1, round(W0 * scale)))
-    from .cam import upsample_maps
-
-    up = upsample_maps(relu, size)  # (Q, H, W)
-    peak = up.flatten(1).amax(1)
-    if isinstance(threshold, str):
-        return [float(mask_from_map(map_to_unit(m.numpy()), threshold).mean()) for m in up]
-    unit = up / peak.clamp_min(torch.finfo(up.dtype).tiny).view(-1, 1, 1)
-    frac = (unit > float(threshold)).flatten(1).float().mean(1)
-    return torch.where(peak > 0, frac, torch.zeros_like(frac)).tolist()
-
-
 def _save_files(out: Path, row: dict[str, Any], work: np.ndarray, s: LocalizeSettings, loc: ConceptLocalizer) -> None:
     """``--save``: the row's full-size map (TIFF), mask, overlay and signed map as files (each atomically)."""
-    img_key, slug = row["image_key"], slugify(row["concept"])
-    H0, W0 = int(row["height"]), int(row["width"])
-    unit = map_to_unit(render_map(row))
     meta = {
         "traitloc": __version__, "image": row["image"], "concept": row["concept"], "base": s.base,
         "gamma": s.gamma, "method": loc.method, "model": loc.bundle.name, "pretrained": loc.bundle.pretrained,
@@ -197,21 +173,52 @@ def _save_files(out: Path, row: dict[str, Any], work: np.ndarray, s: LocalizeSet
         "values": "map / max (ReLU map; all-zero stays zero)", "resize": loc.resize,
         "interpolation": "bilinear, align_corners=False",
     }  # fmt: skip
-    if "maps" in s.save:
+    save_files(out, row, work, s.save, s.threshold, meta, row["concept"])
+
+
+def save_files(
+    out: Path,
+    row: dict[str, Any],
+    work: np.ndarray,
+    kinds: Sequence[str],
+    threshold: float | str,
+    meta: dict[str, Any],
+    label: str,
+) -> None:
+    """``--save`` of localize and explain: a store row's files, each written atomically; fills the row's paths.
+
+    Parameters
+    ----------
+    out : the run folder; files go to ``maps/``, ``masks/``, ``overlays/`` and ``signed/`` under it, as
+        ``<image_key>/<slug of label>.tif|png``, and ``row["map"]``, ``row["mask"]``, ``row["overlay"]`` get their
+        paths relative to ``out``.
+    row : a store row (its grid, ``width``, ``height``, ``image_key``).
+    work : the working image (uint8 RGB, possibly reduced) that overlays are drawn on.
+    kinds : a subset of :data:`SAVE_KINDS`.
+    threshold : the mask threshold (a fraction of the max, or ``"otsu"``).
+    meta : the TIFF description (settings); ``values`` is replaced for signed maps.
+    label : the concept or target whose slug names the files.
+    """
+    img_key, slug = row["image_key"], slugify(label)
+    H0, W0 = int(row["height"]), int(row["width"])
+    unit = map_to_unit(render_map(row))
+    if "maps" in kinds:
         rel = Path("maps") / img_key / f"{slug}.tif"
         save_map_tiff(out / rel, unit, meta)
         row["map"] = rel.as_posix()
-    if "masks" in s.save:
+    if "masks" in kinds:
         rel = Path("masks") / img_key / f"{slug}.png"
-        save_mask_png(out / rel, mask_from_map(unit, s.threshold))
+        mask = mask_from_map(unit, threshold)
+        save_mask_png(out / rel, mask)
         row["mask"] = rel.as_posix()
-    if "overlays" in s.save:
+        row["mask_fraction"] = float(mask.mean())  # exact, at full size: filled where masks are saved
+    if "overlays" in kinds:
         rel = Path("overlays") / img_key / f"{slug}.png"
         wh, ww = work.shape[:2]
         ov = unit if (wh, ww) == (H0, W0) else map_to_unit(render_map(row, (wh, ww)))
         save_overlay_png(out / rel, work, ov)
         row["overlay"] = rel.as_posix()
-    if "signed" in s.save:
+    if "signed" in kinds:
         signed = render_map(row, signed=True)
         save_map_tiff(out / "signed" / img_key / f"{slug}.tif", signed, {**meta, "values": "signed, raw"})
 

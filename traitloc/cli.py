@@ -12,6 +12,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from .methods import TEXT_METHODS
+
 __all__ = ["main", "build_parser", "CliError"]
 
 
@@ -140,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        choices=["gradcam", "layercam", "scorecam"],
+        choices=TEXT_METHODS,
         default="gradcam",
-        help="CAM base method (default: gradcam)",
+        help="localization method (default: gradcam); forward-only dense methods and LeGrad for open_clip ViTs: "
+        "see docs/methods.md",
     )
     p.add_argument(
         "--template",
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
     _add_model_args(p)
+    from .distributed import add_ray_arguments
+
+    add_ray_arguments(p)
     for name in SUBCOMMAND_MODULES:
         mod = importlib.import_module(f"traitloc.{name}")
         before = set(sub.choices)
@@ -268,7 +274,15 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise CliError(str(err)) from err
     torch.manual_seed(args.seed)
     pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    bundle = load_clip(args.model, pretrained, args.device)
+    on_ray = getattr(args, "ray", None) is not None
+    if on_ray:
+        from .distributed import RayUnavailableError, require_ray
+
+        try:
+            require_ray()  # fail fast, before loading a model
+        except RayUnavailableError as err:
+            raise CliError(str(err)) from err
+    bundle = load_clip(args.model, pretrained, "cpu" if on_ray else args.device)  # with --ray: the actors compute
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     loc = ConceptLocalizer(
         bundle, args.method, templates=args.template or None, resize=args.resize, amp_dtype=amp,
@@ -279,7 +293,15 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
         threshold=args.threshold, save=args.save, quiet=args.quiet, grid_dtype=args.grid_dtype,
     )  # fmt: skip
     try:
-        counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
+        if on_ray:
+            from .distributed import RayUnavailableError, run_localize_ray
+
+            try:
+                counts = run_localize_ray(args, pretrained, loc, settings, _run_info(args, argv, bundle))
+            except RayUnavailableError as err:
+                raise CliError(str(err)) from err
+        else:
+            counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
     except SettingsMismatchError as err:
         raise CliError(str(err)) from err
     if not args.quiet:
@@ -293,7 +315,7 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Any] = {"localize": _cmd_localize}
 #: modules that add one subcommand each: ``add_parser(subparsers)`` and ``run(args, argv) -> int``
-SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "explain", "evaluate", "audit", "formats", "app_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "explain", "evaluate", "evaluate_text", "audit", "formats", "app_cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,10 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .concepts import PromptError
     from .models import ModelLoadError
+    from .resultstore import StoreError
 
     try:
         return COMMANDS[args.command](args, argv)
-    except (CliError, ModelLoadError, PromptError) as err:
+    except (CliError, ModelLoadError, PromptError, StoreError) as err:
         print(f"traitloc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,8 +27,12 @@ input and scored. The protocol (also in ``docs/evaluate.md``):
 distinct perturbed image once: the unperturbed, fully deleted and blurred images are shared by all methods, and
 RD@k's perturbed image is a deletion step whenever k n is on the step grid (5 % and 10 % with 20 steps).
 
-Outputs: ``per_image.csv`` (one row per image x method, resumable), ``metrics.csv`` (one row per method: ``rd_05,
-rd_10, deletion_auc, insertion_auc, energy_pointing, n_images``, timing and standard errors) and ``run.json``.
+``evaluate`` is a job of the pipeline runner (:func:`traitloc.pipeline.run_job`): images decoded one batch ahead,
+per-image errors, resume and ``run.json`` (with the earlier runs of the folder under ``previous_runs``). Outputs: the
+results store ``results/part-*.parquet`` (one row per image x method, keyed by image id, method and a fingerprint of
+the settings, so runs of other settings live side by side; no maps), ``per_image.csv`` (the same rows for
+spreadsheets), ``metrics.csv`` (one row per method over this run's images: ``rd_05, rd_10, deletion_auc,
+insertion_auc, energy_pointing, n_images``, timing and standard errors) and ``run.json``.
 """
 
 from __future__ import annotations
@@ -50,13 +54,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .pipeline import Job, load_or_error, run_job
+
 __all__ = [
     "METHOD_NAMES",
     "METRICS_COLUMNS",
     "PER_IMAGE_COLUMNS",
+    "EvalItem",
+    "EvaluateJob",
     "EvaluateSettings",
     "FaithfulnessBatch",
     "add_parser",
+    "evaluation_items",
     "evaluation_subset",
     "parse_methods",
     "run",
@@ -69,6 +78,8 @@ log = logging.getLogger(__name__)
 METHOD_NAMES = ("gradcam", "finer-gradcam", "layercam", "finer-layercam", "scorecam", "finer-scorecam")
 GRADIENT_METHODS = METHOD_NAMES[:4]
 FRACTIONS = (0.05, 0.10)
+#: the per-image error of a map with NaN or infinite values (the same words in every command)
+NOT_FINITE = "the map is not finite (NaN or infinite values)"
 PER_IMAGE_COLUMNS = [
     "image_id", "image", "method", "class_id", "true_class", "predicted_class", "correct", "target", "similar_class",
     "references", "gamma", "rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing", "p_target",
@@ -348,26 +359,238 @@ def _explain_maps(
     return {m: maps[:, q] for q, m in enumerate(methods)}
 
 
-def run_evaluate(
-    cub_root: str | Path,
-    out_dir: str | Path,
-    clf: Any,
-    settings: EvaluateSettings,
-    run_info: dict[str, Any],
-) -> dict[str, Any]:
-    """Evaluate ``settings.methods`` on a CUB split into ``out_dir``; returns counts, timing and the metrics rows."""
-    from .batch import _prefetched, _progress
-    from .cam import FinerCAM
-    from .classify import similar_classes
-    from .cub import CUB
-    from .export import atomic_write, utc_now, write_run_json
-    from .imageio import ImageLoadError, LoadedImage
-    from .metrics import box_mask, energy_inside
-    from .results import ResultsTable
+@dataclass(frozen=True)
+class EvalItem:
+    """One image of an evaluation (an item of :class:`EvaluateJob`; picklable)."""
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cub = CUB(cub_root)
+    image_id: int
+    path: str  # absolute
+    key: str  # the image's key in the store: its CUB file stem
+    class_id: int  # CUB class id (1-based)
+    box: tuple[float, float, float, float]  # CUB bounding box x, y, width, height in original pixels
+    methods: tuple[str, ...]  # the methods that apply to it (Score-CAM only on its image subset)
+
+
+class EvaluateJob(Job):
+    """The paper's metrics of a probe's maps: one store row per (image, method) (no map: ``grid`` is empty).
+
+    The summary ``per_image.csv`` lists the rows; :meth:`summarize` aggregates ``metrics.csv`` at the end of a run
+    (only the rows of this run's settings and images count).
+    """
+
+    name = "evaluate"
+    key_columns = tuple(PER_IMAGE_KEY)
+    csv_columns = tuple(PER_IMAGE_COLUMNS)
+    csv_name = "per_image.csv"
+    retry_errors = True
+    columns = {
+        "image_id": "int", "method": "str", "settings": "str", "class_id": "int", "true_class": "str",
+        "predicted_class": "str", "correct": "bool", "target": "str", "similar_class": "str", "references": "str",
+        "gamma": "float", "rd_05": "float", "rd_10": "float", "deletion_auc": "float", "insertion_auc": "float",
+        "energy_pointing": "float", "p_target": "float", "p_similar": "float", "map_max": "float",
+        "seconds": "float",
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        clf: Any,
+        settings: EvaluateSettings,
+        k_of_cub: dict[int, int],
+        image_ids: Sequence[int],
+        scorecam_ids: Sequence[int],
+    ) -> None:
+        from .cam import FinerCAM
+        from .resultstore import INTERPOLATION
+
+        self.clf = clf
+        self.s = settings
+        self.names = clf.class_names
+        self.k_of_cub = dict(k_of_cub)
+        self.image_ids = [int(i) for i in image_ids]
+        self.scorecam_ids = [int(i) for i in scorecam_ids]
+        self.fp = settings.fingerprint(clf.describe.get("probe_sha256"))
+        self.map_settings = {}  # rows of other settings live beside these (their fingerprint is in the key)
+        adapter = clf.adapter
+        self.cams = {
+            "gradcam": FinerCAM(adapter, "gradcam"),
+            "layercam": FinerCAM(adapter, "layercam"),
+            "scorecam": FinerCAM(adapter, "scorecam", scorecam_channels=settings.scorecam_channels,
+                                 scorecam_batch=settings.forward_batch),
+        }  # fmt: skip
+        self.W = clf.weight.to(clf.device, torch.float32)
+        self.b_head = None if clf.bias is None else clf.bias.to(clf.device, torch.float32)
+        self.model = clf.model.eval()
+        if settings.channels_last:  # NHWC convolutions: same numbers up to float rounding, faster on CPUs
+            self.model.to(memory_format=torch.channels_last)
+        self.seconds: dict[str, float] = dict.fromkeys(settings.methods, 0.0)
+        self.common = {"settings": self.fp, "resize": "stretch", "interpolation": INTERPOLATION, "notes": ""}
+        self.metrics: list[dict[str, Any]] = []
+
+    # -- items ----------------------------------------------------------------------------------------------------
+    def item_keys(self, item: EvalItem) -> list[tuple[Any, ...]]:
+        return [(item.image_id, m, self.fp) for m in item.methods]
+
+    def load(self, item: EvalItem) -> Any:
+        return load_or_error(Path(item.path))
+
+    def _wants(self, item: EvalItem) -> list[str]:
+        """The item's methods not in the store yet (the runner keeps the set of stored keys)."""
+        done = getattr(self, "_done", set())
+        return [m for m in item.methods if (item.image_id, m, self.fp) not in done]
+
+    def _base_row(self, item: EvalItem, method: str) -> dict[str, Any]:
+        return {
+            **self.common, "image_id": item.image_id, "method": method, "image": item.path, "image_key": item.key,
+            "result_id": f"{item.key}/{method}", "class_id": item.class_id,
+            "true_class": self.names[self.k_of_cub[item.class_id]],
+            "gamma": float(self.s.gamma) if method.startswith("finer-") else 0.0,
+        }  # fmt: skip
+
+    def error_rows(self, item: EvalItem, reason: str) -> list[dict[str, Any]]:
+        status = f"error: {reason}".splitlines()[0]
+        return [{**self._base_row(item, m), "status": status} for m in self._wants(item) or item.methods]
+
+    # -- compute --------------------------------------------------------------------------------------------------
+    def compute(self, batch: list[tuple[EvalItem, Any]]) -> list[list[dict[str, Any]] | str]:
+        """Rows of one batch of decoded images (raises on failure: the runner retries image by image)."""
+        from .classify import similar_classes
+        from .metrics import box_mask, energy_inside
+
+        s, clf, W, names = self.s, self.clf, self.W, self.names
+        items = [it for it, _ in batch]
+        t0 = time.perf_counter()
+        x = torch.stack([clf.preprocess(im.image) for _, im in batch]).to(clf.device)
+        B, (Hin, Win) = x.shape[0], x.shape[-2:]
+        pre = self.cams["gradcam"].prefix(x)
+        feats = clf.adapter.features(pre).float()
+        if feats.shape[-1] != W.shape[1]:
+            raise ValueError(f"the backbone gives {feats.shape[-1]}-d features but the probe expects {W.shape[1]}")
+        logits = feats @ W.t() + (self.b_head if self.b_head is not None else 0.0)
+        pred = logits.argmax(1)
+        true = torch.tensor([self.k_of_cub[it.class_id] for it in items], device=logits.device)
+        tgt = true if s.target == "true" else pred
+        T = min(s.num_references, len(names) - 1)
+        refs = similar_classes(logits, tgt, T)  # (B, T), closest first
+        V = torch.cat([W[tgt].unsqueeze(1), W[refs]], 1)  # (B, 1 + T, D)
+        finer = torch.zeros(B, 1 + T, device=V.device)
+        finer[:, 0] = 1.0
+        finer[:, 1:] = -s.gamma / T
+        want = [self._wants(it) for it in items]
+        shared = time.perf_counter() - t0
+        maps: dict[str, Tensor] = {}
+        rows_of: dict[str, list[int]] = {}
+        own: dict[str, float] = {}
+        for base, ms in _bases(s.methods).items():
+            ms = [m for m in ms if any(m in w for w in want)]
+            if not ms:
+                continue
+            sel = [b for b in range(B) if any(m in want[b] for m in ms)]
+            t1 = time.perf_counter()
+            if len(sel) == B:
+                got = _explain_maps(self.cams[base], x, pre, V, finer, ms)
+            else:
+                got = _explain_maps(self.cams[base], x[sel], None, V[sel], finer[sel], ms)
+            dt = (time.perf_counter() - t1) / len(ms)
+            for m in ms:
+                maps[m], rows_of[m], own[m] = got[m], sel, dt
+        # an image with a non-finite map fails as a whole (as in every command), the others are scored
+        bad = {rows_of[m][j] for m in maps for j in range(len(rows_of[m])) if not bool(maps[m][j].isfinite().all())}
+        if bad:
+            for m in list(maps):
+                keep = [j for j, b in enumerate(rows_of[m]) if b not in bad]
+                maps[m], rows_of[m] = maps[m][keep], [rows_of[m][j] for j in keep]
+                if not keep:
+                    del maps[m], rows_of[m], own[m]
+        t2 = time.perf_counter()
+        fb = FaithfulnessBatch(self.model, x, tgt.tolist(), refs[:, 0].tolist(), steps=s.steps,
+                               batch_size=s.forward_batch, channels_last=s.channels_last)  # fmt: skip
+        fb.shared()
+        shared += time.perf_counter() - t2
+        scores: dict[str, dict[str, np.ndarray]] = {}
+        for m in maps:
+            t3 = time.perf_counter()
+            scores[m] = fb.score(maps[m], rows_of[m])
+            own[m] += time.perf_counter() - t3
+        n_pairs = sum(len(v) for v in rows_of.values()) or 1
+        out: list[list[dict[str, Any]]] = [[] for _ in range(B)]
+        p0 = fb.p_orig
+        for m in maps:
+            per_img = own[m] / len(rows_of[m]) + shared / n_pairs
+            self.seconds[m] += per_img * len(rows_of[m])
+            for j, b in enumerate(rows_of[m]):
+                it, im = batch[b]
+                if m not in want[b]:
+                    continue
+                mp = maps[m][j].detach().float().cpu()
+                W0, H0 = im.orig_size
+                sx, sy = Win / W0, Hin / H0
+                bx, by, bw, bh = it.box
+                box = box_mask((int(Hin), int(Win)), bx * sx, by * sy, bw * sx, bh * sy)
+                energy = energy_inside(mp.numpy(), box) if box.any() else float("nan")
+                row = self._base_row(it, m)
+                row.update(
+                    predicted_class=names[int(pred[b])], correct=bool(pred[b] == true[b]), target=names[int(tgt[b])],
+                    similar_class=names[int(refs[b, 0])], references="; ".join(names[int(r)] for r in refs[b]),
+                    rd_05=float(scores[m]["rd_05"][j]), rd_10=float(scores[m]["rd_10"][j]),
+                    deletion_auc=float(scores[m]["deletion_auc"][j]),
+                    insertion_auc=float(scores[m]["insertion_auc"][j]), energy_pointing=energy,
+                    p_target=float(p0[b, int(tgt[b])]), p_similar=float(p0[b, int(refs[b, 0])]),
+                    map_max=float(mp.max()), seconds=round(per_img, 4), width=W0, height=H0, status="ok",
+                )  # fmt: skip
+                out[b].append(row)
+        return [NOT_FINITE if b in bad else rows for b, rows in enumerate(out)]
+
+    # -- summaries ------------------------------------------------------------------------------------------------
+    def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = super().csv_row(row)
+        out["correct"] = _bool_text(row.get("correct"))
+        out["gamma"] = _gamma_text(row.get("gamma"))
+        return out
+
+    def csv_frame(self, df: Any) -> Any:
+        return df.assign(correct=[_bool_text(v) for v in df["correct"]], gamma=[_gamma_text(v) for v in df["gamma"]])
+
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "settings_fingerprint": self.fp,
+            "scorecam_image_ids": self.scorecam_ids,
+            "seconds_this_run": {m: round(v, 3) for m, v in self.seconds.items()},
+        }
+
+    def summarize(self, out: Path, info: dict[str, Any]) -> None:
+        """``metrics.csv``: one row per method, over this run's settings and images (from the store)."""
+        from .export import atomic_write
+        from .resultstore import read_results
+
+        cols = [c for c in PER_IMAGE_COLUMNS if c in self.columns or c == "status"]
+        self.metrics = summarize(read_results(out, columns=cols), self.s, self.fp, self.image_ids, self.scorecam_ids)
+        _write_metrics(out / "metrics.csv", self.metrics, atomic_write)
+
+
+def _bool_text(v: Any) -> str:
+    """``true``/``false`` as in the CSV summaries ("" when missing)."""
+    import pandas as pd
+
+    return "" if v is None or pd.isna(v) else str(bool(v)).lower()
+
+
+def _gamma_text(v: Any) -> str:
+    """Gamma as ``per_image.csv`` has always written it: ``0.6``, ``0``."""
+    import pandas as pd
+
+    return "" if v is None or v == "" or pd.isna(v) else f"{float(v):g}"
+
+
+def evaluation_items(
+    cub: Any, clf: Any, settings: EvaluateSettings
+) -> tuple[list[EvalItem], dict[int, int], list[int], list[int], list[str]]:
+    """The images of an evaluation: items, probe class of each CUB class, image ids, Score-CAM image ids, notes.
+
+    Raises
+    ------
+    ValueError
+        A probe class that is not a class of the CUB root, or no images of the probe's classes in the split.
+    """
     names = clf.class_names
     k_of_cub: dict[int, int] = {}
     for k, name in enumerate(names):
@@ -396,188 +619,44 @@ def run_evaluate(
         raise ValueError(f"no {settings.split} images of the probe's classes are present under {cub.base / 'images'}")
     df = df.iloc[evaluation_subset(len(df), settings.limit)].reset_index(drop=True)
     sc_rows = set(evaluation_subset(len(df), settings.scorecam_images).tolist())
-    fp = settings.fingerprint(clf.describe.get("probe_sha256"))
-    table = ResultsTable(out / "per_image.csv", PER_IMAGE_COLUMNS, PER_IMAGE_KEY)
-    done = table.done_keys()
-
-    def applicable(i: int) -> list[str]:
-        return [m for m in settings.methods if not (m.endswith("scorecam") and i not in sc_rows)]
-
-    def wants(i: int) -> list[str]:
-        iid = str(int(df.at[i, "image_id"]))
-        return [m for m in applicable(i) if (iid, m, fp) not in done]
-
-    todo = [i for i in range(len(df)) if wants(i)]
-    n_applicable = sum(1 for i in range(len(df)) if applicable(i))
-    info = dict(run_info)
-    info["previous_runs"] = _previous_runs(out / "run.json")
-    info.update(
-        start_utc=info.get("start_utc") or utc_now(), end_utc=None, status="running", split=settings.split,
-        n_images=len(df), n_images_todo=len(todo), settings_fingerprint=fp, notes=notes,
-        scorecam_image_ids=[int(df.at[i, "image_id"]) for i in sorted(sc_rows)],
-    )  # fmt: skip
-    write_run_json(out / "run.json", info)
-
-    adapter = clf.adapter
-    cams = {
-        "gradcam": FinerCAM(adapter, "gradcam"),
-        "layercam": FinerCAM(adapter, "layercam"),
-        "scorecam": FinerCAM(adapter, "scorecam", scorecam_channels=settings.scorecam_channels,
-                             scorecam_batch=settings.forward_batch),
-    }  # fmt: skip
-    W = clf.weight.to(clf.device, torch.float32)
-    b_head = None if clf.bias is None else clf.bias.to(clf.device, torch.float32)
-    model = clf.model.eval()
-    if settings.channels_last:  # NHWC convolutions: same numbers up to float rounding, faster on CPUs
-        model.to(memory_format=torch.channels_last)
-    seconds: dict[str, float] = dict.fromkeys(settings.methods, 0.0)
-    counts = {"images_ok": 0, "images_failed": 0, "images_already_done": n_applicable - len(todo), "rows": 0}
-    bar = _progress(len(todo), settings.quiet, "evaluate")
-    paths = [cub.image_path(int(df.at[i, "image_id"])) for i in todo]
-    row_of_path = dict(zip(paths, todo, strict=True))
-    t_all = time.perf_counter()
-
-    def base_row(i: int, method: str) -> dict[str, Any]:
-        r = df.loc[i]
-        return {
-            **dict.fromkeys(PER_IMAGE_COLUMNS, ""), "image_id": int(r["image_id"]), "method": method,
-            "image": str(cub.image_path(int(r["image_id"]))), "class_id": int(r["class_id"]),
-            "true_class": names[k_of_cub[int(r["class_id"])]], "settings": fp,
-            "gamma": f"{settings.gamma:g}" if method.startswith("finer-") else "0",
-        }  # fmt: skip
-
-    def evaluate_batch(items: list[tuple[int, Any]]) -> list[dict[str, Any]]:
-        """Rows of one batch of decoded images (raises on failure; the caller retries image by image)."""
-        t0 = time.perf_counter()
-        x = torch.stack([clf.preprocess(im.image) for _, im in items]).to(clf.device)
-        B, (Hin, Win) = x.shape[0], x.shape[-2:]
-        pre = cams["gradcam"].prefix(x)
-        feats = adapter.features(pre).float()
-        if feats.shape[-1] != W.shape[1]:
-            raise ValueError(f"the backbone gives {feats.shape[-1]}-d features but the probe expects {W.shape[1]}")
-        logits = feats @ W.t() + (b_head if b_head is not None else 0.0)
-        pred = logits.argmax(1)
-        true = torch.tensor([k_of_cub[int(df.at[i, "class_id"])] for i, _ in items], device=logits.device)
-        tgt = true if settings.target == "true" else pred
-        T = min(settings.num_references, len(names) - 1)
-        refs = similar_classes(logits, tgt, T)  # (B, T), closest first
-        V = torch.cat([W[tgt].unsqueeze(1), W[refs]], 1)  # (B, 1 + T, D)
-        finer = torch.zeros(B, 1 + T, device=V.device)
-        finer[:, 0] = 1.0
-        finer[:, 1:] = -settings.gamma / T
-        want = {i: wants(i) for i, _ in items}
-        shared = time.perf_counter() - t0
-        maps: dict[str, Tensor] = {}
-        rows_of: dict[str, list[int]] = {}
-        own: dict[str, float] = {}
-        for base, ms in _bases(settings.methods).items():
-            ms = [m for m in ms if any(m in want[i] for i, _ in items)]
-            if not ms:
-                continue
-            sel = [b for b, (i, _) in enumerate(items) if any(m in want[i] for m in ms)]
-            t1 = time.perf_counter()
-            if len(sel) == B:
-                got = _explain_maps(cams[base], x, pre, V, finer, ms)
-            else:
-                got = _explain_maps(cams[base], x[sel], None, V[sel], finer[sel], ms)
-            dt = (time.perf_counter() - t1) / len(ms)
-            for m in ms:
-                maps[m], rows_of[m], own[m] = got[m], sel, dt
-        t2 = time.perf_counter()
-        fb = FaithfulnessBatch(model, x, tgt.tolist(), refs[:, 0].tolist(), steps=settings.steps,
-                               batch_size=settings.forward_batch, channels_last=settings.channels_last)  # fmt: skip
-        fb.shared()
-        shared += time.perf_counter() - t2
-        scores: dict[str, dict[str, np.ndarray]] = {}
-        for m in maps:
-            t3 = time.perf_counter()
-            scores[m] = fb.score(maps[m], rows_of[m])
-            own[m] += time.perf_counter() - t3
-        n_pairs = sum(len(v) for v in rows_of.values()) or 1
-        rows = []
-        p0 = fb.p_orig
-        for m in maps:
-            per_img = own[m] / len(rows_of[m]) + shared / n_pairs
-            seconds[m] += per_img * len(rows_of[m])
-            for j, b in enumerate(rows_of[m]):
-                i = items[b][0]
-                if m not in want[i]:
-                    continue
-                mp = maps[m][j].detach().float().cpu()
-                r0 = df.loc[i]
-                sx, sy = Win / items[b][1].orig_size[0], Hin / items[b][1].orig_size[1]
-                box = box_mask((int(Hin), int(Win)), float(r0["x"]) * sx, float(r0["y"]) * sy,
-                               float(r0["width"]) * sx, float(r0["height"]) * sy)  # fmt: skip
-                energy = energy_inside(mp.numpy(), box) if box.any() else float("nan")
-                row = base_row(i, m)
-                row.update(
-                    predicted_class=names[int(pred[b])], correct=str(bool(pred[b] == true[b])).lower(),
-                    target=names[int(tgt[b])], similar_class=names[int(refs[b, 0])],
-                    references="; ".join(names[int(r)] for r in refs[b]),
-                    rd_05=float(scores[m]["rd_05"][j]), rd_10=float(scores[m]["rd_10"][j]),
-                    deletion_auc=float(scores[m]["deletion_auc"][j]),
-                    insertion_auc=float(scores[m]["insertion_auc"][j]),
-                    energy_pointing=energy, p_target=float(p0[b, int(tgt[b])]), p_similar=float(p0[b, int(refs[b, 0])]),
-                    map_max=float(mp.max()), seconds=round(per_img, 4), status="ok",
-                )  # fmt: skip
-                rows.append(row)
-        return rows
-
-    try:
-        for chunk in _prefetched(paths, settings.batch_size):
-            good: list[tuple[int, Any]] = []
-            for p, im in chunk:
-                i = row_of_path[p]
-                if isinstance(im, ImageLoadError):
-                    table.append([{**base_row(i, m), "status": f"error: {im.reason}"} for m in wants(i)])
-                    counts["images_failed"] += 1
-                    continue
-                assert isinstance(im, LoadedImage)
-                good.append((i, im))
-            if good:
-                try:
-                    rows = evaluate_batch(good)
-                except Exception as err:  # noqa: BLE001 - retried image by image
-                    log.debug("batch failed (%s); retrying image by image", err)
-                    rows = []
-                    for item in good:
-                        try:
-                            rows.extend(evaluate_batch([item]))
-                        except Exception as e1:  # noqa: BLE001
-                            reason = f"error: {type(e1).__name__}: {e1}".splitlines()[0]
-                            log.warning("%s: %s", cub.image_path(int(df.at[item[0], "image_id"])), reason)
-                            rows.extend({**base_row(item[0], m), "status": reason} for m in wants(item[0]))
-                table.append(rows)
-                counts["rows"] += len(rows)
-                bad = {r["image_id"] for r in rows if r["status"] != "ok"}
-                counts["images_failed"] += len(bad)
-                counts["images_ok"] += len(good) - len(bad)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        wall = time.perf_counter() - t_all
-        ids = [int(i) for i in df["image_id"]]
-        metrics = summarize(table.rows(), settings, fp, ids, [ids[i] for i in sorted(sc_rows)])
-        _write_metrics(out / "metrics.csv", metrics, atomic_write)
-        info.update(
-            end_utc=utc_now(), status="finished", counts=counts, wall_seconds=round(wall, 3),
-            seconds_this_run={m: round(s, 3) for m, s in seconds.items()},
+    items = []
+    for i, r in enumerate(df.itertuples(index=False)):
+        methods = tuple(m for m in settings.methods if not (m.endswith("scorecam") and i not in sc_rows))
+        if not methods:
+            continue
+        path = Path(cub.image_path(int(r.image_id))).resolve()
+        items.append(
+            EvalItem(int(r.image_id), str(path), path.stem, int(r.class_id),
+                     (float(r.x), float(r.y), float(r.width), float(r.height)), methods)
         )  # fmt: skip
-        write_run_json(out / "run.json", info)
-    return {"counts": counts, "seconds": seconds, "metrics": metrics, "notes": notes, "wall_seconds": wall}
+    ids = [int(i) for i in df["image_id"]]
+    return items, k_of_cub, ids, [ids[i] for i in sorted(sc_rows)], notes
 
 
-def _previous_runs(path: Path) -> list[dict[str, Any]]:
-    """Summaries of the earlier runs into this folder (from its ``run.json``), so a resumed run keeps their timing."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(old, dict):
-        return []
-    keep = ("argv", "methods", "start_utc", "end_utc", "status", "counts", "wall_seconds", "seconds_this_run")
-    runs = old.get("previous_runs") if isinstance(old.get("previous_runs"), list) else []
-    return [*runs, {k: old.get(k) for k in keep}]
+def run_evaluate(
+    cub_root: str | Path,
+    out_dir: str | Path,
+    clf: Any,
+    settings: EvaluateSettings,
+    run_info: dict[str, Any],
+) -> dict[str, Any]:
+    """Evaluate ``settings.methods`` on a CUB split into ``out_dir`` (a job of :func:`traitloc.pipeline.run_job`).
+
+    Returns
+    -------
+    dict with ``counts`` (images ``ok``, ``failed``, ``skipped``: already done), ``seconds`` (per method, this
+    run), ``metrics`` (the rows of ``metrics.csv``), ``notes`` and ``wall_seconds``.
+    """
+    from .cub import CUB
+
+    cub = CUB(cub_root)
+    items, k_of_cub, ids, sc_ids, notes = evaluation_items(cub, clf, settings)
+    job = EvaluateJob(clf, settings, k_of_cub, ids, sc_ids)
+    info = {**run_info, "split": settings.split, "n_images": len(ids), "notes": notes}
+    t0 = time.perf_counter()
+    counts = run_job(job, items, out_dir, info, batch_size=settings.batch_size, quiet=settings.quiet)
+    wall = time.perf_counter() - t0
+    return {"counts": counts, "seconds": job.seconds, "metrics": job.metrics, "notes": notes, "wall_seconds": wall}
 
 
 def _se(v: np.ndarray) -> float:
@@ -586,26 +665,33 @@ def _se(v: np.ndarray) -> float:
 
 
 def summarize(
-    rows: Sequence[dict[str, str]],
+    rows: Any,
     settings: EvaluateSettings,
     fingerprint: str,
     image_ids: Sequence[int],
     scorecam_ids: Sequence[int],
 ) -> list[dict[str, Any]]:
-    """``metrics.csv`` rows (one per method, in ``settings.methods`` order) from ``per_image.csv`` rows.
+    """``metrics.csv`` rows (one per method, in ``settings.methods`` order) from per-image rows.
 
-    Only rows of this run's settings (``fingerprint``) and images count: ``image_ids`` for the gradient methods,
-    ``scorecam_ids`` for Score-CAM (a folder may hold rows of other ``--limit`` or ``--scorecam-images`` runs).
+    ``rows``: a DataFrame of the store (:func:`traitloc.resultstore.read_results`) or dicts as in ``per_image.csv``
+    (text or numbers). Only rows of this run's settings (``fingerprint``) and images count: ``image_ids`` for the
+    gradient methods, ``scorecam_ids`` for Score-CAM (a folder may hold rows of other ``--limit`` or
+    ``--scorecam-images`` runs). Images are aggregated in image-id order.
     """
+    import pandas as pd
+
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=PER_IMAGE_COLUMNS)
+    if len(df):
+        df = df.assign(image_id=pd.to_numeric(df["image_id"]).astype("int64")).sort_values("image_id", kind="stable")
     out = []
     n_images, n_scorecam = len(image_ids), len(scorecam_ids)
     for m in settings.methods:
-        wanted = {str(int(i)) for i in (scorecam_ids if m.endswith("scorecam") else image_ids)}
-        mine = [r for r in rows if r["method"] == m and r["settings"] == fingerprint and r["image_id"] in wanted]
-        ok = [r for r in mine if r["status"] == "ok"]
+        wanted = {int(i) for i in (scorecam_ids if m.endswith("scorecam") else image_ids)}
+        mine = df[(df["method"] == m) & (df["settings"] == fingerprint) & df["image_id"].isin(wanted)]
+        ok = mine[mine["status"] == "ok"]
 
-        def col(name: str, ok: list[dict[str, str]] = ok) -> np.ndarray:
-            return np.array([float(r[name]) if r[name] != "" else np.nan for r in ok], dtype=np.float64)
+        def col(name: str, ok: Any = ok) -> np.ndarray:
+            return pd.to_numeric(ok[name].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float64)
 
         row: dict[str, Any] = {"method": m, "n_images": len(ok), "n_failed": len(mine) - len(ok)}
         for name in ("rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing"):
@@ -808,9 +894,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             )
         c = res["counts"]
         print(
-            f"traitloc evaluate: {c['images_ok']} images done, {c['images_failed']} failed, "
-            f"{c['images_already_done']} already done -> {args.out}",
+            f"traitloc evaluate: {c['ok']} images done, {c['failed']} failed, {c['skipped']} already done "
+            f"-> {args.out}",
             file=sys.stderr,
         )
-    failed_all = res["counts"]["images_failed"] and not res["counts"]["images_ok"]
+    failed_all = res["counts"]["failed"] and not res["counts"]["ok"]
     return 1 if failed_all and not any(r["n_images"] for r in res["metrics"]) else 0

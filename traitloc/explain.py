@@ -11,30 +11,44 @@ aggregated before the ReLU, with a Grad-CAM, Layer-CAM or Score-CAM base
 (:class:`traitloc.classify.ClassifierExplainer`).
 ``--gamma 0`` gives the plain CAM of the target; ``--gamma`` above 1 extrapolates.
 
-Outputs under ``--out`` (paths in the table are relative to it), one row per image:
+``explain`` is a job of the pipeline runner (:func:`traitloc.pipeline.run_job`), like ``localize``: images decoded
+(and preprocessed) one batch ahead, OOM splitting, per-image errors, resume, the settings check and ``run.json``.
+Outputs under ``--out``, one row per image:
 
-- ``maps/<image-key>/<target-slug>.tif``: float32 at the original image's height x width, map / its max (values in
-  [0, 1]; an all-zero map stays zero), the settings in the TIFF description;
-- ``masks/<image-key>/<target-slug>.png`` (0/255, map > ``--threshold``), ``overlays/<image-key>/<target-slug>.png``;
+- ``results/part-*.parquet``: the results store (:mod:`traitloc.resultstore`): the target, prediction, references,
+  logits, score and the **signed pre-ReLU grid map** of each image (keys ``image_key, target_spec,
+  reference_spec``); full-size maps, masks and overlays are renderings of it
+  (:func:`traitloc.resultstore.render_map`, ``traitloc export``);
 - ``results.csv``: ``image, image_key, target, predicted, references, gamma, method, raw_max, map, status`` and more
-  (:data:`EXPLAIN_COLUMNS`); ``status`` is ``ok`` or ``error: <reason>`` for that image;
+  (:data:`EXPLAIN_COLUMNS`); ``status`` is ``ok`` or ``error: <reason>`` for that image; the ``map``, ``mask`` and
+  ``overlay`` paths are filled where ``--save`` wrote those files;
+- with ``--save maps,masks,overlays,signed``: ``maps/<image-key>/<target-slug>.tif`` (float32 at the original
+  size, map / its max), ``masks/…png``, ``overlays/…png``, ``signed/…tif`` (raw pre-ReLU values);
 - ``run.json``.
 
-Images are decoded one batch ahead in a background thread; each image's files are written atomically before its
-row is appended, so a killed run resumes: rerunning into the same folder skips the rows already ``ok`` for the same
-classifier and settings. The map covers the whole image: the classifier's ``preprocess`` is expected to resize the
-whole image (as :class:`traitloc.backbones.ImagePreprocess` does); one that crops would misalign the map.
+A killed run resumes: rerunning into the same folder skips the images already in the store for the same
+classifier and settings (images that failed are tried again); a folder made with other settings is refused. The
+map covers the whole image: the classifier's ``preprocess`` is expected to resize the whole image (as
+:class:`traitloc.backbones.ImagePreprocess` does); one that crops would misalign the map.
+
+Building the job elsewhere (a worker process, a Ray actor): everything it needs is the picklable
+:class:`ExplainSpec`; :func:`build_explain_job` loads the classifier and returns the :class:`ExplainJob`, and
+:func:`explain_items` turns the input paths into the job's items ``(absolute path, image key)`` (keys are made
+over the whole list, so compute them once and hand out slices)::
+
+    spec = ExplainSpec(probe="probe/", target="auto", gamma=0.6)
+    job = build_explain_job(spec, "out/")
+    run_job(job, explain_items(["photos/"]), "out/", {"command": "explain"}, batch_size=spec.batch_size)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import math
+import os
 import sys
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +57,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["EXPLAIN_COLUMNS", "EXPLAIN_KEY", "ExplainSettings", "add_parser", "load_classifier", "run", "run_explain"]
+from .pipeline import Job, SettingsMismatchError, load_or_error, run_job
+
+__all__ = [
+    "EXPLAIN_COLUMNS",
+    "EXPLAIN_KEY",
+    "ExplainJob",
+    "ExplainSettings",
+    "ExplainSpec",
+    "ExplainSpecError",
+    "SettingsMismatchError",
+    "add_parser",
+    "build_explain_job",
+    "explain_items",
+    "load_classifier",
+    "resolve_settings",
+    "run",
+    "run_explain",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +83,66 @@ EXPLAIN_COLUMNS = [
     "target_logit", "predicted_logit", "target_index", "predicted_index", "reference_indices", "mask_fraction",
     "map", "mask", "overlay", "width", "height", "target_spec", "reference_spec", "classifier", "status", "notes",
 ]  # fmt: skip
-EXPLAIN_KEY = ["image_key", "target_spec", "reference_spec", "gamma", "method", "reverse", "classifier"]
+#: the keys of a row in the store (settings that must match are checked apart: :attr:`ExplainJob.map_settings`)
+EXPLAIN_KEY = ["image_key", "target_spec", "reference_spec"]
 #: separator of class names in the ``references`` column
 REF_SEP = "; "
+#: how the classifier's preprocess is assumed to bring the image to the model input (the whole image, no crop)
+RESIZE = "stretch"
+
+
+class ExplainSpecError(ValueError):
+    """A target or reference that the classifier cannot explain (one line, naming the option)."""
+
+
+@dataclass
+class ExplainSpec:
+    """What ``traitloc explain`` explains, as given on the command line (picklable; no model inside).
+
+    Attributes
+    ----------
+    classifier, probe : exactly one: ``MODULE:FUNCTION`` or a probe folder (:func:`load_classifier`).
+    device : ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    target : ``"auto"`` (the predicted class), a class name or a 0-based index (as text or int).
+    references : class names or indices, or None (the ``num_references`` classes with the closest logits).
+    num_references, gamma, method, reverse, scorecam_channels : the explanation (see the module docstring).
+    threshold : mask threshold (``--save masks`` and ``mask_fraction``).
+    save : files written beside the store, a subset of :data:`traitloc.batch.SAVE_KINDS`.
+    grid_dtype : ``float32`` or ``float16`` grids in the store.
+    batch_size, quiet : batching and progress bar.
+    """
+
+    classifier: str | None = None
+    probe: str | None = None
+    device: str = "auto"
+    target: str | int = "auto"
+    references: list[str | int] | None = None
+    num_references: int = 3
+    gamma: float = 0.6
+    method: str = "gradcam"
+    reverse: bool = False
+    scorecam_channels: int | None = None
+    threshold: float | str = 0.5
+    save: tuple[str, ...] = ()
+    grid_dtype: str = "float32"
+    batch_size: int = 8
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExplainSpec:
+        """The spec of parsed ``traitloc explain`` arguments."""
+        return cls(
+            classifier=args.classifier, probe=args.probe, device=args.device, target=args.target,
+            references=list(args.reference) if args.reference else None, num_references=args.num_references,
+            gamma=args.gamma, method=args.method, reverse=args.reverse, scorecam_channels=args.scorecam_channels,
+            threshold=args.threshold, save=tuple(args.save), grid_dtype=args.grid_dtype, batch_size=args.batch_size,
+            quiet=args.quiet,
+        )  # fmt: skip
 
 
 @dataclass
 class ExplainSettings:
-    """What ``traitloc explain`` explains for every image."""
+    """What ``traitloc explain`` explains for every image, resolved against the classifier's classes."""
 
     target: int | str  # a class index, or "auto" (the predicted class)
     references: list[int] | None  # None: the num_references classes with the closest logits
@@ -68,8 +151,16 @@ class ExplainSettings:
     reverse: bool = False
     batch_size: int = 8
     threshold: float | str = 0.5
-    save_signed: bool = False
+    save: Sequence[str] = ()
+    grid_dtype: str = "float32"
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        from .batch import SAVE_KINDS
+
+        bad = [k for k in self.save if k not in SAVE_KINDS]
+        if bad:
+            raise ValueError(f"--save: unknown kind(s) {', '.join(bad)}; choose from {', '.join(SAVE_KINDS)}")
 
     def target_spec(self, names: Sequence[str]) -> str:
         return "auto" if self.target == "auto" else names[int(self.target)]
@@ -136,242 +227,321 @@ def _classifier_id(clf: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# the batch run
+# the job
 # ------------------------------------------------------------------------------------------------------------------
-def run_explain(
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    clf: Any,
-    explainer: Any,
-    settings: ExplainSettings,
-    run_info: dict[str, Any],
-) -> dict[str, int]:
-    """Explain every image under ``inputs`` into ``out_dir``; returns counts (ok, failed, skipped)."""
-    from .batch import _prefetched, _progress, refuse_other_settings, remove_stale_temp_files, split_on_oom
-    from .export import utc_now, write_run_json
-    from .imageio import ImageLoadError, LoadedImage, find_images, image_keys
-    from .results import ResultsTable
+def resolve_settings(spec: ExplainSpec, explainer: Any) -> ExplainSettings:
+    """Resolve a spec's target and references against the classifier's classes.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)  # left by a killed run; one process writes an output folder at a time
+    Raises
+    ------
+    ExplainSpecError
+        An unknown or ambiguous class, a reference equal to the target or given twice, ``--reverse`` without a
+        reference class, a negative gamma (one line, naming the option).
+    """
+    names = explainer.class_names
+
+    def index(value: str | int, flag: str) -> int:
+        try:
+            return int(explainer.class_index(value))
+        except (ValueError, TypeError) as err:
+            raise ExplainSpecError(f"{flag}: {err}") from err
+
+    if spec.gamma < 0:
+        raise ExplainSpecError(f"--gamma must be >= 0 (got {spec.gamma:g}); use --reverse to explain the references")
+    auto = isinstance(spec.target, str) and spec.target.strip().lower() == "auto"
+    target: int | str = "auto" if auto else index(spec.target, "--target")
+    refs: list[int] | None = None
+    if spec.references:
+        refs = [index(r, "--reference") for r in spec.references]
+        if target != "auto" and target in refs:
+            raise ExplainSpecError(
+                f"--reference {names[int(target)]!r} equals the --target; a class cannot be its own reference"
+            )
+        dup = next((names[r] for r in refs if refs.count(r) > 1), None)
+        if dup is not None:
+            raise ExplainSpecError(f"--reference {dup!r} is given twice")
+    if spec.reverse and refs is None and len(names) < 2:
+        raise ExplainSpecError("--reverse needs at least one reference class")
+    return ExplainSettings(
+        target=target, references=refs, num_references=spec.num_references, gamma=float(spec.gamma),
+        reverse=bool(spec.reverse), batch_size=spec.batch_size, threshold=spec.threshold, save=tuple(spec.save),
+        grid_dtype=spec.grid_dtype, quiet=spec.quiet,
+    )  # fmt: skip
+
+
+def build_explain_job(spec: ExplainSpec, out_dir: str | Path, clf: Any = None) -> ExplainJob:
+    """Load the classifier of ``spec`` (unless ``clf`` is given) and return the :class:`ExplainJob` into ``out_dir``.
+
+    Raises
+    ------
+    ExplainSpecError
+        A bad target or reference (:func:`resolve_settings`).
+    ValueError, traitloc.backbones.CallableError, traitloc.classify.ProbeError, traitloc.models.ModelLoadError
+        The classifier cannot be loaded (:func:`load_classifier`).
+    """
+    if clf is None:
+        clf = load_classifier(classifier=spec.classifier, probe=spec.probe, device=spec.device)
+    explainer = clf.explainer(spec.method, scorecam_channels=spec.scorecam_channels)
+    settings = resolve_settings(spec, explainer)
+    return ExplainJob(clf, explainer, settings, out_dir, scorecam_channels=spec.scorecam_channels)
+
+
+def explain_items(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """The items of an explain run: ``(absolute image path, image key)`` for every image under ``inputs``.
+
+    Keys (:func:`traitloc.imageio.image_keys`) depend on the whole list (colliding file names get folder prefixes),
+    so make the items once and split the list among workers.
+    """
+    from .imageio import find_images, image_keys
+
     paths = find_images(inputs)
     keys = image_keys(paths)
-    names = clf.class_names
-    table = ResultsTable(out / "results.csv", EXPLAIN_COLUMNS, EXPLAIN_KEY)
-    base_row = {
-        "target_spec": settings.target_spec(names),
-        "reference_spec": settings.reference_spec(names),
-        "gamma": f"{settings.gamma:g}",
-        "method": explainer.method,
-        "reverse": str(settings.reverse).lower(),
-        "classifier": _classifier_id(clf),
-    }
-    map_settings = {**base_row, "threshold": settings.threshold}
-    refuse_other_settings(out / "run.json", map_settings)
-    done = table.done_keys()
-    todo = [p for p in paths if table.key_of({**base_row, "image_key": keys[p]}) not in done]
-    skipped = len(paths) - len(todo)
-    info = dict(run_info)
-    info["map_settings"] = map_settings
-    info.update(
-        start_utc=info.get("start_utc") or utc_now(),
-        end_utc=None,
-        n_images=len(paths),
-        n_images_todo=len(todo),
-        n_images_skipped_done=skipped,
-        status="running",
-    )
-    write_run_json(out / "run.json", info)
-    counts = {"ok": 0, "failed": 0, "skipped": skipped}
-    bar = _progress(len(todo), settings.quiet, "explain")
-    writer = ThreadPoolExecutor(max_workers=2)
-    t0 = time.perf_counter()
-
-    def error_row(p: Path, reason: str) -> dict[str, Any]:
-        return {**dict.fromkeys(EXPLAIN_COLUMNS, ""), **base_row, "image": str(p), "image_key": keys[p],
-                "status": f"error: {reason}".splitlines()[0]}  # fmt: skip
-
-    try:
-        for chunk in _prefetched(todo, settings.batch_size):
-            good: list[tuple[Path, Any, Tensor]] = []
-            for p, im in chunk:
-                if isinstance(im, ImageLoadError):
-                    table.append([error_row(p, im.reason)])
-                    counts["failed"] += 1
-                    bar.update(1)
-                    continue
-                assert isinstance(im, LoadedImage)
-                try:
-                    x = clf.preprocess(im.image)
-                    if not isinstance(x, Tensor) or x.ndim != 3:
-                        raise ValueError(f"preprocess returned {getattr(x, 'shape', type(x).__name__)}, not (C, H, W)")
-                except Exception as err:  # noqa: BLE001 - a per-image error
-                    table.append([error_row(p, f"preprocess failed: {type(err).__name__}: {err}")])
-                    counts["failed"] += 1
-                    bar.update(1)
-                    continue
-                good.append((p, im, x))
-            for group in _same_shape_groups(good):
-                results = _explain_group(group, clf, explainer, settings, split_on_oom)
-                futures = []
-                for (p, im, _), res in zip(group, results, strict=True):
-                    if isinstance(res, str):
-                        table.append([error_row(p, res)])
-                        counts["failed"] += 1
-                        bar.update(1)
-                        continue
-                    futures.append(writer.submit(_write_outputs, p, im, keys[p], res, out, settings, clf, base_row))
-                for f in futures:
-                    row = f.result()
-                    table.append([row])
-                    counts["ok" if row["status"] == "ok" else "failed"] += 1
-                    bar.update(1)
-    finally:
-        writer.shutdown(wait=True)
-        bar.close()
-        info.update(end_utc=utc_now(), status="finished", counts=counts, seconds=round(time.perf_counter() - t0, 3))
-        write_run_json(out / "run.json", info)
-    return counts
-
-
-def _same_shape_groups(items: list[tuple[Path, Any, Tensor]]) -> list[list[tuple[Path, Any, Tensor]]]:
-    groups: dict[tuple[int, ...], list[tuple[Path, Any, Tensor]]] = {}
-    for it in items:
-        groups.setdefault(tuple(it[2].shape), []).append(it)
-    return list(groups.values())
+    return [(str(Path(p).resolve()), keys[p]) for p in paths]
 
 
 @dataclass
-class _One:
-    """One image's explanation, on the CPU."""
+class _Decoded:
+    """An image decoded and preprocessed in the prefetch thread."""
 
-    grid_map: Tensor  # (h, w) ReLU map
-    grid_signed: Tensor
-    score: float
-    target: int
-    predicted: int
-    references: list[int]
-    logits: Tensor
+    im: Any  # traitloc.imageio.LoadedImage
+    x: Tensor  # (C, H, W) model input
 
 
-def _explain_group(
-    group: list[tuple[Path, Any, Tensor]], clf: Any, explainer: Any, settings: ExplainSettings, split_on_oom: Any
-) -> list[_One | str]:
-    """Explain images of one input size; per-image failures come back as their reason (str)."""
-    names = clf.class_names
-    results: list[_One | str | None] = [None] * len(group)
-    idx = list(range(len(group)))
-    if settings.target == "auto" and settings.references:
-        # the predicted class is the target: an image predicted as one of the references cannot be explained
-        x = torch.stack([group[i][2] for i in idx]).to(clf.device)
-        pred = explainer.logits(x).argmax(1).tolist()
-        keep = []
-        for i, c in zip(idx, pred, strict=True):
-            if c in settings.references:
-                results[i] = (
-                    f"reference {names[c]!r} equals the predicted class (--target auto); give another --reference "
-                    f"or an explicit --target"
-                )
-            else:
-                keep.append(i)
-        idx = keep
+class ExplainJob(Job):
+    """Finer-CAM maps of a classifier: one store row per image (its target against its references).
 
-    def run_items(items: list[int]) -> list[_One]:
-        x = torch.stack([group[i][2] for i in items]).to(clf.device)
-        res = explainer.explain(
-            x, target=settings.target, references=settings.references, num_references=settings.num_references,
-            gamma=settings.gamma, reverse=settings.reverse,
-        )  # fmt: skip
-        maps, signed = res.maps.detach().float().cpu(), res.signed.detach().float().cpu()
-        scores = res.cam.scores[:, 0].detach().float().cpu()
-        logits = res.logits.detach().float().cpu()
-        return [
-            _One(
-                maps[b],
-                signed[b],
-                float(scores[b]),
-                res.targets[b],
-                res.predicted[b],
-                list(res.references[b]),
-                logits[b],
-            )
-            for b in range(len(items))
-        ]
+    Items are ``(absolute image path, image key)`` pairs (:func:`explain_items`). Build one with
+    :func:`build_explain_job`; run it with :func:`traitloc.pipeline.run_job`.
+    """
 
-    if idx:
-        try:
-            outs: list[_One] = split_on_oom(run_items, idx)
-            for i, o in zip(idx, outs, strict=True):
-                results[i] = o
-        except Exception as err:  # noqa: BLE001 - retry image by image so one bad image does not sink the batch
-            log.debug("batch failed (%s); retrying image by image", err)
-            for i in idx:
-                try:
-                    results[i] = run_items([i])[0]
-                except Exception as e1:  # noqa: BLE001
-                    log.warning("%s: %s: %s", group[i][0], type(e1).__name__, e1)
-                    results[i] = f"{type(e1).__name__}: {e1}"
-    return [r if r is not None else "not explained" for r in results]
+    name = "explain"
+    key_columns = tuple(EXPLAIN_KEY)
+    csv_columns = tuple(EXPLAIN_COLUMNS)
+    retry_errors = True
+    columns = {
+        "target_spec": "str", "reference_spec": "str", "target": "str", "predicted": "str", "references": "str",
+        "target_index": "int", "predicted_index": "int", "reference_indices": "str", "target_logit": "float",
+        "predicted_logit": "float", "score": "float", "gamma": "float", "method": "str", "reverse": "bool",
+        "classifier": "str", "threshold": "str", "mask_fraction": "float", "map": "str", "mask": "str",
+        "overlay": "str",
+    }  # fmt: skip
 
+    def __init__(
+        self,
+        clf: Any,
+        explainer: Any,
+        settings: ExplainSettings,
+        out_dir: str | Path,
+        *,
+        scorecam_channels: int | None = None,
+    ) -> None:
+        from .resultstore import INTERPOLATION
 
-def _write_outputs(
-    path: Path, im: Any, img_key: str, res: _One, out: Path, settings: ExplainSettings, clf: Any, base_row: dict
-) -> dict[str, Any]:
-    """Write map/mask/overlay of one image (each file atomically) and return its results row."""
-    from . import __version__
-    from .cam import upsample_maps
-    from .export import map_to_unit, mask_from_map, save_map_tiff, save_mask_png, save_overlay_png, slugify
-
-    names = clf.class_names
-    row: dict[str, Any] = {**dict.fromkeys(EXPLAIN_COLUMNS, ""), **base_row, "image": str(path), "image_key": img_key}
-    row.update(
-        target=names[res.target],
-        predicted=names[res.predicted],
-        references=REF_SEP.join(names[r] for r in res.references),
-        target_index=res.target,
-        predicted_index=res.predicted,
-        reference_indices=" ".join(str(r) for r in res.references),
-        target_logit=float(res.logits[res.target]),
-        predicted_logit=float(res.logits[res.predicted]),
-        score=res.score,
-    )
-    try:
-        W0, H0 = im.orig_size
-        slug = slugify(names[res.target])
-        rel_map = Path("maps") / img_key / f"{slug}.tif"
-        rel_mask = Path("masks") / img_key / f"{slug}.png"
-        rel_ov = Path("overlays") / img_key / f"{slug}.png"
-        raw = upsample_maps(res.grid_map, (H0, W0)).numpy()
-        raw_max = float(raw.max()) if raw.size else 0.0
-        if not math.isfinite(raw_max):
-            raise ValueError("the map is not finite")
-        unit = map_to_unit(raw)
-        meta = {
-            "traitloc": __version__, "image": str(path), "target": names[res.target],
-            "predicted": names[res.predicted], "references": [names[r] for r in res.references],
-            "gamma": settings.gamma, "reverse": settings.reverse, "method": base_row["method"],
-            "classifier": base_row["classifier"], "target_layer": clf.describe.get("target_layer"),
-            "raw_max": raw_max, "values": "map / raw_max (ReLU map; all-zero stays zero)",
-            "interpolation": "bilinear, align_corners=False, from the target layer's grid to the original size",
+        self.clf = clf
+        self.explainer = explainer
+        self.s = settings
+        self.out = Path(out_dir)
+        self.grid_dtype = settings.grid_dtype
+        self.scorecam_channels = scorecam_channels
+        names = clf.class_names
+        self.names = names
+        self.common = {
+            "target_spec": settings.target_spec(names), "reference_spec": settings.reference_spec(names),
+            "gamma": float(settings.gamma), "method": explainer.method, "reverse": bool(settings.reverse),
+            "classifier": _classifier_id(clf),
         }  # fmt: skip
-        save_map_tiff(out / rel_map, unit, meta)
-        mask = mask_from_map(unit, settings.threshold)
-        save_mask_png(out / rel_mask, mask)
-        work = np.asarray(im.image)
-        wh, ww = work.shape[:2]
-        ov = unit if (wh, ww) == (H0, W0) else map_to_unit(upsample_maps(res.grid_map, (wh, ww)).numpy())
-        save_overlay_png(out / rel_ov, work, ov)
-        if settings.save_signed:
-            signed = upsample_maps(res.grid_signed, (H0, W0)).numpy()
-            save_map_tiff(out / "signed" / img_key / f"{slug}.tif", signed, {**meta, "values": "signed, raw"})
+        self.map_settings = {
+            **self.common, "threshold": settings.threshold, "scorecam_channels": scorecam_channels,
+            "grid_dtype": settings.grid_dtype,
+        }  # fmt: skip
+        self.fixed = {
+            **self.common, "threshold": str(settings.threshold), "resize": RESIZE, "interpolation": INTERPOLATION,
+            "map": "", "mask": "", "overlay": "", "notes": "",
+        }  # fmt: skip
+
+    # -- items ----------------------------------------------------------------------------------------------------
+    def item_keys(self, item: tuple[str, str]) -> list[tuple[Any, ...]]:
+        return [(item[1], self.common["target_spec"], self.common["reference_spec"])]
+
+    def load(self, item: tuple[str, str]) -> Any:
+        """Decode and preprocess (in the prefetch thread); a failure of either is this image's error."""
+        from .imageio import ImageLoadError
+
+        im = load_or_error(Path(item[0]))
+        if isinstance(im, ImageLoadError):
+            return im
+        try:
+            x = self.clf.preprocess(im.image)
+            if not isinstance(x, Tensor) or x.ndim != 3:
+                raise ValueError(f"preprocess returned {getattr(x, 'shape', type(x).__name__)}, not (C, H, W)")
+        except Exception as err:  # noqa: BLE001 - a per-image error
+            return ImageLoadError(item[0], f"preprocess failed: {type(err).__name__}: {err}".splitlines()[0])
+        return _Decoded(im, x)
+
+    def _row(self, item: tuple[str, str]) -> dict[str, Any]:
+        return {**self.fixed, "image": item[0], "image_key": item[1]}
+
+    def error_rows(self, item: tuple[str, str], reason: str) -> list[dict[str, Any]]:
+        from .export import slugify
+
+        row = self._row(item)
+        explicit = self.s.target != "auto"
+        row["target"] = self.names[int(self.s.target)] if explicit else ""
+        row["result_id"] = f"{item[1]}/{slugify(row['target'] or 'auto')}"
+        row["status"] = f"error: {reason}".splitlines()[0]
+        return [row]
+
+    # -- compute --------------------------------------------------------------------------------------------------
+    def compute(self, batch: list[tuple[tuple[str, str], _Decoded]]) -> list[list[dict[str, Any]] | str]:
+        """One row per image; images of one input shape are explained together (a batch must be rectangular)."""
+        s, names = self.s, self.names
+        results: list[list[dict[str, Any]] | str | None] = [None] * len(batch)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, dec) in enumerate(batch):
+            groups.setdefault(tuple(dec.x.shape), []).append(i)
+        dev = self.clf.device
+        for idx in groups.values():
+            if s.target == "auto" and s.references:
+                # the predicted class is the target: an image predicted as one of the references cannot be explained
+                x = torch.stack([batch[i][1].x for i in idx]).to(dev)
+                pred = self.explainer.logits(x).argmax(1).tolist()
+                keep = []
+                for i, c in zip(idx, pred, strict=True):
+                    if c in s.references:
+                        results[i] = (
+                            f"reference {names[c]!r} equals the predicted class (--target auto); give another "
+                            f"--reference or an explicit --target"
+                        )
+                    else:
+                        keep.append(i)
+                idx = keep
+            if not idx:
+                continue
+            x = torch.stack([batch[i][1].x for i in idx]).to(dev)
+            res = self.explainer.explain(
+                x, target=s.target, references=s.references, num_references=s.num_references, gamma=s.gamma,
+                reverse=s.reverse,
+            )  # fmt: skip
+            signed = res.signed.detach().float().cpu()  # (B, h, w): maps leave the device as grids
+            scores = res.cam.scores[:, 0].detach().float().cpu().tolist()
+            logits = res.logits.detach().float().cpu()
+            for b, i in enumerate(idx):
+                item, dec = batch[i]
+                results[i] = self._rows(item, dec, signed[b], scores[b], logits[b], res, b)
+        return [r if r is not None else "not explained" for r in results]
+
+    def _rows(
+        self, item: tuple[str, str], dec: _Decoded, signed: Tensor, score: float, logits: Tensor, res: Any, b: int
+    ) -> list[dict[str, Any]] | str:
+        if not torch.isfinite(signed).all():
+            return "the map is not finite (NaN or infinite values)"
+        names = self.names
+        W0, H0 = dec.im.orig_size
+        relu = signed.clamp_min(0)
+        t, p, refs = int(res.targets[b]), int(res.predicted[b]), [int(r) for r in res.references[b]]
+        row = self._row(item)
         row.update(
-            raw_max=raw_max, mask_fraction=float(mask.mean()), map=rel_map.as_posix(), mask=rel_mask.as_posix(),
-            overlay=rel_ov.as_posix(), width=W0, height=H0, status="ok", notes="; ".join(im.warnings),
+            target=names[t], predicted=names[p], references=REF_SEP.join(names[r] for r in refs), target_index=t,
+            predicted_index=p, reference_indices=" ".join(str(r) for r in refs), target_logit=float(logits[t]),
+            predicted_logit=float(logits[p]), score=float(score), grid=signed.numpy(), grid_h=int(signed.shape[0]),
+            grid_w=int(signed.shape[1]), width=W0, height=H0, raw_max=float(relu.max()), status="ok",
+            notes="; ".join(dec.im.warnings),
         )  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - recorded for this image; the batch goes on
-        row["status"] = f"error: {type(err).__name__}: {err}".splitlines()[0]
-    return row
+        return [row]
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+    def finish(self, rows: list[dict[str, Any]], item: tuple[str, str], loaded: _Decoded) -> list[dict[str, Any]]:
+        """``--save``: the files of each ok row (the shared writer of localize, :func:`traitloc.batch.save_files`)."""
+        if not self.s.save:
+            return rows
+        from . import __version__
+        from .batch import save_files
+
+        work = np.asarray(loaded.im.image)
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            meta = {
+                "traitloc": __version__, "image": row["image"], "target": row["target"],
+                "predicted": row["predicted"], "references": [r for r in row["references"].split(REF_SEP) if r],
+                "gamma": self.s.gamma, "reverse": self.s.reverse, "method": row["method"],
+                "classifier": row["classifier"], "target_layer": self.clf.describe.get("target_layer"),
+                "raw_max": row["raw_max"], "values": "map / max (ReLU map; all-zero stays zero)",
+                "interpolation": "bilinear, align_corners=False, from the target layer's grid to the original size",
+            }  # fmt: skip
+            try:
+                save_files(self.out, row, work, self.s.save, self.s.threshold, meta, row["target"])
+            except Exception as err:  # noqa: BLE001 - recorded for this image; the batch goes on
+                row["status"] = f"error: saving files: {type(err).__name__}: {err}".splitlines()[0]
+        return rows
+
+    def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = super().csv_row(row)
+        out["reverse"] = _bool_text(row.get("reverse"))
+        return out
+
+    def csv_frame(self, df: Any) -> Any:
+        if "reverse" in df.columns:
+            df = df.assign(reverse=[_bool_text(v) for v in df["reverse"]])
+        return df
+
+    def run_info(self) -> dict[str, Any]:
+        clf, s, names = self.clf, self.s, self.names
+        d = clf.describe
+        backbone = d.get("backbone") if isinstance(d.get("backbone"), dict) else {}
+        x0 = getattr(clf.preprocess, "size", None)
+        return {
+            "classifier": d.get("classifier") or d.get("probe"),
+            "probe": d.get("probe"),
+            "probe_sha256": d.get("probe_sha256"),
+            "model": backbone.get("model") or backbone.get("name") or backbone.get("callable") or d.get("classifier"),
+            "pretrained": backbone.get("pretrained") or backbone.get("weights"),
+            "pretrained_sha256": backbone.get("pretrained_sha256") or backbone.get("weights_sha256"),
+            "backbone": backbone or None,
+            "device": str(clf.device),
+            "dtype": "fp32",
+            "image_size": list(x0) if x0 is not None else None,
+            "num_classes": len(names),
+            "targets": s.target_spec(names),
+            "references": s.reference_spec(names),
+            "num_references": s.num_references,
+            "gamma": s.gamma,
+            "reverse": s.reverse,
+            "method": self.explainer.method,
+            "scorecam_channels": self.scorecam_channels,
+            "target_layer": clf.target_layer,
+            "threshold": s.threshold,
+            "save": list(s.save),
+        }
+
+
+def _bool_text(v: Any) -> str:
+    """``true``/``false`` as in the CSV summaries ("" when missing)."""
+    import pandas as pd
+
+    if v is None or (not isinstance(v, (list, tuple, np.ndarray)) and pd.isna(v)):
+        return ""
+    return str(bool(v)).lower()
+
+
+def run_explain(
+    inputs: Sequence[str | Path], out_dir: str | Path, job: ExplainJob, run_info: dict[str, Any]
+) -> dict[str, int]:
+    """Explain every image under ``inputs`` into ``out_dir`` with ``job``; returns counts (ok, failed, skipped).
+
+    Raises
+    ------
+    traitloc.pipeline.SettingsMismatchError
+        ``out_dir`` holds results made with other settings.
+    """
+    items = explain_items(inputs)
+    info = {
+        **run_info,
+        "cwd": os.getcwd(),
+        "inputs": [str(Path(p).resolve()) for p in inputs],
+        "n_images": len(items),
+    }
+    return run_job(job, items, out_dir, info, batch_size=job.s.batch_size, quiet=job.s.quiet)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -379,15 +549,16 @@ def _write_outputs(
 # ------------------------------------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``explain`` to a ``argparse`` subparsers object and return its parser."""
-    from .cli import _gamma, _positive, _threshold
+    from .cli import _gamma, _positive, _save_kinds, _threshold
 
     p = subparsers.add_parser(
         "explain",
         help="why is this image species c rather than similar species: Finer-CAM maps of a classifier",
         description="Finer-CAM maps of a species classifier: the target class (default: the predicted one) against "
-        "references (default: the classes whose logits are closest to the target's). Writes "
-        "maps/<image-key>/<target>.tif (float32, original size, map / max), masks/, overlays/, results.csv and "
-        "run.json under --out; rerunning into the same --out skips finished rows.",
+        "references (default: the classes whose logits are closest to the target's). Writes the results store "
+        "results/part-*.parquet (one row per image: target, prediction, references, scores and the signed grid map, "
+        "rendered to full-size maps, masks and overlays on demand), results.csv and run.json under --out; "
+        "rerunning into the same --out skips finished rows.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -440,21 +611,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold", type=_threshold, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
     )
-    p.add_argument("--save-signed", action="store_true", help="also write signed (pre-ReLU) maps to signed/")
+    p.add_argument(
+        "--save",
+        type=_save_kinds,
+        default=(),
+        metavar="KINDS",
+        help="also write files per image, comma-separated: maps (float32 TIFF, map / max), masks (PNG), overlays "
+        "(PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already (render on demand with "
+        "traitloc export)",
+    )
+    p.add_argument(
+        "--grid-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
+    )
     p.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    from .distributed import add_ray_arguments
+
+    add_ray_arguments(p)
     return p
-
-
-def _class_arg(explainer: Any, value: str, flag: str) -> int:
-    from .cli import CliError
-
-    try:
-        return int(explainer.class_index(value))
-    except (ValueError, TypeError) as err:
-        raise CliError(f"{flag}: {err}") from err
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -474,66 +653,38 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         find_images(args.paths)  # fail fast, before loading a model
     except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from err
-    try:
-        clf = load_classifier(classifier=args.classifier, probe=args.probe, device=args.device)
+    spec = ExplainSpec.from_args(args)
+    on_ray = getattr(args, "ray", None) is not None
+    if on_ray:
+        from .distributed import RayUnavailableError, require_ray
+
+        try:
+            require_ray()  # fail fast, before loading a model
+        except RayUnavailableError as err:
+            raise CliError(str(err)) from err
+    try:  # with --ray the actors compute: the driver's job (settings, run.json) stays on the CPU
+        job = build_explain_job(dataclasses.replace(spec, device="cpu") if on_ray else spec, args.out)
+    except ExplainSpecError as err:
+        raise CliError(str(err)) from err
     except (CallableError, ProbeError, ModelLoadError, ValueError) as err:
         raise CliError(str(err).splitlines()[0]) from err
-    explainer = clf.explainer(args.method, scorecam_channels=args.scorecam_channels)
-    allocator = keep_freed_memory()
-    names = clf.class_names
-    target: int | str = (
-        "auto" if args.target.strip().lower() == "auto" else _class_arg(explainer, args.target, "--target")
-    )
-    refs: list[int] | None = None
-    if args.reference:
-        refs = [_class_arg(explainer, r, "--reference") for r in args.reference]
-        if target != "auto" and target in refs:
-            raise CliError(
-                f"--reference {names[int(target)]!r} equals the --target; a class cannot be its own reference"
-            )
-        dup = next((names[r] for r in refs if refs.count(r) > 1), None)
-        if dup is not None:
-            raise CliError(f"--reference {dup!r} is given twice")
-    if args.reverse and refs is None and len(names) < 2:
-        raise CliError("--reverse needs at least one reference class")
-    settings = ExplainSettings(
-        target=target, references=refs, num_references=args.num_references, gamma=args.gamma, reverse=args.reverse,
-        batch_size=args.batch_size, threshold=args.threshold, save_signed=args.save_signed, quiet=args.quiet,
-    )  # fmt: skip
-    d = clf.describe
-    backbone = d.get("backbone") if isinstance(d.get("backbone"), dict) else {}
-    x0 = getattr(clf.preprocess, "size", None)
     info = {
         "command": "explain",
         "argv": list(argv),
-        "classifier": d.get("classifier") or d.get("probe"),
-        "probe": d.get("probe"),
-        "probe_sha256": d.get("probe_sha256"),
-        "model": backbone.get("model") or backbone.get("name") or backbone.get("callable") or d.get("classifier"),
-        "pretrained": backbone.get("pretrained") or backbone.get("weights"),
-        "pretrained_sha256": backbone.get("pretrained_sha256") or backbone.get("weights_sha256"),
-        "backbone": backbone or None,
-        "device": str(clf.device),
-        "dtype": "fp32",
-        "image_size": list(x0) if x0 is not None else None,
-        "num_classes": len(names),
-        "targets": settings.target_spec(names),
-        "references": settings.reference_spec(names),
-        "num_references": args.num_references,
-        "gamma": args.gamma,
-        "reverse": args.reverse,
-        "method": args.method,
-        "scorecam_channels": args.scorecam_channels,
-        "target_layer": clf.target_layer,
-        "threshold": args.threshold,
-        "allocator": allocator,
+        "allocator": keep_freed_memory(),
         "seed": None,
         "start_utc": start,
     }
-    from .batch import SettingsMismatchError
-
     try:
-        counts = run_explain(args.paths, args.out, clf, explainer, settings, info)
+        if on_ray:
+            from .distributed import RayUnavailableError, run_explain_ray
+
+            try:
+                counts = run_explain_ray(args, spec, job, info)
+            except RayUnavailableError as err:
+                raise CliError(str(err)) from err
+        else:
+            counts = run_explain(args.paths, args.out, job, info)
     except SettingsMismatchError as err:
         raise CliError(str(err)) from err
     if not args.quiet:

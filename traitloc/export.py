@@ -66,10 +66,10 @@ def _as_path(name: str, value: object) -> Path:
     return path
 
 
-def _temp_name(path: Path) -> Path:
+def _temp_name(path: Path, keep_suffix: bool = True) -> Path:
     # Hidden (skipped by find_images), unique, and with the final suffix so that writers that infer the format
-    # from the extension still work.
-    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    # from the extension still work (``keep_suffix=False``: no suffix, for folders read by a ``*.ext`` glob).
+    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix if keep_suffix else ''}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -95,7 +95,7 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, keep_suffix: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write to; it replaces ``path`` only if the block succeeds.
 
     The temporary file is hidden and lives in the same folder as ``path`` (created if needed), so the final
@@ -106,11 +106,14 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     ----------
     path : path
         The final file name.
+    keep_suffix : bool, default True
+        Give the temporary file the final suffix (for writers that infer the format from it). ``False`` for files
+        in folders that readers glob by suffix (DuckDB's ``'results/*.parquet'`` matches hidden files too).
 
     Yields
     ------
     pathlib.Path
-        A path that does not exist yet, with the same suffix as ``path``.
+        A path that does not exist yet, with the same suffix as ``path`` (unless ``keep_suffix`` is False).
 
     Raises
     ------
@@ -124,7 +127,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     final = _as_path("path", path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(final)
+    tmp = _temp_name(final, keep_suffix)
     try:
         yield tmp
         if not tmp.is_file():

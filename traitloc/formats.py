@@ -1,7 +1,9 @@
-"""Exports of a results folder for other tools and for papers: ``traitloc export`` (DESIGN.md §6, issue #5).
+"""Exports of a run for other tools and for papers: ``traitloc export``.
 
-A results folder of ``traitloc localize`` or ``traitloc explain`` (``maps/``, ``masks/``, ``results.csv``,
-``run.json``; also ``audit.csv`` and friends of ``traitloc audit``) is exported to a folder or a zip file:
+The results of ``traitloc localize`` or ``traitloc explain`` live in the run's **results store**
+(``OUT/results/part-*.parquet``, :mod:`traitloc.resultstore`): one row per (image, concept) or (image, target) with
+its scores and its grid map. The export renders the selected rows from the store, one at a time, into a folder or
+a zip file (the tables of ``traitloc audit``/``evaluate`` are exported too):
 
 ================  ==================================================================================================
 format            files (paths inside the export; ``<id>`` is the result id ``<image-key>/<slug>``)
@@ -9,24 +11,32 @@ format            files (paths inside the export; ``<id>`` is the result id ``<i
 ``png``           ``masks/<id>.png``: binary masks, 8-bit grayscale 0/255, settings as a PNG ``iTXt`` chunk
 ``tiff``          ``maps/<id>.tif``: float32 maps in [0, 1], uncompressed ImageJ TIFF (Fiji, napari, tifffile),
                   display range 0..1, the concept as slice label and the settings as JSON in ImageJ's ``Info``
+``overlay``       ``overlays/<id>.png``: the map (inferno, alpha 0.5) over the photo, as ``localize --save``
 ``coco``          ``coco.json``: COCO instance annotations with RLE masks (``iscrowd = 1``), one per result
 ``geojson``       ``polygons/<image-key>.geojson``: one ``MultiPolygon`` feature per result, in pixel coordinates
-``csv``           ``tables/results.csv`` (the selected rows plus ``result_id, review_status, review_note``) and
-                  the audit/evaluate tables present (``audit.csv``, ``controls.csv``, ``audit_summary.csv``,
-                  ``metrics.csv``)
+``csv``           ``tables/results.csv`` (the selected rows of the store without the grid, plus ``result_id,
+                  review_status, review_note``) and the audit/evaluate tables present (``audit.csv``,
+                  ``controls.csv``, ``audit_summary.csv``, ``metrics.csv``)
 ``parquet``       the same tables as Parquet (needs pyarrow or fastparquet)
 ``figure``        ``figures/<id>.svg|pdf|png``: image | overlay with colorbar | mask contour, for papers
 ================  ==================================================================================================
 
-Every export has a ``manifest.json`` (written last): versions, argv, the options, the selection, the results
-folder's ``run.json`` and, per result, its settings and files.
+Maps and masks are exactly what ``localize --save maps,masks`` writes for the same rows: the map is
+:func:`traitloc.resultstore.render_unit_map` (bilinear from the grid to the photo's size, ReLU, divided by its
+max) and the mask is ``map > threshold`` with the run's threshold unless the export gives another. Every export has
+a ``manifest.json`` (written last): versions, argv, the options, the selection, the run's ``run.json`` and, per
+result, its settings and files; rows the store marks as failed and results that could not be rendered are listed
+under ``skipped`` with their reason.
+
+Selection: by review status (``RESULTS_DIR/review.sqlite`` of the review app, :mod:`traitloc.store`), concept or
+target, a score range, or explicit result ids (Python).
 
 Conventions
 -----------
 Result ids
-    ``<image-key>/<slug>``: the map path in ``results.csv`` without ``maps/`` and ``.tif``. The review app
-    stores its decisions under these ids in ``RESULTS_DIR/review.sqlite``, table
-    ``decisions(result_id TEXT PRIMARY KEY, status TEXT, note TEXT, updated_utc TEXT)``.
+    ``<image-key>/<slug>``: the store's ``result_id``. The review app stores its decisions under these ids in
+    ``RESULTS_DIR/review.sqlite``, table ``decisions(result_id TEXT PRIMARY KEY, status TEXT, note TEXT,
+    updated_utc TEXT)``.
 RLE (COCO)
     The mask is flattened in column-major (Fortran) order, and ``counts`` are the lengths of alternating runs
     starting with a run of zeros (0 when the first pixel is set); ``size`` is ``[height, width]``. The compressed
@@ -44,14 +54,23 @@ Polygon coordinates (GeoJSON)
 COCO bounding boxes
     ``[x, y, width, height]`` of the set pixels in the same corner convention (COCO's).
 
+Memory
+------
+The export is streamed: grid maps are read one store part at a time, each photo is decoded once for all its
+results, each file is written as soon as it is rendered, COCO annotations are spooled to an unnamed temporary
+file, and a zip is written to a temporary file beside the destination and renamed at the end. Peak memory does not
+grow with the number of results (``benchmarks/memory_export.py``).
+
 Security
 --------
-Paths of maps and masks in ``results.csv`` must stay inside the results folder: absolute paths, ``..`` and
-symbolic links that lead out are rejected (the whole export stops). Nothing is written outside the chosen output:
-a folder export is assembled in a hidden temporary folder beside it and renamed into place, a zip is written to a
-temporary file and renamed, and no path inside an export leaves it. Source images (figures only) are read from
-the ``image`` column, restricted to ``image_roots`` when given (the review app passes its allowed folders).
-Nothing is unpickled.
+Result ids and image keys from the store become paths inside the export only when they are safe relative paths
+(no ``..``, no absolute path, no backslash); otherwise the whole export stops before writing. Nothing is written
+outside the chosen output: a folder export is assembled in a hidden temporary folder beside it and renamed into
+place, a zip is written to a temporary file and renamed, and no path inside an export leaves it. Photos (figures
+and overlays only) are read, never written, at the absolute path the run recorded, wherever it is; when that path
+does not exist they are looked for inside ``image_roots`` and the results folder (by relative path, then by file
+name, never leaving those folders). Symbolic links that lead ``run.json``, ``review.sqlite`` or the audit tables
+out of the results folder are rejected. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -68,7 +87,8 @@ import sqlite3
 import sys
 import threading
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -80,9 +100,10 @@ from .export import (
     atomic_write,
     environment_info,
     mask_from_map,
-    read_map_tiff,
+    overlay_array,
     utc_now,
 )
+from .resultstore import part_files
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -113,16 +134,16 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 #: every export format, in the order they are written
-FORMATS: tuple[str, ...] = ("png", "tiff", "coco", "geojson", "csv", "parquet", "figure")
-#: formats that need the maps of a ``localize``/``explain`` folder (``results.csv``)
-MAP_FORMATS = frozenset({"png", "tiff", "coco", "geojson", "figure"})
+FORMATS: tuple[str, ...] = ("png", "tiff", "overlay", "coco", "geojson", "csv", "parquet", "figure")
+#: formats that need the maps of a ``localize``/``explain`` run (its results store)
+MAP_FORMATS = frozenset({"png", "tiff", "overlay", "coco", "geojson", "figure"})
 FIGURE_FORMATS: tuple[str, ...] = ("svg", "pdf", "png")
 #: matplotlib's perceptually uniform sequential colormaps (and their reverses) allowed for figures
 UNIFORM_CMAPS: tuple[str, ...] = tuple(
     name + rev for name in ("viridis", "cividis", "magma", "inferno", "plasma") for rev in ("", "_r")
 )
 #: tables of a results folder exported by ``csv``/``parquet`` besides ``results.csv``
-EXTRA_TABLES: tuple[str, ...] = ("audit.csv", "controls.csv", "audit_summary.csv", "metrics.csv")
+EXTRA_TABLES: tuple[str, ...] = ("audit.csv", "controls.csv", "audit_summary.csv", "metrics.csv", "per_image.csv")
 #: review statuses (the app's accept / reject / needs-work) and the spellings read as them
 REVIEW_STATUSES: tuple[str, ...] = ("accepted", "rejected", "needs-work")
 _STATUS_ALIASES = {
@@ -770,27 +791,26 @@ def _check_dpi(dpi: object) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Result:
-    """One exportable result (an ``ok`` row of ``results.csv``).
+    """One exportable result: an ``ok`` row of the run's results store (:mod:`traitloc.resultstore`).
 
     Attributes
     ----------
-    result_id : ``<image-key>/<slug>`` (the map path without ``maps/`` and ``.tif``).
-    image_key : the map's folder (``<image-key>``).
+    result_id : ``<image-key>/<slug>``, the store's ``result_id`` (the review app's id).
+    image_key : the row's ``image_key``.
     label : the concept (``localize``) or target class (``explain``).
     kind : ``"concept"`` or ``"target"``.
-    row : the row of ``results.csv`` (strings).
-    map_path, mask_path : checked paths inside the results folder (``mask_path`` None when the row has none).
-    line : the row's line number in ``results.csv`` (header = 1).
+    row : the row's columns except the grid map (Python values; ``None`` where empty).
+    part, index : where the row is in the store (its part file, in :func:`traitloc.resultstore.part_files`
+        order, and its row in that part): the exporter reads each part's grid maps once.
     """
 
     result_id: str
     image_key: str
     label: str
     kind: str
-    row: Mapping[str, str]
-    map_path: Path
-    mask_path: Path | None
-    line: int
+    row: Mapping[str, Any]
+    part: int = -1
+    index: int = -1
 
 
 @dataclass(frozen=True)
@@ -848,60 +868,136 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return list(reader.fieldnames or []), rows
 
 
-def list_results(results_dir: PathLike) -> tuple[list[Result], list[dict[str, Any]]]:
-    """The exportable results of a ``localize``/``explain`` folder and the rows that cannot be exported.
+def _no_store(root: Path) -> FormatError:
+    return FormatError(
+        f"{root} has no results store (results/part-*.parquet): export reads the folder written by "
+        "traitloc localize (or traitloc explain)"
+    )
 
-    Rows whose ``status`` is not ``ok`` or that have no map are skipped (listed with a reason); when a map path
-    appears on several rows (a rerun into the same folder), the last row wins.
+
+def _read_index(root: Path) -> tuple[Any, list[Path], str]:
+    """The store's rows without the grid maps, deduplicated like :func:`traitloc.resultstore.read_results` (last
+    written wins), in store order, with their location (``_part``, ``_row``); the part files; the label column."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = part_files(root)
+    if not files:
+        raise _no_store(root)
+    tables, keys = [], []
+    for i, path in enumerate(files):
+        try:
+            handle = pq.ParquetFile(path)
+            schema = handle.schema_arrow
+            table = handle.read(columns=[n for n in schema.names if n != "grid"])
+        except Exception as err:  # noqa: BLE001 - a foreign or damaged file
+            raise FormatError(
+                f"{path}: not a readable part of a traitloc store ({type(err).__name__}: {err})"
+            ) from None
+        if not keys:
+            keys = [k for k in (schema.metadata or {}).get(b"traitloc.keys", b"").decode().split(",") if k]
+        n = table.num_rows
+        table = table.append_column("_part", pa.array(np.full(n, i, dtype=np.int64)))
+        tables.append(table.append_column("_row", pa.array(np.arange(n, dtype=np.int64))))
+    try:
+        merged = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise FormatError(f"{root / 'results'}: parts with incompatible columns ({err})") from None
+    df = merged.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    for column in ("result_id", "image_key", "status"):
+        if column not in df.columns:
+            raise FormatError(f"{root / 'results'} is not a traitloc store: no {column!r} column")
+    kind = "concept" if "concept" in df.columns else "target" if "target" in df.columns else ""
+    if not kind:
+        raise FormatError(f"{root / 'results'} has neither a concept nor a target column")
+    keys = [k for k in keys if k in df.columns] or ["result_id"]
+    df = df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
+    return df, files, kind
+
+
+def _map_store(part: Path) -> bool:
+    """Whether a store's part has the columns of concept or target maps (``localize``/``explain``)."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(part).names
+    except Exception as err:  # noqa: BLE001 - a foreign or damaged file
+        raise FormatError(f"{part}: not a readable part of a traitloc store ({type(err).__name__}: {err})") from None
+    return "grid" in names and ("concept" in names or "target" in names)
+
+
+def _plain(value: Any) -> Any:
+    """A cell of the index as a plain Python value (``None`` for missing)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _check_id(rid: str, what: str) -> str:
+    """A result id or image key used as a path inside the export: relative, no ``..``, no backslash."""
+    try:
+        _safe_rel(rid)
+    except FormatError:
+        raise FormatError(
+            f"{what} {rid!r} is not a safe relative path (the store was not written by traitloc?)"
+        ) from None
+    return rid
+
+
+def _results_of(df: Any, kind: str) -> tuple[list[Result], list[dict[str, Any]]]:
+    results: list[Result] = []
+    skipped: list[dict[str, Any]] = []
+    columns = [c for c in df.columns if c not in ("_part", "_row")]
+    records = df[columns].astype(object).where(df[columns].notna(), None).to_dict("records")
+    for rec, part, index in zip(records, df["_part"].tolist(), df["_row"].tolist(), strict=True):
+        row = {k: _plain(v) for k, v in rec.items()}
+        rid = str(row.get("result_id") or "")
+        key = str(row.get("image_key") or "")
+        label = str(row.get(kind) or "")
+        status = str(row.get("status") or "").strip()
+        _check_id(rid, "result id")
+        _check_id(key, "image key")
+        if not rid.startswith(key + "/"):
+            raise FormatError(f"result id {rid!r} does not start with its image key {key!r}")
+        if status != "ok" or row.get("grid_h") is None or row.get("grid_w") is None:
+            reason = status if status != "ok" else "no map"
+            skipped.append({"result_id": rid, "image_key": key, "label": label, "reason": reason or "no status"})
+            continue
+        results.append(Result(rid, key, label, kind, row, int(part), int(index)))
+    return results, skipped
+
+
+def list_results(results_dir: PathLike) -> tuple[list[Result], list[dict[str, Any]]]:
+    """The exportable results of a ``localize``/``explain`` run folder and the rows that cannot be exported.
+
+    Reads the run's results store (``results/part-*.parquet``) without its grid maps. Rows whose ``status`` is not
+    ``ok`` (or that have no map) are listed as skipped with their reason, so that a caller can say how many were
+    left out and why; when a key was written twice (two writers), the last written row wins.
 
     Parameters
     ----------
     results_dir : path
-        A folder with ``results.csv``.
+        The run folder (the ``--out`` of ``traitloc localize``/``explain``).
 
     Returns
     -------
     results : list of Result
-        In file order.
+        In store order.
     skipped : list of dict
-        ``{"line", "image_key", "label", "reason"}`` per row left out.
+        ``{"result_id", "image_key", "label", "reason"}`` per row left out (``reason``: the row's status).
 
     Raises
     ------
     FormatError
-        If ``results.csv`` is missing, has neither a ``concept`` nor a ``target`` column, or a map/mask path leaves
-        the results folder (absolute, ``..``, or a symbolic link out).
+        If the folder has no store (``traitloc localize`` writes one), a part is not readable, or a result id or
+        image key is not a safe relative path.
     """
     root = _results_dir(results_dir)
-    table = _root_file(root, "results.csv")
-    if table is None:
-        raise FormatError(f"{root} has no results.csv (export reads the folder written by traitloc localize/explain)")
-    header, rows = _read_csv_rows(table)
-    kind = "concept" if "concept" in header else "target" if "target" in header else None
-    if kind is None or "map" not in header:
-        raise FormatError(f"{table} has no concept/target and map columns")
-    by_id: dict[str, Result] = {}
-    skipped: list[dict[str, Any]] = []
-    for line, row in enumerate(rows, start=2):
-        label = row.get(kind) or ""
-        status = (row.get("status") or "").strip()
-        map_text = (row.get("map") or "").strip()
-        if status != "ok" or not map_text:
-            reason = status if status != "ok" else "no map"
-            skipped.append({"line": line, "image_key": row.get("image_key", ""), "label": label, "reason": reason})
-            continue
-        map_path, rel = _inside(root, map_text, f"results.csv line {line}, map")
-        if rel.parts[0] != "maps" or len(rel.parts) < 3 or rel.suffix.lower() not in (".tif", ".tiff"):
-            raise FormatError(f"results.csv line {line}: map path {map_text!r} is not maps/<image-key>/<name>.tif")
-        mask_text = (row.get("mask") or "").strip()
-        mask_path = _inside(root, mask_text, f"results.csv line {line}, mask")[0] if mask_text else None
-        result_id = str(rel.relative_to("maps").with_suffix(""))
-        by_id.pop(result_id, None)  # keep file order of the winning (last) row
-        by_id[result_id] = Result(
-            result_id=result_id, image_key="/".join(rel.parts[1:-1]), label=label, kind=kind, row=row,
-            map_path=map_path, mask_path=mask_path, line=line,
-        )  # fmt: skip
-    return list(by_id.values()), skipped
+    df, _, kind = _read_index(root)
+    return _results_of(df, kind)
 
 
 def _normalize_status(value: object) -> str:
@@ -980,27 +1076,76 @@ def read_decisions(results_dir: PathLike) -> dict[str, Decision]:
     return {str(r[0]): Decision(_normalize_status(r[1]), str(r[2] or ""), str(r[3] or "")) for r in rows}
 
 
+def _bound(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise FormatError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise FormatError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def _select(
-    results: list[Result], decisions: Mapping[str, Decision], selection: object
+    results: list[Result],
+    decisions: Mapping[str, Decision],
+    selection: object,
+    concepts: Iterable[str] | None = None,
+    score_min: float | None = None,
+    score_max: float | None = None,
 ) -> tuple[list[Result], dict[str, Any]]:
+    """The results chosen by review status or ids, concept/target labels and a score range (all must hold)."""
+    info: dict[str, Any] = {}
+    chosen = results
     if selection is None or (isinstance(selection, str) and selection.strip().lower() == "all"):
-        return results, {"status": "all"}
-    if isinstance(selection, str):
+        info["status"] = "all"
+    elif isinstance(selection, str):
         status = _normalize_status(selection)
         if status not in REVIEW_STATUSES:
             raise FormatError(f"selection must be 'all', one of {', '.join(REVIEW_STATUSES)} or result ids, "
                               f"got {selection!r}")  # fmt: skip
-        chosen = [r for r in results if r.result_id in decisions and decisions[r.result_id].status == status]
-        return chosen, {"status": status}
-    if isinstance(selection, Iterable):
+        chosen = [r for r in chosen if r.result_id in decisions and decisions[r.result_id].status == status]
+        info["status"] = status
+    elif isinstance(selection, Iterable):
         wanted = [str(s) for s in selection]
         known = {r.result_id for r in results}
         unknown = [s for s in wanted if s not in known]
         if unknown:
             raise FormatError(f"unknown result id {unknown[0]!r} ({len(unknown)} not among the ok results)")
         keep = set(wanted)
-        return [r for r in results if r.result_id in keep], {"result_ids": sorted(keep)}
-    raise TypeError(f"selection must be None, a status or result ids, got {type(selection).__name__}")
+        chosen = [r for r in chosen if r.result_id in keep]
+        info["result_ids"] = sorted(keep)
+    else:
+        raise TypeError(f"selection must be None, a status or result ids, got {type(selection).__name__}")
+    if concepts is not None:
+        if isinstance(concepts, str):
+            concepts = [concepts]
+        labels = list(dict.fromkeys(str(c) for c in concepts))
+        if not labels:
+            raise FormatError("concepts is empty (give at least one concept or target, or None for all)")
+        known_labels = list(dict.fromkeys(r.label for r in results))
+        unknown = [c for c in labels if c not in known_labels]
+        if unknown:
+            shown = ", ".join(repr(c) for c in known_labels[:8]) + (", ..." if len(known_labels) > 8 else "")
+            kind = results[0].kind if results else "concept"
+            raise FormatError(f"unknown {kind} {unknown[0]!r} (the run's: {shown or 'none'})")
+        keep_labels = set(labels)
+        chosen = [r for r in chosen if r.label in keep_labels]
+        info["concepts"] = labels
+    low, high = _bound(score_min, "score_min"), _bound(score_max, "score_max")
+    if low is not None and high is not None and low > high:
+        raise FormatError(f"score_min {low:g} is above score_max {high:g}")
+    if low is not None or high is not None:
+
+        def inside(r: Result) -> bool:
+            score = r.row.get("score")
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                return False
+            return (low is None or score >= low) and (high is None or score <= high)
+
+        chosen = [r for r in chosen if inside(r)]
+        info["score_min"], info["score_max"] = low, high
+    return chosen, info
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -1031,7 +1176,7 @@ class _DirSink:
         self.root = root
         self.names: list[str] = []
 
-    def write(self, rel: str, data: bytes) -> None:
+    def _path(self, rel: str) -> Path:
         folder = self.root
         parts = rel.split("/")
         for part in parts[:-1]:
@@ -1039,12 +1184,22 @@ class _DirSink:
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise FormatError(f"refusing to write through {folder}: not a plain folder")
             folder.mkdir(exist_ok=True)
-        atomic_write(folder / parts[-1], data)
+        return folder / parts[-1]
+
+    def write(self, rel: str, data: bytes) -> None:
+        atomic_write(self._path(rel), data)
+        self.names.append(rel)
+
+    @contextmanager
+    def open(self, rel: str) -> Iterator[Any]:
+        """A binary file to stream an entry into (written atomically when the block ends)."""
+        with atomic_path(self._path(rel)) as tmp, open(tmp, "xb") as handle:
+            yield handle
         self.names.append(rel)
 
 
 class _ZipSink:
-    """Writes entries into an open zip file (PNG/PDF stored, the rest deflated)."""
+    """Writes entries into an open zip file (PNG/PDF stored, the rest deflated at level 1)."""
 
     def __init__(self, handle: Any) -> None:
         self.zip = zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
@@ -1054,14 +1209,25 @@ class _ZipSink:
         self._date = (int(now[0:4]), int(now[5:7]), int(now[8:10]), int(now[11:13]), int(now[14:16]),
                       int(now[17:19]))  # fmt: skip
 
-    def write(self, rel: str, data: bytes) -> None:
+    def _info(self, rel: str) -> zipfile.ZipInfo:
         if rel in self._seen:
             raise FormatError(f"duplicate zip entry {rel!r}")
         self._seen.add(rel)
         info = zipfile.ZipInfo(rel, date_time=self._date)
         info.compress_type = zipfile.ZIP_STORED if rel.endswith((".png", ".pdf")) else zipfile.ZIP_DEFLATED
         info.external_attr = 0o644 << 16
-        self.zip.writestr(info, data)
+        return info
+
+    def write(self, rel: str, data: bytes) -> None:
+        # deflate level 1: float TIFFs compress about as well as at the default level 6, 1.5x faster
+        self.zip.writestr(self._info(rel), data, compresslevel=1)
+        self.names.append(rel)
+
+    @contextmanager
+    def open(self, rel: str) -> Iterator[Any]:
+        """A binary handle to stream an entry into (large entries: coco.json, tables)."""
+        with self.zip.open(self._info(rel), "w", force_zip64=True) as handle:
+            yield handle
         self.names.append(rel)
 
     def close(self) -> None:
@@ -1131,29 +1297,21 @@ def _number(text: str) -> Any:
     return value if math.isfinite(value) else None
 
 
-def _settings_for(result: Result, tiff_meta: Mapping[str, Any], run_info: Mapping[str, Any],
-                  threshold: float | str | None, decision: Decision | None) -> dict[str, Any]:  # fmt: skip
+def _settings_for(result: Result, run_info: Mapping[str, Any], threshold: float | str,
+                  decision: Decision | None) -> dict[str, Any]:  # fmt: skip
     row = result.row
     settings: dict[str, Any] = {"result_id": result.result_id, "image_key": result.image_key}
     for key in ("image", "concept", "trait", "base", "target", "predicted", "references", "gamma", "method",
-                "reverse", "model", "classifier", "raw_max", "score"):  # fmt: skip
+                "reverse", "model", "classifier", "raw_max", "score", "width", "height", "resize",
+                "interpolation", "run_id"):  # fmt: skip
         value = row.get(key)
         if value not in (None, ""):
-            settings[key] = _number(value) if key in ("gamma", "raw_max", "score") else value
-    for key, value in tiff_meta.items():
-        if key not in ("values", "interpolation") and value not in (None, ""):
             settings[key] = value
-    for key in ("model", "pretrained", "pretrained_sha256", "target_layer", "resize", "command"):
+    for key in ("pretrained", "pretrained_sha256", "target_layer", "resize", "command", "traitloc"):
         if key not in settings and run_info.get(key) not in (None, ""):
             settings[key] = run_info[key]
-    if threshold is not None:
-        settings["threshold"] = threshold
-        settings["mask_source"] = "map > threshold (re-derived at export)"
-    else:
-        run_thr = run_info.get("threshold", (run_info.get("settings") or {}).get("threshold"))
-        if run_thr not in (None, ""):
-            settings["threshold"] = run_thr
-        settings["mask_source"] = "results folder"
+    settings["values"] = "map / max of the ReLU map, bilinear from the grid (align_corners=False)"
+    settings["threshold"] = threshold
     if decision is not None:
         settings["review_status"] = decision.status
         if decision.note:
@@ -1161,44 +1319,102 @@ def _settings_for(result: Result, tiff_meta: Mapping[str, Any], run_info: Mappin
     return settings
 
 
-def _load_mask(result: Result, unit: np.ndarray, threshold: float | str | None,
-               run_info: Mapping[str, Any]) -> np.ndarray:  # fmt: skip
-    from PIL import Image
+def _row_threshold(result: Result, threshold: float | str | None, run_info: Mapping[str, Any]) -> float | str:
+    """The mask threshold: the export's, else the row's (``localize --threshold``), else the run's, else 0.5."""
+    if threshold is not None:
+        return threshold
+    for value in (result.row.get("threshold"), run_info.get("threshold")):
+        if value in (None, ""):
+            continue
+        try:
+            parsed = _parse_threshold(value)
+        except FormatError:
+            continue
+        if parsed is not None:
+            return parsed
+    return 0.5
 
-    if threshold is None and result.mask_path is not None and result.mask_path.is_file():
-        with Image.open(result.mask_path) as im:
-            array = np.asarray(im.convert("L"))
-        mask = array > 127
-        if mask.shape != unit.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from the map's {unit.shape}")
-        return mask
-    thr = threshold if threshold is not None else run_info.get("threshold", 0.5)
-    return mask_from_map(np.clip(unit, 0.0, 1.0), 0.5 if thr in (None, "") else thr)
+
+def _image_candidates(text: str, roots: list[Path]) -> list[tuple[Path, Path | None]]:
+    """Where to look for a photo: its recorded absolute path (anywhere, read-only), then inside each root by its
+    relative path and by its file name (each such candidate must resolve inside its root)."""
+    if not text or "\x00" in text:
+        return []
+    path = Path(text)
+    out: list[tuple[Path, Path | None]] = [(path, None)] if path.is_absolute() else []
+    for root in roots:
+        if not path.is_absolute():
+            out.append((root / path, root))
+        if path.name:
+            out.append((root / path.name, root))
+    return out
 
 
-def _load_image(text: str, roots: list[Path] | None) -> tuple[Any, str | None]:
-    """The source image for a figure, or (None, reason) when it is not available or not allowed."""
-    from .imageio import ImageLoadError, load_image
-
+def _find_image(text: str, roots: list[Path]) -> tuple[Path | None, str | None]:
+    """The photo of a row: the path to read, or (None, reason)."""
     if not text:
-        return None, "no image path in results.csv"
-    candidate = Path(text)
-    if roots is None:
-        paths = [candidate]
-    elif candidate.is_absolute():
-        paths = [candidate]
-    else:
-        paths = [root / candidate for root in roots]
-    for path in paths:
-        resolved = path.resolve()
-        if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
-            return None, f"image {text!r} is outside the allowed image folders"
+        return None, "no image path in the store"
+    for candidate, root in _image_candidates(text, roots):
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if root is not None and not resolved.is_relative_to(root):
+            continue  # a relative path or a link that leaves its root
         if resolved.is_file():
-            try:
-                return load_image(resolved).image, None
-            except ImageLoadError as err:
-                return None, str(err)
-    return None, f"image {text!r} not found"
+            return resolved, None
+    where = f" (also looked in {', '.join(str(r) for r in roots)})" if roots else ""
+    return None, f"image {text!r} not found{where}"
+
+
+class _Photos:
+    """The photo of the current image key, decoded once for all its results (figures, overlays)."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        self.roots = roots
+        self.key: str | None = None
+        self.value: tuple[Any, str | None] = (None, None)
+
+    def get(self, result: Result) -> tuple[Any, str | None]:
+        from .imageio import ImageLoadError, load_image
+
+        if result.image_key != self.key:
+            self.key = result.image_key
+            path, why = _find_image(str(result.row.get("image") or ""), self.roots)
+            self.value = (None, why)
+            if path is not None:
+                try:
+                    self.value = (load_image(path).image, None)
+                except (ImageLoadError, OSError) as err:
+                    self.value = (None, f"image {str(path)!r}: {err}".splitlines()[0])
+        return self.value
+
+
+class _Grids:
+    """Grid maps read from the store one part at a time (a few parts cached): memory bounded by a part."""
+
+    def __init__(self, files: list[Path], cache: int = 4) -> None:
+        self.files = files
+        self.cache: dict[int, Any] = {}
+        self.size = cache
+
+    def row(self, result: Result) -> dict[str, Any]:
+        """The result's row with its ``grid`` (float32, flat), ready for the render functions."""
+        import pyarrow.parquet as pq
+
+        grids = self.cache.pop(result.part, None)
+        if grids is None:
+            grids = pq.read_table(self.files[result.part], columns=["grid"]).column("grid").combine_chunks()
+            while len(self.cache) >= self.size:
+                self.cache.pop(next(iter(self.cache)))
+        self.cache[result.part] = grids  # most recently used last
+        cell = grids[result.index]
+        if not cell.is_valid:
+            raise ValueError("the store holds no grid map for this row")
+        values = cell.values.to_numpy(zero_copy_only=False).astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError("the grid map is not finite (NaN or infinite values)")
+        return {**result.row, "grid": values}
 
 
 def _prepare_destination(out: Path, as_zip: bool, root: Path, overwrite: bool) -> None:
@@ -1206,7 +1422,7 @@ def _prepare_destination(out: Path, as_zip: bool, root: Path, overwrite: bool) -
     target = out.resolve()
     if target == resolved_root:
         raise FormatError("the export must not go into the results folder itself (choose a new folder or a zip)")
-    for sub in ("maps", "masks", "overlays", "signed"):
+    for sub in ("results", "maps", "masks", "overlays", "signed"):
         if target.is_relative_to(resolved_root / sub):
             raise FormatError(f"the export must not go inside the results folder's {sub}/")
     if as_zip:
@@ -1219,6 +1435,14 @@ def _prepare_destination(out: Path, as_zip: bool, root: Path, overwrite: bool) -
             raise FormatError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise FormatError(f"{out} exists and is not empty (choose a new folder, or overwrite)")
+
+
+def _group_by_image(results: list[Result]) -> list[Result]:
+    """Results grouped by image key (first appearance order; store order inside a group)."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.image_key, []).append(r)
+    return [r for group in groups.values() for r in group]
 
 
 def export_results(
@@ -1236,24 +1460,29 @@ def export_results(
     coco_compressed: bool = False,
     simplify: float = 0.0,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
     argv: Sequence[str] | None = None,
+    concepts: Iterable[str] | None = None,
+    score_min: float | None = None,
+    score_max: float | None = None,
 ) -> dict[str, Any]:
-    """Export the results of a ``localize``/``explain``/``audit`` folder to a folder or a zip file.
+    """Export the results of a ``localize``/``explain`` run (and ``audit``/``evaluate`` tables) to a folder or zip.
 
-    Used by ``traitloc export`` and by the review app ("export accepted results as a zip"). Results whose files
-    cannot be read are left out and listed under ``skipped`` in the manifest; a path in ``results.csv`` that leaves
-    the results folder stops the export.
+    Used by ``traitloc export`` and by the review app. Everything is rendered from the run's results store
+    (:mod:`traitloc.resultstore`): maps, masks and overlays are exactly what ``localize --save`` writes for the
+    same rows. The export is streamed: one result is rendered and written at a time (photos are decoded once per
+    image, grid maps read one store part at a time), a zip is written to a temporary file beside ``out`` and
+    renamed at the end, so memory does not grow with the number of results. Results that cannot be rendered are
+    left out and listed under ``skipped`` in the manifest with the rows the store marks as failed.
 
     Parameters
     ----------
     results_dir : path
-        The results folder.
+        The run folder (``--out`` of ``traitloc localize``/``explain``/``audit``).
     formats : str or iterable of str
         Among :data:`FORMATS` (a comma-separated string is split; ``"all"`` is every format).
     out : path
-        Output folder (must not exist, or be empty unless ``overwrite``) or zip file (written to a temporary
-        file and renamed).
+        Output folder (must not exist, or be empty unless ``overwrite``) or zip file.
     selection : None, "all", "accepted", "rejected", "needs-work" or iterable of result ids
         Which ``ok`` results: all (None), those with that review status in ``review.sqlite``, or exactly those ids.
     as_zip : bool, optional
@@ -1264,20 +1493,25 @@ def export_results(
     cmap : str, default "viridis"
         Figure colormap, one of :data:`UNIFORM_CMAPS`.
     threshold : float in [0, 1), "otsu" or None
-        Re-derive masks (png, coco, geojson, figure) as ``map > threshold``; None uses the results' masks.
+        Masks (png, coco, geojson, figure) are ``map > threshold``; None uses each row's threshold (the one
+        ``localize --threshold`` used), else the run's, else 0.5.
     image_roots : iterable of paths, optional
-        Folders the source images of figures may be read from (relative ``image`` paths are resolved against
-        them); None reads the ``image`` paths of ``results.csv`` as they are (the command line's default).
+        Folders to look for photos in when the recorded absolute path does not exist (moved photos, older runs
+        with relative paths): by relative path, then by file name. Photos are only read, wherever they are.
     coco_compressed : bool, default False
         COCO RLE ``counts`` as pycocotools' compressed string instead of a list of ints.
     simplify : float, default 0
         Douglas-Peucker tolerance of the GeoJSON polygons, in pixels (0: exact pixel boundaries).
     overwrite : bool, default False
         Allow a non-empty output folder (files are replaced one by one) or replacing a non-zip file.
-    progress : bool, default False
-        Show a progress bar on stderr.
+    progress : bool or callable, default False
+        True shows a progress bar on stderr; a callable is called as ``progress(done, total)`` after each result.
     argv : sequence of str, optional
         Recorded in the manifest.
+    concepts : iterable of str, optional
+        Only these concepts (``localize``) or targets (``explain``); an unknown one is an error.
+    score_min, score_max : float, optional
+        Only results whose ``score`` lies in ``[score_min, score_max]`` (rows without a score are left out).
 
     Returns
     -------
@@ -1289,7 +1523,7 @@ def export_results(
     Raises
     ------
     FormatError
-        Bad options, an unsafe path in the results, or nothing to export.
+        Bad options, no store, an unsafe id in the store, or nothing to export.
     """
     root = _results_dir(results_dir)
     fmts = _parse_formats(formats)
@@ -1299,76 +1533,89 @@ def export_results(
     threshold = _parse_threshold(threshold)
     if not isinstance(simplify, (int, float)) or isinstance(simplify, bool) or not 0 <= simplify < 1e6:
         raise FormatError(f"simplify must be a number >= 0, got {simplify!r}")
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise TypeError(f"progress must be a bool or a callable(done, total), got {type(progress).__name__}")
     engine = _parquet_engine() if "parquet" in fmts else None
-    roots = None if image_roots is None else [Path(p).resolve() for p in image_roots]
+    roots = [Path(p).resolve() for p in (image_roots or [])]
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a str or os.PathLike, got {type(out).__name__}")
     out_path = Path(out)
     zipped = out_path.suffix.lower() == ".zip" if as_zip is None else bool(as_zip)
     _prepare_destination(out_path, zipped, root, overwrite)
 
-    has_results = _root_file(root, "results.csv") is not None
+    parts = part_files(root)
+    # a store of concept or target maps (localize, explain); audit/evaluate stores only have tables to export
+    has_store = bool(parts) and _map_store(parts[0])
     extra_tables = [name for name in EXTRA_TABLES if _root_file(root, name) is not None]
     needs_maps = bool(MAP_FORMATS.intersection(fmts))
-    if needs_maps and not has_results:
-        raise FormatError(f"{root} has no results.csv: formats {', '.join(sorted(MAP_FORMATS & set(fmts)))} "
-                          "need the maps of traitloc localize/explain")  # fmt: skip
-    if not has_results and not extra_tables:
-        raise FormatError(f"{root} has no results.csv nor audit/evaluate tables to export")
-    results, skipped = list_results(root) if has_results else ([], [])
+    if needs_maps and not has_store:
+        wanted = ", ".join(sorted(MAP_FORMATS & set(fmts)))
+        if parts:
+            raise FormatError(f"{root}'s results store holds no concept or target maps (a traitloc audit or evaluate "
+                              f"run?): formats {wanted} need the store of traitloc localize/explain; export its "
+                              "tables with --format csv,parquet")  # fmt: skip
+        raise FormatError(f"{_no_store(root)} (formats {wanted} need its maps)")
+    if not has_store and not extra_tables:
+        raise FormatError(f"{_no_store(root)}; nor are there audit/evaluate tables to export")
+    selecting = selection not in (None, "all") or concepts is not None or score_min is not None or score_max is not None
+    if not has_store and selecting:
+        raise _no_store(root)
+    if has_store:
+        index, files, kind = _read_index(root)
+        results, skipped = _results_of(index, kind)
+    else:
+        index, files, kind, results, skipped = None, [], "concept", [], []
     decisions = read_decisions(root)
-    chosen, selection_info = _select(results, decisions, selection)
-    if (
-        has_results
-        and not chosen
-        and isinstance(selection, str)
-        and selection.strip().lower() != "all"
-        and not decisions
-    ):
+    chosen, selection_info = _select(results, decisions, selection, concepts, score_min, score_max)
+    status_asked = isinstance(selection, str) and selection.strip().lower() != "all"
+    if has_store and not chosen and status_asked and not decisions:
         raise FormatError(
             f"no review decisions in {root / 'review.sqlite'} (review the results with traitloc app first)"
         )
-    if has_results and not chosen:
+    if has_store and not chosen:
         what = selection_info.get("status", "selected")
-        raise FormatError(f"nothing to export: no ok results with review status {what!r}"
-                          if what not in ("all", "selected") else "nothing to export: no ok results")  # fmt: skip
+        more = [f"{k} {selection_info[k]!r}" for k in ("concepts", "score_min", "score_max")
+                if selection_info.get(k) is not None]  # fmt: skip
+        detail = (f" with review status {what!r}" if what not in ("all", "selected") else "") + (
+            f" and {', '.join(more)}" if more else "")  # fmt: skip
+        raise FormatError(f"nothing to export: no ok results{detail}")
+    chosen = _group_by_image(chosen)
     run_file = _root_file(root, "run.json")
     run_info = _read_json(run_file) if run_file is not None else {}
     options = {"dpi": dpi, "figure_formats": fig_fmts, "cmap": cmap, "threshold": threshold,
                "coco_compressed": bool(coco_compressed), "simplify": float(simplify),
-               "image_roots": None if roots is None else [str(r) for r in roots]}  # fmt: skip
+               "image_roots": [str(r) for r in roots] or None}  # fmt: skip
     manifest: dict[str, Any] = {
         "traitloc_export": MANIFEST_VERSION, "created_utc": utc_now(), "argv": list(argv or []),
         "results_dir": str(root.resolve()), "formats": fmts, "selection": selection_info, "options": options,
         "conventions": {
-            "result_id": "<image-key>/<slug>: the map path without maps/ and .tif",
+            "result_id": "<image-key>/<slug>: the store's result_id (the review app's id)",
             "rle": "COCO: column-major, counts start with the run of zeros, size [height, width]",
             "polygons": "pixel coordinates: x = column, y = row (down), origin at the top-left corner of the image; "
             "pixel (i, j) covers [j, j+1] x [i, i+1]; exterior rings positive signed area, holes negative",
-            "maps": "float32, map / its maximum, values in [0, 1]",
+            "maps": "float32, map / its maximum, values in [0, 1], rendered from the store's grid map",
+            "masks": "map > threshold (the threshold is in each result's settings)",
         },
         "run": run_info,
     }  # fmt: skip
-
+    job = _Export(root, index, files, chosen, skipped, decisions, fmts, fig_fmts, options, threshold, roots,
+                  run_info, extra_tables, engine, manifest, progress)  # fmt: skip
     if zipped:
         with atomic_path(out_path) as tmp:
             with open(tmp, "xb") as handle:
                 sink = _ZipSink(handle)
                 try:
-                    _write_all(sink, root, chosen, skipped, decisions, fmts, fig_fmts, options, threshold, roots,
-                               run_info, extra_tables, engine, manifest, progress)  # fmt: skip
+                    job.write_all(sink, tmp.parent)
                 finally:
                     sink.close()
     elif out_path.exists():
-        _write_all(_DirSink(out_path), root, chosen, skipped, decisions, fmts, fig_fmts, options, threshold, roots,
-                   run_info, extra_tables, engine, manifest, progress)  # fmt: skip
+        job.write_all(_DirSink(out_path), out_path)
     else:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         staging = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.tmp")
         staging.mkdir()
         try:
-            _write_all(_DirSink(staging), root, chosen, skipped, decisions, fmts, fig_fmts, options, threshold,
-                       roots, run_info, extra_tables, engine, manifest, progress)  # fmt: skip
+            job.write_all(_DirSink(staging), staging)
             os.rename(staging, out_path)  # fails if someone created out meanwhile: nothing is overwritten
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1379,7 +1626,7 @@ def export_results(
 def export_zip_bytes(
     results_dir: PathLike, formats: str | Iterable[str], selection: str | Iterable[str] | None = None, **opts: Any
 ) -> tuple[bytes, dict[str, Any]]:
-    """Like :func:`export_results` into a zip, but in memory (for a download button).
+    """Like :func:`export_results` into a zip, but returned as bytes (small exports only: the zip is in memory).
 
     Parameters
     ----------
@@ -1387,7 +1634,7 @@ def export_zip_bytes(
         As for :func:`export_results`.
     **opts
         The keyword options of :func:`export_results` (``dpi``, ``figure_formats``, ``cmap``, ``threshold``,
-        ``image_roots``, ...; not ``out``/``as_zip``/``overwrite``).
+        ``image_roots``, ``concepts``, ...; not ``out``/``as_zip``/``overwrite``).
 
     Returns
     -------
@@ -1406,139 +1653,236 @@ def export_zip_bytes(
         return path.read_bytes(), manifest
 
 
-def _write_all(
-    sink: Any, root: Path, chosen: list[Result], skipped: list[dict[str, Any]], decisions: Mapping[str, Decision],
-    fmts: list[str], fig_fmts: list[str], options: Mapping[str, Any], threshold: float | str | None,
-    roots: list[Path] | None, run_info: Mapping[str, Any], extra_tables: list[str], engine: str | None,
-    manifest: dict[str, Any], progress: bool,
-) -> None:  # fmt: skip
-    from tqdm.auto import tqdm
+class _Export:
+    """One export: renders the chosen results one at a time into a sink, then the shared files and the manifest."""
 
-    entries: list[dict[str, Any]] = []
-    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
-    coco_images: dict[str, int] = {}
-    coco_cats: dict[str, int] = {}
-    features: dict[str, list[dict[str, Any]]] = {}
-    image_sizes: dict[str, tuple[int, int, str]] = {}
-    left_out = [dict(s) for s in skipped]
-    exported: list[Result] = []
-    bar = tqdm(total=len(chosen), desc="export", unit="result", disable=not progress, file=sys.stderr)
-    try:
-        for result in chosen:
-            try:
-                entry = _export_one(sink, result, decisions.get(result.result_id), fmts, fig_fmts, options,
-                                    threshold, roots, run_info, coco, coco_images, coco_cats, features,
-                                    image_sizes)  # fmt: skip
-            except FormatError:
-                raise
-            except (OSError, ValueError) as err:
-                reason = f"{type(err).__name__}: {err}".splitlines()[0]
-                left_out.append({"result_id": result.result_id, "line": result.line, "reason": reason})
-                continue
-            finally:
+    def __init__(
+        self, root: Path, index: Any, files: list[Path], chosen: list[Result], skipped: list[dict[str, Any]],
+        decisions: Mapping[str, Decision], fmts: list[str], fig_fmts: list[str], options: Mapping[str, Any],
+        threshold: float | str | None, roots: list[Path], run_info: Mapping[str, Any], extra_tables: list[str],
+        engine: str | None, manifest: dict[str, Any], progress: bool | Callable[[int, int], None],
+    ) -> None:  # fmt: skip
+        self.root, self.index, self.chosen, self.skipped = root, index, chosen, skipped
+        self.decisions, self.fmts, self.fig_fmts, self.options = decisions, fmts, fig_fmts, options
+        self.threshold, self.run_info, self.extra_tables, self.engine = threshold, run_info, extra_tables, engine
+        self.manifest, self.progress = manifest, progress
+        self.grids = _Grids(files)
+        self.photos = _Photos([*roots, root.resolve()])
+        self.coco_images: dict[str, int] = {}
+        self.coco_cats: dict[str, int] = {}
+        self.categories: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
+        self.n_annotations = 0
+        self.features: list[dict[str, Any]] = []
+        self.feature_key: tuple[str, int, int, str] | None = None
+
+    def write_all(self, sink: Any, scratch: Path) -> None:
+        import tempfile
+
+        from tqdm.auto import tqdm
+
+        entries: list[dict[str, Any]] = []
+        left_out = [dict(s) for s in self.skipped]
+        exported: list[str] = []
+        total = len(self.chosen)
+        callback = self.progress if callable(self.progress) else None
+        bar = tqdm(total=total, desc="export", unit="result", disable=self.progress is not True, file=sys.stderr)
+        # COCO annotations go to an unnamed temporary file beside the output (never all in memory)
+        spool = tempfile.TemporaryFile(dir=scratch) if "coco" in self.fmts else None
+        try:
+            for done, result in enumerate(self.chosen, start=1):
+                try:
+                    entry = self._one(sink, result, spool)
+                except FormatError:
+                    raise
+                except (OSError, ValueError) as err:
+                    reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                    left_out.append({"result_id": result.result_id, "image_key": result.image_key,
+                                     "label": result.label, "reason": reason})  # fmt: skip
+                else:
+                    entries.append(entry)
+                    exported.append(result.result_id)
                 bar.update(1)
-            entries.append(entry)
-            exported.append(result)
-    finally:
-        bar.close()
-    if chosen and not exported:
-        raise FormatError(f"nothing exported: every selected result failed ({left_out[-1]['reason']})")
-    if "coco" in fmts and exported:
-        coco_doc = {
-            "info": {"description": "traitloc export", "date_created": manifest["created_utc"],
-                     "traitloc": {k: run_info.get(k) for k in ("command", "model", "pretrained", "method", "gamma",
-                                                               "base", "target_layer", "threshold") if k in run_info}},
-            "licenses": [], **coco,
+                if callback is not None:
+                    callback(done, total)
+            if total and not exported:
+                raise FormatError(f"nothing exported: every selected result failed ({left_out[-1]['reason']})")
+            self._flush_geojson(sink)
+            if spool is not None and exported:
+                self._write_coco(sink, spool)
+        finally:
+            bar.close()
+            if spool is not None:
+                spool.close()
+        tables = self._write_tables(sink, exported)
+        manifest = self.manifest
+        manifest["counts"] = {"selected": total, "exported": len(exported), "skipped": len(left_out)}
+        manifest["results"] = entries
+        manifest["tables"] = tables
+        manifest["skipped"] = left_out
+        manifest["environment"] = environment_info()
+        manifest["files"] = sorted(sink.names)
+        sink.write("manifest.json", (_json(manifest, indent=2) + "\n").encode("utf-8"))
+
+    # ---- one result --------------------------------------------------------------------------------------------
+    def _one(self, sink: Any, result: Result, spool: Any) -> dict[str, Any]:
+        from .resultstore import render_unit_map
+
+        fmts = self.fmts
+        row = self.grids.row(result)
+        unit = render_unit_map(row)
+        threshold = _row_threshold(result, self.threshold, self.run_info)
+        settings = _settings_for(result, self.run_info, threshold, self.decisions.get(result.result_id))
+        need_mask = bool({"png", "coco", "geojson", "figure"} & set(fmts))
+        mask = mask_from_map(unit, threshold) if need_mask else None
+        height, width = unit.shape
+        files: list[str] = []
+        warnings: list[str] = []
+
+        def put(rel: str, data: bytes) -> None:
+            sink.write(rel, data)
+            files.append(rel)
+
+        rid = result.result_id
+        if "png" in fmts:
+            put(_safe_rel("masks", rid + ".png"), mask_png_bytes(mask, settings))
+        if "tiff" in fmts:
+            put(_safe_rel("maps", rid + ".tif"), map_tiff_bytes(unit, settings, label=result.label))
+        photo = None
+        if "overlay" in fmts or "figure" in fmts:
+            photo, why = self.photos.get(result)
+            if why and "overlay" in fmts:
+                warnings.append(f"no overlay: {why}")
+            if why and "figure" in fmts:
+                warnings.append(f"figure drawn without the image: {why}")
+        if "overlay" in fmts and photo is not None:
+            put(_safe_rel("overlays", rid + ".png"), _overlay_png(row, photo, unit))
+        image = str(result.row.get("image") or result.image_key)
+        if "coco" in fmts:
+            if result.image_key not in self.coco_images:
+                self.coco_images[result.image_key] = len(self.coco_images) + 1
+                self.images.append({"id": self.coco_images[result.image_key], "file_name": Path(image).name,
+                                    "width": width, "height": height, "traitloc_image": image,
+                                    "traitloc_image_key": result.image_key})  # fmt: skip
+            if result.label not in self.coco_cats:
+                self.coco_cats[result.label] = len(self.coco_cats) + 1
+                self.categories.append({"id": self.coco_cats[result.label], "name": result.label,
+                                        "supercategory": result.kind})  # fmt: skip
+            bbox, area = _bbox_area(mask)
+            self.n_annotations += 1
+            annotation = {"id": self.n_annotations, "image_id": self.coco_images[result.image_key],
+                          "category_id": self.coco_cats[result.label], "iscrowd": 1, "area": area, "bbox": bbox,
+                          "segmentation": rle_encode(mask, compressed=bool(self.options["coco_compressed"])),
+                          "traitloc": settings}  # fmt: skip
+            score = result.row.get("score")
+            if isinstance(score, float) and math.isfinite(score):
+                annotation["score"] = score
+            spool.write((_json(annotation) + "\n").encode("utf-8"))
+        if "geojson" in fmts:
+            key = (result.image_key, height, width, image)
+            if self.feature_key is not None and self.feature_key[0] != result.image_key:
+                self._flush_geojson(sink)
+            self.feature_key = key
+            self.features.append({
+                "type": "Feature", "id": rid,
+                "geometry": {"type": "MultiPolygon", "coordinates": mask_to_polygons(mask, self.options["simplify"])},
+                "properties": {**settings, "label": result.label, "area_px": int(mask.sum())},
+            })  # fmt: skip
+        if "figure" in fmts:
+            fig = figure_panel(photo, unit, mask, settings, cmap=self.options["cmap"])
+            for fmt in self.fig_fmts:
+                put(_safe_rel("figures", f"{rid}.{fmt}"), figure_bytes(fig, fmt, settings, dpi=self.options["dpi"]))
+        entry: dict[str, Any] = {"result_id": rid, "label": result.label, "settings": settings, "files": files}
+        if warnings:
+            entry["warnings"] = warnings
+        shared = [f for f, on in (("coco.json", "coco" in fmts),
+                                  (f"polygons/{result.image_key}.geojson", "geojson" in fmts)) if on]  # fmt: skip
+        if shared:
+            entry["shared_files"] = shared
+        return entry
+
+    # ---- shared files ------------------------------------------------------------------------------------------
+    def _flush_geojson(self, sink: Any) -> None:
+        if self.feature_key is None or not self.features:
+            return
+        key, height, width, image = self.feature_key
+        doc = {
+            "type": "FeatureCollection",
+            "traitloc": {"image": image, "image_key": key, "width": width, "height": height,
+                         "coordinates": self.manifest["conventions"]["polygons"]},
+            "features": self.features,
         }  # fmt: skip
-        sink.write("coco.json", (_json(coco_doc) + "\n").encode("utf-8"))
-    if "geojson" in fmts:
-        for key, feats in features.items():
-            height, width, image = image_sizes[key]
-            doc = {
-                "type": "FeatureCollection",
-                "traitloc": {"image": image, "image_key": key, "width": width, "height": height,
-                             "coordinates": manifest["conventions"]["polygons"]},
-                "features": feats,
-            }  # fmt: skip
-            sink.write(_safe_rel("polygons", key + ".geojson"), (_json(doc) + "\n").encode("utf-8"))
-    tables = _write_tables(sink, root, exported, decisions, fmts, extra_tables, engine)
-    manifest["counts"] = {"selected": len(chosen), "exported": len(exported), "skipped": len(left_out)}
-    manifest["results"] = entries
-    manifest["tables"] = tables
-    manifest["skipped"] = left_out
-    manifest["environment"] = environment_info()
-    manifest["files"] = sorted(sink.names)
-    sink.write("manifest.json", (_json(manifest, indent=2) + "\n").encode("utf-8"))
+        sink.write(_safe_rel("polygons", key + ".geojson"), (_json(doc) + "\n").encode("utf-8"))
+        self.features, self.feature_key = [], None
+
+    def _write_coco(self, sink: Any, spool: Any) -> None:
+        info = {"description": "traitloc export", "date_created": self.manifest["created_utc"],
+                "traitloc": {k: self.run_info.get(k) for k in ("command", "model", "pretrained", "method", "gamma",
+                                                               "base", "target_layer", "threshold")
+                             if k in self.run_info}}  # fmt: skip
+        head = {"info": info, "licenses": [], "images": self.images, "categories": self.categories}
+        spool.seek(0)
+        with sink.open("coco.json") as handle:
+            # the same document as one json.dumps, with "annotations" streamed from the spool
+            text = _json(head)
+            handle.write((text[:-1] + ', "annotations": [').encode("utf-8"))
+            for n, line in enumerate(spool):
+                handle.write((b", " if n else b"") + line.rstrip(b"\n"))
+            handle.write(b"]}\n")
+
+    def _write_tables(self, sink: Any, exported: list[str]) -> list[str]:
+        fmts = self.fmts
+        if "csv" not in fmts and "parquet" not in fmts:
+            return []
+        frames: list[tuple[str, Any]] = []
+        if exported and self.index is not None:
+            frames.append(("results", self._results_frame(exported)))
+        for name in self.extra_tables:
+            header, rows = _read_csv_rows(self.root / name)
+            frames.append((Path(name).stem, _table_frame(header, rows)))
+        written: list[str] = []
+        for stem, frame in frames:
+            if "csv" in fmts:
+                with sink.open(_safe_rel("tables", stem + ".csv")) as handle:
+                    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+                    frame.to_csv(text, index=False, lineterminator="\n")
+                    text.flush()
+                    text.detach()  # the sink closes the handle
+                written.append(f"tables/{stem}.csv")
+            if "parquet" in fmts:
+                buffer = io.BytesIO()
+                frame.to_parquet(buffer, engine=self.engine, index=False)
+                sink.write(_safe_rel("tables", stem + ".parquet"), buffer.getvalue())
+                written.append(f"tables/{stem}.parquet")
+        return written
+
+    def _results_frame(self, exported: list[str]) -> Any:
+        """The exported rows of the store (typed columns, no grid), in export order, with the review decisions."""
+        df = self.index.drop(columns=["_part", "_row"]).set_index("result_id", drop=False)
+        df = df.loc[exported].reset_index(drop=True)
+        df.insert(0, "result_id", df.pop("result_id"))
+        status, note = [], []
+        for rid in exported:
+            d = self.decisions.get(rid)
+            status.append(d.status if d else "")
+            note.append(d.note if d else "")
+        df["review_status"], df["review_note"] = status, note
+        return df
 
 
-def _export_one(
-    sink: Any, result: Result, decision: Decision | None, fmts: list[str], fig_fmts: list[str],
-    options: Mapping[str, Any], threshold: float | str | None, roots: list[Path] | None,
-    run_info: Mapping[str, Any], coco: dict[str, Any], coco_images: dict[str, int], coco_cats: dict[str, int],
-    features: dict[str, list[dict[str, Any]]], image_sizes: dict[str, tuple[int, int, str]],
-) -> dict[str, Any]:  # fmt: skip
-    unit, tiff_meta = read_map_tiff(result.map_path)
-    settings = _settings_for(result, tiff_meta, run_info, threshold, decision)
-    need_mask = bool({"png", "coco", "geojson", "figure"} & set(fmts))
-    mask = _load_mask(result, unit, threshold, run_info) if need_mask else None
-    height, width = unit.shape
-    files: list[str] = []
-    warnings: list[str] = []
+def _overlay_png(row: Mapping[str, Any], photo: Any, unit: np.ndarray) -> bytes:
+    """The overlay PNG as ``localize --save overlays`` writes it: the map rendered at the working photo's size,
+    inferno at alpha 0.5 over it, PNG compression level 1."""
+    from PIL import Image
 
-    def put(rel: str, data: bytes) -> None:
-        sink.write(rel, data)
-        files.append(rel)
+    from .resultstore import render_unit_map
 
-    rid = result.result_id
-    if "png" in fmts:
-        put(_safe_rel("masks", rid + ".png"), mask_png_bytes(mask, settings))
-    if "tiff" in fmts:
-        put(_safe_rel("maps", rid + ".tif"), map_tiff_bytes(unit, settings, label=result.label))
-    polygons = mask_to_polygons(mask, options["simplify"]) if "geojson" in fmts else None
-    if "coco" in fmts:
-        image = result.row.get("image") or result.image_key
-        if result.image_key not in coco_images:
-            coco_images[result.image_key] = len(coco_images) + 1
-            coco["images"].append({"id": coco_images[result.image_key], "file_name": Path(image).name,
-                                   "width": width, "height": height, "traitloc_image": image,
-                                   "traitloc_image_key": result.image_key})  # fmt: skip
-        if result.label not in coco_cats:
-            coco_cats[result.label] = len(coco_cats) + 1
-            coco["categories"].append({"id": coco_cats[result.label], "name": result.label,
-                                       "supercategory": result.kind})  # fmt: skip
-        bbox, area = _bbox_area(mask)
-        annotation = {"id": len(coco["annotations"]) + 1, "image_id": coco_images[result.image_key],
-                      "category_id": coco_cats[result.label], "iscrowd": 1, "area": area, "bbox": bbox,
-                      "segmentation": rle_encode(mask, compressed=bool(options["coco_compressed"])),
-                      "traitloc": settings}  # fmt: skip
-        score = _number(result.row.get("score", ""))
-        if isinstance(score, float):
-            annotation["score"] = score
-        coco["annotations"].append(annotation)
-    if polygons is not None:
-        image_sizes.setdefault(result.image_key, (height, width, result.row.get("image", "")))
-        features.setdefault(result.image_key, []).append({
-            "type": "Feature", "id": rid,
-            "geometry": {"type": "MultiPolygon", "coordinates": polygons},
-            "properties": {**settings, "label": result.label, "area_px": int(mask.sum())},
-        })  # fmt: skip
-    if "figure" in fmts:
-        image, why = _load_image(result.row.get("image", ""), roots)
-        if why:
-            warnings.append(f"figure drawn without the image: {why}")
-        fig = figure_panel(image, unit, mask, settings, cmap=options["cmap"])
-        for fmt in fig_fmts:
-            put(_safe_rel("figures", f"{rid}.{fmt}"), figure_bytes(fig, fmt, settings, dpi=options["dpi"]))
-    entry: dict[str, Any] = {"result_id": rid, "label": result.label, "settings": settings, "files": files}
-    if warnings:
-        entry["warnings"] = warnings
-    if "coco" in fmts or "geojson" in fmts:
-        entry["shared_files"] = [
-            f
-            for f, on in (("coco.json", "coco" in fmts), (f"polygons/{result.image_key}.geojson", "geojson" in fmts))
-            if on
-        ]
-    return entry
+    work = np.asarray(photo.convert("RGB")) if hasattr(photo, "convert") else np.asarray(photo)
+    size = work.shape[:2]
+    heat = unit if size == unit.shape else render_unit_map(row, size)
+    buffer = io.BytesIO()
+    Image.fromarray(overlay_array(work, heat)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def _table_frame(header: list[str], rows: list[dict[str, Any]]) -> Any:
@@ -1563,40 +1907,6 @@ def _table_frame(header: list[str], rows: list[dict[str, Any]]) -> Any:
     return frame
 
 
-def _write_tables(
-    sink: Any, root: Path, exported: list[Result], decisions: Mapping[str, Decision], fmts: list[str],
-    extra_tables: list[str], engine: str | None,
-) -> list[str]:  # fmt: skip
-    if "csv" not in fmts and "parquet" not in fmts:
-        return []
-    frames: list[tuple[str, list[str], list[dict[str, Any]]]] = []
-    if exported:
-        header, _ = _read_csv_rows(root / "results.csv")
-        header = ["result_id", *header, "review_status", "review_note"]
-        rows = []
-        for r in exported:
-            d = decisions.get(r.result_id)
-            rows.append({**r.row, "result_id": r.result_id, "review_status": d.status if d else "",
-                         "review_note": d.note if d else ""})  # fmt: skip
-        frames.append(("results", header, rows))
-    for name in extra_tables:
-        header, rows = _read_csv_rows(root / name)
-        frames.append((Path(name).stem, header, rows))
-    written: list[str] = []
-    for stem, header, rows in frames:
-        frame = _table_frame(header, rows)
-        if "csv" in fmts:
-            text = frame.to_csv(index=False, lineterminator="\n")
-            sink.write(_safe_rel("tables", stem + ".csv"), text.encode("utf-8"))
-            written.append(f"tables/{stem}.csv")
-        if "parquet" in fmts:
-            buffer = io.BytesIO()
-            frame.to_parquet(buffer, engine=engine, index=False)
-            sink.write(_safe_rel("tables", stem + ".parquet"), buffer.getvalue())
-            written.append(f"tables/{stem}.parquet")
-    return written
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------------------------
@@ -1604,11 +1914,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``traitloc export`` to the ``traitloc`` command's subparsers."""
     p = subparsers.add_parser(
         "export",
-        help="export a results folder: masks, maps, COCO, GeoJSON, tables, paper figures",
-        description="Export the results of traitloc localize/explain (and audit tables) to a folder or a zip: "
-        "binary PNG masks, float32 ImageJ TIFF maps, COCO RLE JSON, GeoJSON polygons (pixel coordinates, "
-        "origin at the image's top-left corner), CSV/Parquet tables and figure panels (SVG/PDF with editable "
-        "text, PNG at --dpi), each with the settings that made it; manifest.json lists everything.",
+        help="export a run's results: masks, maps, overlays, COCO, GeoJSON, tables, paper figures",
+        description="Render the results of traitloc localize/explain from the run's results store (and export "
+        "audit/evaluate tables) to a folder or a zip: binary PNG masks, float32 ImageJ TIFF maps, overlays, COCO "
+        "RLE JSON, GeoJSON polygons (pixel coordinates, origin at the image's top-left corner), CSV/Parquet tables "
+        "and figure panels (SVG/PDF with editable text, PNG at --dpi), each with the settings that made it; "
+        "manifest.json lists everything. Select rows by review status, concept and score.",
     )
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="folder written by traitloc localize/explain/audit")
     p.add_argument("--format", dest="formats", default="png,tiff,coco,geojson,csv,figure", metavar="LIST",
@@ -1617,36 +1928,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--status", choices=["all", *REVIEW_STATUSES], default="all",
                    help="which results: all ok ones, or those with this review decision in "
                    "RESULTS_DIR/review.sqlite (default: all)")  # fmt: skip
+    p.add_argument("--concept", action="append", default=None, metavar="TEXT",
+                   help="only this concept (localize) or target class (explain); repeat for several")  # fmt: skip
+    p.add_argument("--min-score", type=float, default=None, metavar="S", help="only results with score >= S")
+    p.add_argument("--max-score", type=float, default=None, metavar="S", help="only results with score <= S")
     p.add_argument("--dpi", type=int, default=300, help="resolution of PNG figures (default: 300)")
     p.add_argument("--figure-format", default="svg,pdf,png", metavar="LIST",
                    help="figure files among svg,pdf,png (default: svg,pdf,png)")  # fmt: skip
     p.add_argument("--cmap", default="viridis", choices=UNIFORM_CMAPS, metavar="NAME",
                    help=f"figure colormap, perceptually uniform: {', '.join(UNIFORM_CMAPS[::2])} "
                    "(_r reverses) (default: viridis)")  # fmt: skip
-    p.add_argument(
-        "--threshold",
-        default=None,
-        metavar="T",
-        help="re-derive masks as map > T (a number in [0, 1) or otsu) (default: the results' masks)",
-    )
+    p.add_argument("--threshold", default=None, metavar="T",
+                   help="masks are map > T (a number in [0, 1) or otsu) (default: the threshold of the run, "
+                   "localize --threshold)")  # fmt: skip
     p.add_argument("--image-root", action="append", default=None, metavar="DIR",
-                   help="read source images for figures only from these folders (repeat; default: the image "
-                   "paths in results.csv)")  # fmt: skip
-    p.add_argument(
-        "--coco-compressed",
-        action="store_true",
-        help="COCO RLE counts as pycocotools' compressed strings (default: lists of ints)",
-    )
-    p.add_argument(
-        "--simplify",
-        type=float,
-        default=0.0,
-        metavar="PX",
-        help="simplify GeoJSON polygons with this tolerance in pixels (default: 0 = exact)",
-    )
+                   help="where to look for photos (by relative path, then file name) whose recorded path does not "
+                   "exist any more; repeat for several (photos are only read)")  # fmt: skip
+    p.add_argument("--coco-compressed", action="store_true",
+                   help="COCO RLE counts as pycocotools' compressed strings (default: lists of ints)")  # fmt: skip
+    p.add_argument("--simplify", type=float, default=0.0, metavar="PX",
+                   help="simplify GeoJSON polygons with this tolerance in pixels (default: 0 = exact)")  # fmt: skip
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", metavar="DIR", help="output folder (new or empty)")
-    dest.add_argument("--zip", metavar="FILE", help="output zip file (written atomically)")
+    dest.add_argument("--zip", metavar="FILE", help="output zip file (streamed to a temporary file, then renamed)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder, replacing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -1654,18 +1958,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``traitloc export`` (bad input raises :class:`traitloc.cli.CliError`)."""
+    import torch
+
     from .cli import CliError
 
+    # Rendering is one small bilinear upsampling per result: one thread is faster than several, which wait on
+    # each other (several times slower on a busy machine); the command has nothing else for torch to do.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = args.zip if args.zip is not None else args.out
     try:
         manifest = export_results(
             args.results_dir, args.formats, out, args.status, as_zip=args.zip is not None, dpi=args.dpi,
             figure_formats=args.figure_format, cmap=args.cmap, threshold=args.threshold,
             image_roots=args.image_root, coco_compressed=args.coco_compressed, simplify=args.simplify,
-            overwrite=args.force, progress=not args.quiet, argv=list(argv),
+            overwrite=args.force, progress=not args.quiet, argv=list(argv), concepts=args.concept,
+            score_min=args.min_score, score_max=args.max_score,
         )  # fmt: skip
     except FormatError as err:
         raise CliError(str(err)) from err
+    finally:
+        torch.set_num_threads(threads)
     if not args.quiet:
         counts = manifest["counts"]
         print(f"traitloc export: {counts['exported']} results exported, {counts['skipped']} left out "

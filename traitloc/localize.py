@@ -19,11 +19,13 @@ from PIL import Image
 from torch import Tensor
 
 from .adapters import Prefix, TargetAdapter, clip_adapter
-from .cam import METHODS, CamOutput, FinerCAM, GradCache, finer_coefficients, upsample_maps
+from .cam import CamOutput, FinerCAM, GradCache, finer_coefficients, upsample_maps
 from .concepts import TextEncoder, check_prompt
+from .dense import DenseCache, DenseCLIP, LeGrad, LeGradCache
+from .methods import CAM_METHODS, DENSE_METHODS, TEXT_METHODS, get_method
 from .models import ClipBundle
 
-__all__ = ["ConceptLocalizer", "ConceptMaps", "RESIZE_MODES", "preprocess_image", "input_size_for"]
+__all__ = ["ConceptLocalizer", "ConceptMaps", "QueryCache", "RESIZE_MODES", "preprocess_image", "input_size_for"]
 
 RESIZE_MODES = ("stretch", "aspect")
 
@@ -94,7 +96,9 @@ class ConceptLocalizer:
     Parameters
     ----------
     bundle : a loaded model (:func:`traitloc.models.load_clip`).
-    method : ``gradcam`` (default), ``layercam`` or ``scorecam``.
+    method : ``gradcam`` (default), ``layercam``, ``scorecam`` (any open_clip model) or, for open_clip ViTs, the
+        dense forward-only methods ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, ``gem`` and ``legrad``
+        (:mod:`traitloc.methods` lists them with their equations; ``docs/methods.md`` says when to pick which).
     templates : optional prompt templates containing ``{}`` (ensembled).
     resize : ``stretch`` (default; native square, whole image) or ``aspect`` (keep the aspect ratio).
     amp_dtype : autocast dtype on CUDA (``torch.bfloat16``), or ``None``.
@@ -112,8 +116,8 @@ class ConceptLocalizer:
         scorecam_channels: int | None = None,
         adapter: TargetAdapter | None = None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in TEXT_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(TEXT_METHODS)}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.bundle = bundle
@@ -122,15 +126,31 @@ class ConceptLocalizer:
         self.adapter = adapter or clip_adapter(bundle.visual, normalize=True)
         scale = getattr(bundle.model, "logit_scale", None)
         tau = float(scale.exp()) if isinstance(scale, Tensor) else 100.0
+        # ``cam`` serves Grad-CAM gradients (``gradients()``) for every method; ``engine`` computes the method's maps
         self.cam = FinerCAM(
-            self.adapter, method, score_temperature=tau, scorecam_channels=scorecam_channels, amp_dtype=amp_dtype
+            self.adapter,
+            method if method in CAM_METHODS else "gradcam",
+            score_temperature=tau,
+            scorecam_channels=scorecam_channels,
+            amp_dtype=amp_dtype,
         )
+        self.engine: FinerCAM | DenseCLIP | LeGrad = self.cam
+        if method in DENSE_METHODS:
+            self.engine = DenseCLIP(self.adapter, method, amp_dtype=amp_dtype)  # type: ignore[arg-type]
+        elif method == "legrad":
+            self.engine = LeGrad(self.adapter, amp_dtype=amp_dtype)  # type: ignore[arg-type]
         self.text = TextEncoder(bundle, templates)
         self.multiple = int(getattr(self.adapter, "patch", (32, 32))[0])
 
     @property
     def target_layer(self) -> str:
-        return self.adapter.target_layer
+        if self.method in CAM_METHODS:
+            return self.adapter.target_layer
+        if self.method == "gem":
+            return f"visual.transformer.resblocks[-{self.engine.gem_blocks}:] (GEM path)"  # type: ignore[union-attr]
+        if self.method == "legrad":
+            return f"visual.transformer.resblocks[-{self.engine.layers}:].attn (attention maps)"  # type: ignore[union-attr]
+        return f"visual.transformer.resblocks[-1] ({self.method} last block)"
 
     def input_size(self, orig_wh: tuple[int, int]) -> tuple[int, int]:
         return input_size_for(orig_wh, self.bundle.image_size, self.resize, self.multiple)
@@ -163,7 +183,7 @@ class ConceptLocalizer:
         refs = [[base_i] if base_i is not None and base_i != i else [] for i in idx.tolist()]
         W = finer_coefficients(prompts_n, idx.tolist(), refs, gamma if base is not None else 0.0)
         x = x.to(self.bundle.device)
-        out: CamOutput = self.cam(x, V, W)
+        out: CamOutput = self.engine(x, V, W)
         assert out.features is not None
         per_prompt = out.features.float() @ V.t()  # (B, P) cosine with each prompt
         res = []
@@ -201,6 +221,74 @@ class ConceptLocalizer:
 
     def prefix(self, x: Tensor) -> Prefix:
         return self.cam.prefix(x.to(self.bundle.device))
+
+    def query_cache(self, image: Image.Image, prompts: Sequence[str]) -> QueryCache:
+        """Per-prompt results of one image for this localizer's method, to recombine interactively.
+
+        For every method whose registry entry has ``cached_regamma`` (gradcam, the dense methods, legrad) a new
+        gamma or base among ``prompts`` costs no forward or backward pass (:meth:`QueryCache.explain`); for
+        layercam and scorecam the cache keeps the model input and recomputes.
+        """
+        prompts = list(dict.fromkeys(check_prompt(p) for p in prompts))
+        if not prompts:
+            raise ValueError("no prompts given")
+        x = self.to_tensor(image).unsqueeze(0).to(self.bundle.device)
+        V = self.text.encode(prompts)
+        cache: Any = None
+        if get_method(self.method).cached_regamma:
+            if isinstance(self.engine, DenseCLIP):
+                cache = self.engine.features(x)
+            elif isinstance(self.engine, LeGrad):
+                cache = self.engine.gradients(x, V)
+            else:
+                cache = self.cam.gradients(x, V)
+        return QueryCache(self, prompts, V, cache, x, (image.size[1], image.size[0]))
+
+
+@dataclass
+class QueryCache:
+    """What one image costs once for a list of prompts; :meth:`explain` recombines any concept, base and gamma."""
+
+    localizer: ConceptLocalizer
+    prompts: list[str]
+    vectors: Tensor  # (P, D)
+    cache: GradCache | DenseCache | LeGradCache | None
+    x: Tensor  # (1, 3, H, W) model input
+    size: tuple[int, int]  # original (H, W)
+
+    def explain(self, concepts: Sequence[str], base: str | None = None, gamma: float = 1.0) -> ConceptMaps:
+        """Maps of ``concepts`` vs ``base`` at ``gamma``; every prompt must be among the cached ``prompts``."""
+        if not math.isfinite(float(gamma)):
+            raise ValueError(f"gamma must be finite, got {gamma}")
+        concepts = [check_prompt(c) for c in concepts]
+        if not concepts:
+            raise ValueError("no concepts given")
+        wanted = [*concepts, *([check_prompt(base)] if base is not None else [])]
+        missing = [p for p in wanted if p not in self.prompts]
+        if missing:
+            raise ValueError(f"prompt(s) not in this cache: {', '.join(map(repr, missing))}; make a new query_cache")
+        idx = [self.prompts.index(c) for c in concepts]
+        base_i = self.prompts.index(check_prompt(base)) if base is not None else None
+        refs = [[base_i] if base_i is not None and base_i != i else [] for i in idx]
+        W = finer_coefficients(len(self.prompts), idx, refs, gamma if base is not None else 0.0)
+        loc = self.localizer
+        if self.cache is not None:
+            out = self.cache.combine(W, self.vectors)
+        else:
+            out = loc.engine(self.x, self.vectors, W)
+        assert out.features is not None
+        per_prompt = out.features.float() @ self.vectors.t().to(out.features.device).float()
+        return ConceptMaps(
+            signed=out.signed[0].detach(),
+            concepts=list(concepts),
+            base=base,
+            gamma=float(gamma),
+            method=loc.method,
+            scores=out.scores[0].detach().cpu(),
+            concept_scores=per_prompt[0, idx].detach().cpu(),
+            base_score=float(per_prompt[0, base_i]) if base_i is not None else None,
+            size=self.size,
+        )
 
 
 def _group_by_size(items: Iterable[tuple[Image.Image, tuple[int, int]]]) -> Iterator[list[Image.Image]]:

@@ -22,8 +22,9 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from .imageio import ImageLoadError, LoadedImage, load_image
 from .resultstore import ResultStore, read_results, results_dir
 
 __all__ = [
+    "CsvSpec",
     "Job",
     "SettingsMismatchError",
     "prefetched",
@@ -177,6 +179,27 @@ def first_line(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # jobs
 # --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CsvSpec:
+    """One spreadsheet summary of a job's store: a CSV appended per batch and rewritten from the store at the end.
+
+    Attributes
+    ----------
+    name : file name in the run folder (e.g. ``results.csv``).
+    columns : its columns, in order (made by :meth:`Job.csv_row` and :meth:`Job.csv_frame` from the store rows).
+    key_columns : the CSV's row keys (a row appended again for a key replaces the earlier one).
+    where : only the store rows whose columns have these values (None: every row).
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    key_columns: tuple[str, ...]
+    where: Mapping[str, Any] | None = None
+
+    def selects(self, row: Mapping[str, Any]) -> bool:
+        return self.where is None or all(row.get(k) == v for k, v in self.where.items())
+
+
 class Job:
     """What a command does with a batch of items; :func:`run_job` does the rest.
 
@@ -194,6 +217,8 @@ class Job:
     #: settings that must match for a folder to be resumed (kept in run.json)
     map_settings: dict[str, Any] = {}
     grid_dtype: str = "float32"
+    #: a rerun recomputes the items whose stored rows have ``status = "error: ..."`` (the new rows replace them)
+    retry_errors: bool = False
 
     def item_keys(self, item: Any) -> list[tuple[Any, ...]]:
         """The store keys (values of :attr:`key_columns`) that ``item`` produces."""
@@ -222,9 +247,31 @@ class Job:
         """The ``results.csv`` row of a store row (default: the CSV columns, lists as text)."""
         return {c: _csv_value(row.get(c)) for c in self.csv_columns}
 
+    def csv_specs(self) -> list[CsvSpec]:
+        """The spreadsheet summaries (default: :attr:`csv_name` with :attr:`csv_columns`, if any, keyed as the store).
+
+        Each summary's rows are :meth:`csv_row` of the selected store rows (restricted to its columns) while the run
+        goes, and :meth:`csv_frame` of the store when it is rewritten at the end.
+        """
+        if not self.csv_columns:
+            return []
+        return [CsvSpec(self.csv_name, tuple(self.csv_columns), tuple(self.key_columns))]
+
+    def csv_frame(self, df: Any) -> Any:
+        """Format a DataFrame of store rows (all columns but the grid) as CSV rows, like :meth:`csv_row` does.
+
+        Default: unchanged. A job whose :meth:`csv_row` formats values (e.g. ``true``/``false``) does the same here,
+        so that the summary reads the same after it is rewritten from the store.
+        """
+        return df
+
     def run_info(self) -> dict[str, Any]:
         """Extra run.json entries (settings, prompts...)."""
         return {}
+
+    def rows_ok(self, rows: list[dict[str, Any]]) -> bool:
+        """Whether an item's rows count it as done well in the counts (default: every ``status`` is ``ok``)."""
+        return all(str(r.get("status")) == "ok" for r in rows)
 
     def summarize(self, out: Path, info: dict[str, Any]) -> None:
         """Hook at the end of a run (e.g. aggregate tables); default: nothing."""
@@ -248,6 +295,10 @@ def prepare_run(job: Job, items: Sequence[Any], out: Path) -> tuple[ResultStore,
     previous = refuse_other_settings(out / "run.json", job.map_settings)
     store = ResultStore(out, job.columns, job.key_columns, job.grid_dtype)
     done = store.done_keys()
+    if job.retry_errors and done:
+        df = read_results(out, columns=[*job.key_columns, "status"])
+        failed = df["status"].fillna("").astype(str).str.startswith("error")
+        done = set(df.loc[~failed, list(job.key_columns)].itertuples(index=False, name=None))
     todo = [it for it in items if any(k not in done for k in job.item_keys(it))]
     job._done = done  # type: ignore[attr-defined]
     return store, todo, previous
@@ -287,8 +338,16 @@ def run_job(
     )
     write_run_json(out / "run.json", info)
     counts = {"ok": 0, "failed": 0, "skipped": len(items) - len(todo)}
-    timing = {"compute_s": 0.0, "write_s": 0.0}
-    csv = _CsvSummary(out / job.csv_name, job) if job.csv_columns else None
+    timing = {"decode_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+
+    def timed_load(item: Any) -> Any:  # runs in the prefetch thread: overlaps with compute
+        t1 = time.perf_counter()
+        try:
+            return job.load(item)
+        finally:
+            timing["decode_s"] += time.perf_counter() - t1
+
+    csvs = [_CsvSummary(out / spec.name, job, spec) for spec in job.csv_specs()]
     bar = progress(len(todo), quiet, job.name)
     writer = ThreadPoolExecutor(max_workers=1)
     pending: list[Future[Any]] = []
@@ -306,7 +365,7 @@ def run_job(
                 fresh = job.finish(fresh, item, loaded)
             rows.extend(fresh)
         store.write(rows)  # the part is the commit point
-        if csv is not None:
+        for csv in csvs:
             csv.append(rows)
         for r in rows:
             done.add(key_of(r))
@@ -318,7 +377,7 @@ def run_job(
 
     status = "failed"
     try:
-        for chunk in prefetched(todo, batch_size, job.load):
+        for chunk in prefetched(todo, batch_size, timed_load):
             per_item: list[tuple[Any, Any, list[dict[str, Any]]]] = []
             good = []
             for item, loaded in chunk:
@@ -336,7 +395,7 @@ def run_job(
                     counts["failed"] += 1
                 else:
                     per_item.append((item, loaded, res))
-                    ok = all(str(r.get("status")) == "ok" for r in res)
+                    ok = job.rows_ok(res)
                     counts["ok" if ok else "failed"] += 1
             drain(1)  # at most one batch being written while the next computes
             pending.append(writer.submit(store_batch, per_item))
@@ -352,7 +411,7 @@ def run_job(
         finally:
             writer.shutdown(wait=True)
             bar.close()
-            if csv is not None:
+            for csv in csvs:
                 csv.rebuild(out, job)
             info.update(
                 end_utc=utc_now(),
@@ -388,33 +447,44 @@ def _compute(job: Job, good: list[tuple[Any, Any]]) -> list[list[dict[str, Any]]
 class _CsvSummary:
     """``results.csv``: appended per batch, rewritten from the store at the end (the store is the truth)."""
 
-    def __init__(self, path: Path, job: Job) -> None:
+    def __init__(self, path: Path, job: Job, spec: CsvSpec | None = None) -> None:
         from .results import ResultsTable
 
         self.path = path
         self.job = job
+        self.spec = spec or CsvSpec(path.name, tuple(job.csv_columns), tuple(job.key_columns))
+        cols, keys = list(self.spec.columns), list(self.spec.key_columns)
         try:
-            self.table: Any = ResultsTable(path, list(job.csv_columns), list(job.key_columns))
+            self.table: Any = ResultsTable(path, cols, keys)
         except ValueError:  # an unreadable or foreign summary: rebuilt from the store at the end
             path.unlink(missing_ok=True)
-            self.table = ResultsTable(path, list(job.csv_columns), list(job.key_columns))
+            self.table = ResultsTable(path, cols, keys)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            self.table.append([self.table_row(r) for r in rows])
+        chosen = [self.table_row(r) for r in rows if self.spec.selects(r)]
+        if chosen:
+            self.table.append(chosen)
 
     def table_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        return self.job.csv_row(row)
+        full = self.job.csv_row(row)
+        return {c: full.get(c, "") for c in self.spec.columns}
 
     def rebuild(self, out: Path, job: Job) -> None:
         """Rewrite the summary from the store (atomically), so it lists every stored row exactly once."""
         from .export import atomic_write
 
-        df = read_results(out, columns=[c for c in job.csv_columns if c in _store_columns(job)])
-        for c in job.csv_columns:
+        stored = _store_columns(job)
+        wanted = set(self.spec.columns) | set(self.spec.where or ())
+        if type(job).csv_frame is not Job.csv_frame:  # the job may derive CSV columns from any stored column
+            wanted |= stored - {"grid"}
+        df = read_results(out, columns=[c for c in sorted(stored) if c in wanted])
+        for k, v in (self.spec.where or {}).items():
+            df = df[df[k] == v]
+        df = job.csv_frame(df.reset_index(drop=True))
+        for c in self.spec.columns:
             if c not in df.columns:
                 df[c] = ""
-        df = df[list(job.csv_columns)]
+        df = df[list(self.spec.columns)]
         atomic_write(self.path, df.to_csv(index=False, na_rep="", float_format=None, lineterminator="\n"))
 
 

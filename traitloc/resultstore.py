@@ -29,6 +29,7 @@ files. Read a run in one call::
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -79,6 +80,7 @@ BASE_COLUMNS: dict[str, str] = {
     "grid_h": "int",
     "grid_w": "int",
     "raw_max": "float",  # max of the ReLU grid (= of the rendered ReLU map up to interpolation)
+    "grid_scale": "float",  # float16 grids are stored divided by this (their max |value|); empty: 1
     "run_id": "str",
 }
 PART_GLOB = "part-*.parquet"
@@ -179,9 +181,15 @@ class ResultStore:
         """The Arrow table of ``rows`` (dicts with the columns; ``grid``: a 2-D array or None for an error row)."""
         pa = _pa()
         schema = self.schema()
+        if self.grid_dtype == "float16":
+            rows = [_unit_scaled(r) for r in rows]
         arrays = []
         for name, kind in self.columns.items():
-            arrays.append(pa.array([_cell(kind, r.get(name)) for r in rows], type=_arrow_type(kind)))
+            values = [r.get(name) for r in rows]
+            try:  # the common case: values already of the column's type (or None)
+                arrays.append(pa.array(values, type=_arrow_type(kind)))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+                arrays.append(pa.array([_cell(kind, v) for v in values], type=_arrow_type(kind)))
         np_dtype = np.float32 if self.grid_dtype == "float32" else np.float16
         flats, offsets, valid = [], [0], []
         for r in rows:
@@ -201,8 +209,13 @@ class ResultStore:
         return pa.Table.from_arrays(arrays, schema=schema)
 
     # ---- writing -------------------------------------------------------------------------------------------
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> Path | None:
-        """Write ``rows`` as one new part, atomically; returns its path (None for no rows)."""
+    def write(self, rows: Sequence[Mapping[str, Any]], name: str | None = None) -> Path | None:
+        """Write ``rows`` as one part, atomically; returns its path (None for no rows).
+
+        ``name`` (``part-*.parquet``) gives the part a chosen name instead of a new unique one; a part of that name
+        is then replaced atomically. A writer that may run a batch twice (a retried task) uses a name determined by
+        the batch, so that the retry replaces its own part instead of adding a second copy of its rows.
+        """
         if not rows:
             return None
         import pyarrow.parquet as pq
@@ -210,10 +223,16 @@ class ResultStore:
         rows = [r if r.get("result_id") else {**r, "result_id": result_id(r)} for r in rows]
         table = self.table(rows)
         self.dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        host = "".join(c for c in socket.gethostname() if c.isalnum())[:16] or "host"
-        path = self.dir / f"part-{stamp}-{host}-{os.getpid()}-{secrets.token_hex(4)}.parquet"
-        with atomic_path(path) as tmp:
+        if name is not None:
+            if Path(name).name != name or not Path(name).match(PART_GLOB):
+                raise StoreError(f"a part name must look like part-*.parquet (no folder), got {name!r}")
+            path = self.dir / name
+        else:
+            ns = time.time_ns()  # to the ns: a rerun's parts sort after the earlier ones (dedupe keeps the last)
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 1_000_000_000)) + f".{ns % 1_000_000_000:09d}"
+            host = "".join(c for c in socket.gethostname() if c.isalnum())[:16] or "host"
+            path = self.dir / f"part-{stamp}-{host}-{os.getpid()}-{secrets.token_hex(4)}.parquet"
+        with atomic_path(path, keep_suffix=False) as tmp:  # ".part-....tmp": not matched by '*.parquet' globs
             # no dictionary for the grid (random floats); zstd keeps the text columns small
             pq.write_table(table, tmp, compression="zstd", use_dictionary=[n for n in self.columns])
         self.bytes_written += path.stat().st_size
@@ -227,6 +246,23 @@ class ResultStore:
         if df.empty:
             return set()
         return set(df.itertuples(index=False, name=None))
+
+
+def _unit_scaled(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A row whose grid is divided by its max |value| (kept in ``grid_scale``), for float16 storage.
+
+    float16 has 11 significant bits only for values above 6.1e-5; CAM grids of CLIP models are about that small
+    (a random ViT-B-16 gives maxima of 5e-5 to 2e-4), so stored as they are they would lose precision relative to
+    their own maximum. Scaled to [-1, 1], every map keeps a relative error below 2**-11 of its max.
+    """
+    g = row.get("grid")
+    if g is None:
+        return row
+    a = np.asarray(g, dtype=np.float32)
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    if not (peak > 0 and np.isfinite(peak)):
+        return row
+    return {**row, "grid": a / np.float32(peak), "grid_scale": peak}
 
 
 def part_files(out_dir: PathLike) -> list[Path]:
@@ -259,7 +295,7 @@ def read_results(
     import pyarrow.dataset as ds
 
     root = Path(out_dir)
-    if root.name != "results" and results_dir(root).is_dir():
+    if results_dir(root).is_dir():  # a run folder (even one named "results", as in `--out results`)
         root = results_dir(root)
     files = sorted(root.glob(PART_GLOB)) if root.is_dir() else []
     if not files:
@@ -267,7 +303,7 @@ def read_results(
     try:
         dataset = ds.dataset([str(f) for f in files], format="parquet")
     except Exception as err:  # noqa: BLE001 - a foreign or damaged file
-        raise StoreError(f"{root}: not a readable traitloc store ({type(err).__name__}: {err})") from err
+        raise StoreError(_unreadable(root, files, err)) from err
     meta = dataset.schema.metadata or {}
     keys = [k for k in meta.get(b"traitloc.keys", b"").decode().split(",") if k]
     want = list(columns) if columns else None
@@ -277,7 +313,10 @@ def read_results(
         import pyarrow.parquet as pq
 
         expr = pq.filters_to_expression(filters)
-    table = dataset.to_table(columns=read_cols, filter=expr)
+    try:
+        table = dataset.to_table(columns=read_cols, filter=expr)
+    except Exception as err:  # noqa: BLE001 - any part is opened only here: a damaged one fails here
+        raise StoreError(_unreadable(root, files, err)) from err
     pa = _pa()
     # integers stay integers where error rows leave them empty (pandas' nullable Int64, not float64)
     df = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
@@ -288,14 +327,37 @@ def read_results(
     return df
 
 
+def _unreadable(root: Path, files: Sequence[Path], err: BaseException) -> str:
+    """The message for a store that cannot be read: names the damaged parts when their footers are unreadable."""
+    import pyarrow.parquet as pq
+
+    bad = []
+    for f in files:
+        try:
+            pq.read_metadata(f)
+        except Exception:  # noqa: BLE001 - damaged or not Parquet
+            bad.append(f.name)
+    if not bad:
+        return f"{root}: not a readable traitloc store ({type(err).__name__}: {err})".splitlines()[0]
+    return (
+        f"{root}: not a readable traitloc store: damaged part(s) {', '.join(bad)}; move them out of {root.name}/ "
+        "and rerun the command to recompute their rows"
+    )
+
+
 def result_id(row: Mapping[str, Any]) -> str:
     """``<image_key>/<slug>``: the id of a row in the review app and in exports (slug of the concept or target)."""
-    from .export import slugify
-
     label = row.get("concept")
     if label is None or label == "":
         label = row.get("target", "")
-    return f"{row['image_key']}/{slugify(str(label))}"
+    return f"{row['image_key']}/{_slug(str(label))}"
+
+
+@functools.lru_cache(maxsize=65536)
+def _slug(label: str) -> str:
+    from .export import slugify
+
+    return slugify(label)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,6 +372,9 @@ def grid_of(row: Mapping[str, Any]) -> np.ndarray:
     a = np.asarray(g, dtype=np.float32)
     if a.size != h * w:
         raise StoreError(f"grid of {a.size} values does not match grid_h x grid_w = {h} x {w}")
+    scale = row.get("grid_scale")
+    if scale is not None and scale == scale:  # NaN or None: stored as is (float32 grids)
+        a = a * np.float32(scale)
     return a.reshape(h, w)
 
 
@@ -333,8 +398,9 @@ def render_map(row: Mapping[str, Any], size: tuple[int, int] | None = None, sign
 
     from .cam import upsample_maps
 
-    if row.get("interpolation", INTERPOLATION) != INTERPOLATION:
-        raise StoreError(f"unknown interpolation {row.get('interpolation')!r}")
+    interpolation = row.get("interpolation")
+    if interpolation is not None and interpolation == interpolation and interpolation != INTERPOLATION:  # NaN: unset
+        raise StoreError(f"unknown interpolation {interpolation!r}")
     g = torch.from_numpy(np.array(grid_of(row), dtype=np.float32))  # a copy: Arrow buffers are read-only
     if not signed:
         g = g.clamp_min(0)

@@ -411,6 +411,72 @@ class ReviewStore:
         self._write(fn)
         return removed[0]
 
+    def set_many(self, items: Sequence[tuple[str, str, str]]) -> int:
+        """Record many decisions ``(result_id, status, note)`` in one transaction (a bulk decision); returns the count.
+
+        All or nothing: every item is validated first, and the decisions and their history rows are written in one
+        ``BEGIN IMMEDIATE`` transaction (one fsync for thousands of decisions, where :meth:`set` pays one each).
+        """
+        checked = []
+        for result_id, status, note in items:
+            check_result_id(result_id)
+            if status not in STATUSES:
+                raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+            note = "" if note is None else str(note)
+            if len(note) > _MAX_NOTE:
+                raise ValueError(f"note longer than {_MAX_NOTE} characters")
+            checked.append((result_id, status, note))
+        if not checked:
+            return 0
+
+        def fn(conn: sqlite3.Connection, now: str) -> None:
+            conn.executemany(
+                "INSERT INTO decisions(result_id, status, note, updated_utc) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(result_id) DO UPDATE SET status = excluded.status, note = excluded.note, "
+                "updated_utc = excluded.updated_utc",
+                [(r, s, n, now) for r, s, n in checked],
+            )
+            conn.executemany(
+                "INSERT INTO history(result_id, action, status, note, who, updated_utc) VALUES (?, 'set', ?, ?, ?, ?)",
+                [(r, s, n, self.who, now) for r, s, n in checked],
+            )
+
+        self._write(fn)
+        return len(checked)
+
+    def clear_many(self, result_ids: Sequence[str]) -> int:
+        """Remove the decisions of ``result_ids`` in one transaction (logged); returns how many there were."""
+        ids = [check_result_id(r) for r in result_ids]
+        removed: list[int] = [0]
+
+        def fn(conn: sqlite3.Connection, now: str) -> None:
+            n = 0
+            for r in ids:
+                cur = conn.execute("DELETE FROM decisions WHERE result_id = ?", (r,))
+                if cur.rowcount > 0:
+                    n += 1
+                    conn.execute(
+                        "INSERT INTO history(result_id, action, status, note, who, updated_utc) "
+                        "VALUES (?, 'clear', NULL, NULL, ?, ?)",
+                        (r, self.who, now),
+                    )
+            removed[0] = n
+
+        if ids:
+            self._write(fn)
+        return removed[0]
+
+    def reviewer_counts(self) -> dict[str, dict[str, int]]:
+        """Current decisions per reviewer (the one who last set each) and status: ``{who: {status: n}}``."""
+        rows = self._read(
+            "SELECT h.who, d.status, COUNT(*) FROM decisions d JOIN history h ON h.seq = "
+            "(SELECT MAX(seq) FROM history WHERE result_id = d.result_id) GROUP BY h.who, d.status"
+        )
+        out: dict[str, dict[str, int]] = {}
+        for who, status, n in rows:
+            out.setdefault(str(who), dict.fromkeys(STATUSES, 0))[str(status)] = int(n)  # type: ignore[call-overload]
+        return out
+
     def get(self, result_id: str) -> Decision | None:
         """The current decision for ``result_id``, or ``None``."""
         check_result_id(result_id)

@@ -479,10 +479,10 @@ def train_probe_on_cub(
     -------
     dict with ``meta`` (the saved probe JSON), ``counts`` and ``seconds`` (feature extraction, training).
     """
-    from .batch import _progress
     from .classify import LinearProbe, extract_features, probe_accuracy, save_probe, spec_hash, train_probe
     from .cub import CUB
     from .imageio import ImageLoadError, load_image
+    from .pipeline import progress as progress_bar
 
     cub = CUB(cub_root)
     with warnings.catch_warnings():
@@ -512,7 +512,7 @@ def train_probe_on_cub(
         return load
 
     t0 = time.perf_counter()
-    bar = _progress(len(rows), quiet, "features")
+    bar = progress_bar(len(rows), quiet, "features")
     last = [0]
 
     def progress(done: int, total: int) -> None:

@@ -1,0 +1,466 @@
+r"""Text queries on open_clip ViTs with the dense CLIP family and LeGrad, each with the Finer contrast.
+
+Dense (forward-only) methods: ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, ``gem``
+-----------------------------------------------------------------------------------------
+Each changes how the last block(s) mix tokens so that every patch token keeps its own content, then reads the
+patch tokens out through the model's own head: :math:`\hat f_i = \mathrm{normalize}(\mathrm{ln_{post}}(z_i)
+W_{proj})`. The map of a query vector :math:`u_q = \sum_p W_{qp} v_p` (Finer: :math:`v_c - \gamma v_b`) is
+
+.. math::  M_q[i] = \mathrm{ReLU}(\langle \hat f_i, u_q \rangle)
+           = \mathrm{ReLU}(\langle \hat f_i, v_c\rangle - \gamma \langle \hat f_i, v_b\rangle)
+
+so the contrast is formed on the per-patch similarity, before the ReLU, and it is linear in the text vectors: one
+forward pass gives :math:`\hat f` (``(B, N, D)``, cached in :class:`DenseCache`) for any number of prompts, and a
+new gamma or base is one matrix product. The last-block variants (see :mod:`traitloc.methods` for the equations)
+start from the adapter's prefix (everything up to the last block's ``ln_1``, run once under ``no_grad``); the
+image-level score ``s_q`` (``scores``) is the model's own CLS embedding, as for the CAM methods, so scores do not
+depend on the method.
+
+LeGrad (``legrad``)
+-------------------
+For each of the last ``L`` layers (default 2), the layer's score :math:`s^{(l)}_q = \langle \mathrm{normalize}(
+\mathrm{ln_{post}}(\overline{y^{(l)}}) W_{proj}), u_q\rangle` of its mean output token is differentiated with respect
+to the layer's attention probabilities :math:`\mathrm{Attn}^{(l)}_{h,i,j}`; the map is
+:math:`\sum_l \mathrm{mean}_{h,i}\, \mathrm{ReLU}(\partial s^{(l)}_q / \partial \mathrm{Attn}^{(l)}_{h,i,j})` over
+the patch columns ``j``. The authors' code repeats the image once per prompt and calls autograd per layer. Here the
+backward is closed form and batched over prompts: the layer's output tokens all receive the same cotangent (the
+mean), so :math:`\partial s / \partial o_i = W_o^\top (I + J^{\mathrm{MLP}}_i)^\top g / N` needs one product with
+the MLP per token and prompt, and :math:`\partial s / \partial \mathrm{Attn}_{h,i,j} = \langle \partial s /
+\partial o_{i,h}, v_{j,h}\rangle`. The Finer contrast is formed on the gradient (linear in :math:`u_q`), before the
+ReLU; the per-vector gradients :math:`\partial s/\partial o` are what :class:`LeGradCache` keeps, so a new gamma or
+base needs no forward or backward pass, only the last (cheap) product and ReLU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import OpenClipViT, Prefix, _check_vectors, _layer_norm_backward, _layer_norm_parts, resize_pos_embed
+from .cam import CamOutput, _coeffs
+from .methods import DENSE_METHODS, get_method
+
+__all__ = ["DenseCache", "DenseCLIP", "LeGrad", "LeGradCache", "naclip_neighbourhood", "vit_tokens"]
+
+
+def vit_tokens(visual: nn.Module, x: Tensor, patch: tuple[int, int], native_grid: tuple[int, int]) -> Tensor:
+    """Tokens after ``ln_pre`` (B, 1 + h*w, C): patch embedding, CLS, positional embedding (bicubic to the grid)."""
+    H, W = int(x.shape[-2]), int(x.shape[-1])
+    grid = (H // patch[0], W // patch[1])
+    t = visual.conv1(x)
+    t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(t.shape[0], -1, -1).to(t.dtype)
+    t = torch.cat([cls, t], 1)
+    t = t + resize_pos_embed(visual.positional_embedding, native_grid, grid).to(t.dtype)
+    return visual.ln_pre(t)
+
+
+def _qkv(blk: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head q, k, v (B, H, L, dh) of the block's attention for normalized tokens ``a`` (B, L, C)."""
+    attn: nn.MultiheadAttention = blk.attn
+    B, L, C = a.shape
+    nh = attn.num_heads
+    qkv = F.linear(a, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, nh, C // nh)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _heads_out(blk: nn.Module, o: Tensor) -> Tensor:
+    """(B, H, L, dh) -> out_proj -> (B, L, C)."""
+    B, nh, L, dh = o.shape
+    return blk.attn.out_proj(o.transpose(1, 2).reshape(B, L, nh * dh))
+
+
+def _cls_output(blk: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The block's ordinary output for the CLS token only (B, C), from its q, k, v."""
+    dh = q.shape[-1]
+    p = (q[:, :, :1] @ k.transpose(-1, -2) * dh**-0.5).softmax(-1)  # (B, H, 1, L)
+    z = x[:, 0] + blk.ls_1(_heads_out(blk, p @ v)[:, 0])
+    return z + blk.ls_2(blk.mlp(blk.ln_2(z)))
+
+
+def _head(visual: nn.Module, z: Tensor) -> Tensor:
+    """``ln_post`` then ``proj`` on tokens (..., C) -> (..., D)."""
+    return visual.ln_post(z) @ visual.proj
+
+
+def naclip_neighbourhood(grid: tuple[int, int], sigma: float, device: torch.device | None = None) -> Tensor:
+    r"""NACLIP's Gaussian neighbourhood :math:`\Omega_{ab} = \exp(-\|p_a - p_b\|^2 / (2\sigma^2))` over patch
+    positions, padded with a zero row and column for the CLS token: ``(1 + h*w, 1 + h*w)``."""
+    h, w = grid
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], -1)
+    om = torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * sigma**2))
+    return F.pad(om, (1, 0, 1, 0)).to(device)
+
+
+@dataclass
+class DenseCache:
+    """Normalized per-patch embeddings of a batch: any query (gamma, base) is one matrix product, no forward pass.
+
+    Attributes
+    ----------
+    patches : (B, N, D) L2-normalized patch embeddings :math:`\\hat f` in raster order.
+    features : (B, D) the model's own normalized CLS embedding (image-level scores).
+    """
+
+    patches: Tensor
+    features: Tensor
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    method: str
+
+    def similarities(self, vectors: Tensor) -> Tensor:
+        """Per-prompt patch similarities ``(B, P, h, w)`` (cosine) for vectors (P, D) or (B, P, D)."""
+        V = _check_vectors(vectors, self.patches.shape[0]).to(self.patches.dtype)
+        return torch.einsum("bnd,bpd->bpn", self.patches, V).reshape(V.shape[0], V.shape[1], *self.grid)
+
+    def combine(self, coeffs: Tensor, vectors: Tensor) -> CamOutput:
+        """Maps for queries ``coeffs`` (Q, P) or (B, Q, P) over ``vectors`` (P, D) or (B, P, D)."""
+        B = self.patches.shape[0]
+        V = _check_vectors(vectors, B).to(self.patches.dtype)
+        W = _coeffs(coeffs, B, V.shape[1], V)
+        U = torch.einsum("bqp,bpd->bqd", W, V)
+        signed = torch.einsum("bnd,bqd->bqn", self.patches, U).reshape(B, U.shape[1], *self.grid)
+        scores = torch.einsum("bd,bqd->bq", self.features, U)
+        return CamOutput(signed, scores, self.method, self.grid, self.input_size, self.features)
+
+
+class _ViTMethod:
+    """Shared set-up of the open_clip ViT methods (an :class:`OpenClipViT` adapter with a CLS-pooled tower)."""
+
+    def __init__(self, adapter: OpenClipViT, method: str, amp_dtype: torch.dtype | None = None):
+        if not isinstance(adapter, OpenClipViT) or not adapter.fast:
+            raise ValueError(
+                f"method {method!r} needs an open_clip ViT with CLS pooling and a projection (ViT-B-16, BioCLIP ...); "
+                f"for ResNets use one of gradcam, layercam, scorecam"
+            )
+        self.adapter = adapter
+        self.visual = adapter.visual
+        self.method = method
+        self.amp_dtype = amp_dtype
+        self.info = get_method(method)
+
+    def _autocast(self, device: torch.device):
+        enabled = self.amp_dtype is not None and device.type == "cuda"
+        return torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=enabled)
+
+    def _check_input(self, x: Tensor) -> tuple[int, int]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"x must be an image batch (B, 3, H, W), got {tuple(x.shape)}")
+        ph, pw = self.adapter.patch
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        if H % ph or W % pw:
+            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+        return (H // ph, W // pw)
+
+    def _tokens_until(self, x: Tensor, n_last: int) -> Tensor:
+        """Inputs of the last ``n_last`` blocks (no gradients)."""
+        t = vit_tokens(self.visual, x, self.adapter.patch, self.adapter.native_grid)
+        for blk in self.visual.transformer.resblocks[:-n_last]:
+            t = blk(t)
+        return t
+
+
+class DenseCLIP(_ViTMethod):
+    """Forward-only dense patch-text similarity for open_clip ViTs (``maskclip``, ``clearclip``, ``sclip``,
+    ``naclip``, ``gem``); see the module docstring and :mod:`traitloc.methods` for the equations.
+
+    Parameters
+    ----------
+    adapter : the model's :class:`~traitloc.adapters.OpenClipViT` adapter (CLS pooling).
+    method : one of :data:`traitloc.methods.DENSE_METHODS`.
+    naclip_sigma : NACLIP's Gaussian neighbourhood standard deviation in patches (authors: 5).
+    gem_depth : GEM's ``depth`` (authors: 7, i.e. the last 6 blocks get the self-self attention path).
+    gem_iterations : GEM's self-self attention iterations (authors: 1).
+    amp_dtype : autocast dtype on CUDA (``torch.bfloat16``), or ``None``.
+
+    Examples
+    --------
+    >>> dense = DenseCLIP(clip_adapter(model.visual), "clearclip")          # doctest: +SKIP
+    >>> cache = dense.features(x)                  # one forward pass for any number of prompts
+    >>> out = cache.combine(finer_coefficients(2, [0], [[1]], 1.0), torch.stack([v_concept, v_bird]))
+    """
+
+    def __init__(
+        self,
+        adapter: OpenClipViT,
+        method: str,
+        *,
+        naclip_sigma: float = 5.0,
+        gem_depth: int = 7,
+        gem_iterations: int = 1,
+        amp_dtype: torch.dtype | None = None,
+    ):
+        if method not in DENSE_METHODS:
+            raise ValueError(f"unknown dense method {method!r}; choose one of {', '.join(DENSE_METHODS)}")
+        super().__init__(adapter, method, amp_dtype)
+        if not naclip_sigma > 0:
+            raise ValueError(f"naclip_sigma must be > 0, got {naclip_sigma}")
+        if gem_depth < 2:
+            raise ValueError(f"gem_depth must be >= 2, got {gem_depth}")
+        if gem_iterations < 0:
+            raise ValueError(f"gem_iterations must be >= 0, got {gem_iterations}")
+        self.naclip_sigma = float(naclip_sigma)
+        self.gem_blocks = min(gem_depth - 1, len(self.visual.transformer.resblocks))
+        self.gem_iterations = gem_iterations
+        self._omega: dict[tuple[tuple[int, int], torch.device], Tensor] = {}
+        #: forward passes run so far (a cached re-gamma must not add any)
+        self.forward_count = 0
+
+    def features(self, x: Tensor | Prefix) -> DenseCache:
+        """One forward pass: normalized patch embeddings and the CLS embedding of a batch."""
+        if isinstance(x, Prefix):
+            if self.method == "gem":
+                raise ValueError("gem needs the image, not a last-block prefix")
+            pre = x
+            grid, size = pre.grid, pre.input_size
+        else:
+            grid = self._check_input(x)
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            pre = None
+        self.forward_count += 1
+        device = (pre.acts if pre is not None else x).device  # type: ignore[union-attr]
+        with torch.no_grad(), self._autocast(device):
+            if self.method == "gem":
+                patches, e = self._gem(x)  # type: ignore[arg-type]
+            else:
+                if pre is None:
+                    pre = self.adapter.prefix(x)  # type: ignore[arg-type]
+                patches, e = self._last_block(pre)
+        patches = F.normalize(patches.float(), dim=-1)
+        return DenseCache(patches, F.normalize(e.float(), dim=-1), grid, size, self.method)
+
+    def __call__(self, x: Tensor, vectors: Tensor, coeffs: Tensor | None = None) -> CamOutput:
+        """Maps for queries ``coeffs`` (Q, P) over ``vectors`` (P, D) or (B, P, D); ``None``: each vector alone."""
+        cache = self.features(x)
+        V = _check_vectors(vectors, cache.patches.shape[0])
+        if V.shape[1] == 0:
+            raise ValueError("no explained vectors given")
+        return cache.combine(torch.eye(V.shape[1]) if coeffs is None else coeffs, V)
+
+    # -- the last-block variants --------------------------------------------------------------------------------------
+    def _last_block(self, pre: Prefix) -> tuple[Tensor, Tensor]:
+        v, blk = self.visual, self.adapter.block
+        x = pre.extra["x_in"]
+        a = torch.cat([pre.extra["a_cls"], pre.acts], 1)  # ln_1 of the last block's input, CLS first
+        q, k, val = _qkv(blk, a)
+        e = _head(v, _cls_output(blk, x, q, k, val))
+        dh = q.shape[-1]
+        m = self.method
+        if m == "maskclip":  # identity attention: each token keeps its own value; residual and MLP as usual
+            z = x[:, 1:] + blk.ls_1(_heads_out(blk, val[:, :, 1:]))
+            z = z + blk.ls_2(blk.mlp(blk.ln_2(z)))
+            return _head(v, z), e
+        if m == "clearclip":
+            p = (q @ q.transpose(-1, -2) * dh**-0.5).softmax(-1)
+        elif m == "sclip":
+            p = (q @ q.transpose(-1, -2) * dh**-0.5).softmax(-1) + (k @ k.transpose(-1, -2) * dh**-0.5).softmax(-1)
+        else:  # naclip
+            om = self._neighbourhood(pre.grid, a.device).to(k.dtype)
+            p = (k @ k.transpose(-1, -2) * dh**-0.5 + om).softmax(-1)
+        o = _heads_out(blk, p[:, :, 1:] @ val)  # patch rows only
+        if m == "sclip":
+            z = x[:, 1:] + blk.ls_1(o)
+            z = z + blk.ls_2(blk.mlp(blk.ln_2(z)))
+        else:  # clearclip, naclip: the attention output alone (no residual, no MLP)
+            z = o
+        return _head(v, z), e
+
+    def _neighbourhood(self, grid: tuple[int, int], device: torch.device) -> Tensor:
+        key = (tuple(grid), device)
+        if key not in self._omega:
+            self._omega[key] = naclip_neighbourhood(grid, self.naclip_sigma, device)  # type: ignore[index]
+        return self._omega[key]  # type: ignore[index]
+
+    def _gem(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.visual
+        blocks = list(v.transformer.resblocks)
+        n = self.gem_blocks
+        t = self._tokens_until(x, n)
+        x_gem = t
+        for j, blk in enumerate(blocks[-n:]):
+            a = blk.ln_1(t)
+            q, k, val = _qkv(blk, a)
+            x_gem = x_gem + blk.ls_1(_heads_out(blk, self._self_self(a, q, k, val)))
+            if j == n - 1:  # the last block: only the CLS token's ordinary output is needed
+                e = _head(v, _cls_output(blk, t, q, k, val))
+            else:
+                o = F.scaled_dot_product_attention(q, k, val)
+                t = t + blk.ls_1(_heads_out(blk, o))
+                t = t + blk.ls_2(blk.mlp(blk.ln_2(t)))
+        return _head(v, x_gem[:, 1:]), e
+
+    def _self_self(self, a: Tensor, q: Tensor, k: Tensor, val: Tensor) -> Tensor:
+        """GEM's self-self attention: v-v, k-k and q-q attention (L2-normalized, inverse temperature from the mean
+        token norm), iterated, each then applied to the values; the three are averaged. The three run as one batch
+        of fused attention calls."""
+        dh = q.shape[-1]
+        inv_temp = (a.norm(dim=-1).mean(-1) * dh**-0.5).view(-1, 1, 1, 1, 1)
+        t = F.normalize(torch.stack([val, k, q], 1), dim=-1)  # (B, 3, H, L, dh)
+        for _ in range(self.gem_iterations):
+            t = F.normalize(F.scaled_dot_product_attention(t * inv_temp, t, t, scale=1.0), dim=-1)
+        out = F.scaled_dot_product_attention(t * inv_temp, t, val.unsqueeze(1).expand_as(t), scale=1.0)
+        return out.mean(1)
+
+
+@dataclass
+class LeGradCache:
+    """Per-vector LeGrad gradients of a batch: a new gamma or base is the last product and ReLU, no backward.
+
+    Attributes
+    ----------
+    grads : (B, P, Lyr, L, C) per explained vector, layer and token, ``d s^(l) / d o`` (attention output, heads
+        concatenated, before ``out_proj``).
+    values : (B, Lyr, H, L, dh) the layers' attention values.
+    features : (B, D) normalized CLS embedding (image-level scores).
+    """
+
+    grads: Tensor
+    values: Tensor
+    features: Tensor
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+
+    def combine(self, coeffs: Tensor, vectors: Tensor | None = None) -> CamOutput:
+        B, P = self.grads.shape[:2]
+        W = _coeffs(coeffs, B, P, self.grads)
+        g = torch.einsum("bqp,bp...->bq...", W, self.grads)  # (B, Q, Lyr, L, C)
+        maps = sum(_relevance(g[:, :, i], self.values[:, i]) for i in range(g.shape[2]))
+        scores = torch.full(maps.shape[:2], float("nan"), device=maps.device)  # type: ignore[union-attr]
+        if vectors is not None:
+            V = _check_vectors(vectors, B).to(self.features.dtype)
+            scores = torch.einsum("bqp,bp->bq", W.float(), torch.einsum("bd,bpd->bp", self.features, V))
+        signed = maps.reshape(B, -1, *self.grid)  # type: ignore[union-attr]
+        return CamOutput(signed, scores, "legrad", self.grid, self.input_size, self.features)
+
+
+def _relevance(go: Tensor, val: Tensor) -> Tensor:
+    """LeGrad's per-layer relevance of patch columns: ``mean_{h,i} ReLU(<go_{i,h}, v_{j,h}>)`` for j >= 1.
+
+    ``go`` (B, Q, L, C) gradients w.r.t. the attention output (heads concatenated), ``val`` (B, H, L, dh).
+    """
+    B, Q, L, C = go.shape
+    nh, dh = val.shape[1], val.shape[-1]
+    gh = go.view(B, Q, L, nh, dh).transpose(2, 3)  # (B, Q, H, L, dh)
+    dA = torch.einsum("bqhid,bhjd->bqhij", gh, val[:, :, 1:].to(gh.dtype))  # d s / d Attn, patch columns
+    return dA.clamp_min(0).mean(dim=(2, 3))  # (B, Q, N)
+
+
+class LeGrad(_ViTMethod):
+    """LeGrad for open_clip ViTs, batched over prompts (closed-form backward of the last layers; no autograd).
+
+    Parameters
+    ----------
+    adapter : the model's :class:`~traitloc.adapters.OpenClipViT` adapter.
+    layers : number of last layers whose attention maps are explained (authors: 2, ``layer_index=-2``).
+    vector_chunk : explained vectors x images processed at once (bounds memory: about ``chunk x heads x tokens^2``
+        and ``chunk x tokens x 4 x width`` floats).
+    amp_dtype : autocast dtype on CUDA, or ``None``.
+    """
+
+    def __init__(
+        self, adapter: OpenClipViT, *, layers: int = 2, vector_chunk: int = 32, amp_dtype: torch.dtype | None = None
+    ):
+        super().__init__(adapter, "legrad", amp_dtype)
+        n_blocks = len(self.visual.transformer.resblocks)
+        if not 1 <= layers <= n_blocks:
+            raise ValueError(f"layers must be in [1, {n_blocks}], got {layers}")
+        if vector_chunk < 1:
+            raise ValueError(f"vector_chunk must be >= 1, got {vector_chunk}")
+        self.layers = layers
+        self.vector_chunk = vector_chunk
+        self.forward_count = 0
+
+    def _forward(self, x: Tensor) -> tuple[list[dict[str, Tensor]], Tensor, tuple[int, int]]:
+        """Forward through the last layers keeping what the closed-form backward needs."""
+        grid = self._check_input(x)
+        self.forward_count += 1
+        v = self.visual
+        t = self._tokens_until(x, self.layers)
+        saved = []
+        for blk in list(v.transformer.resblocks)[-self.layers :]:
+            a = blk.ln_1(t)
+            q, k, val = _qkv(blk, a)
+            o = F.scaled_dot_product_attention(q, k, val)
+            z = t + blk.ls_1(_heads_out(blk, o))
+            m, xhat2, rstd2 = _layer_norm_parts(blk.ln_2, z)
+            fc, act, proj2 = blk.mlp[0], blk.mlp[1], blk.mlp[2]
+            h1 = fc(m)
+            with torch.enable_grad():
+                hh = h1.detach().requires_grad_(True)
+                g = act(hh)
+                (dact,) = torch.autograd.grad(g.sum(), hh)  # elementwise activation: exact derivative
+            t = z + blk.ls_2(proj2(g.detach()))
+            pooled, xhatp, rstdp = _layer_norm_parts(v.ln_post, t.mean(1))
+            e = pooled @ v.proj
+            saved.append(
+                {"v": val, "xhat2": xhat2, "rstd2": rstd2, "dact": dact, "xhatp": xhatp, "rstdp": rstdp, "e": e}
+            )
+        e_cls = _head(v, t[:, 0])
+        return saved, F.normalize(e_cls.float(), dim=-1), grid
+
+    def _grad_out(self, blk: nn.Module, c: dict[str, Tensor], U: Tensor) -> Tensor:
+        """``d s / d o`` (B, Q, L, C) for query vectors U (B, Q, D): closed-form backward of one layer's score."""
+        v = self.visual
+        e = c["e"]
+        g = U.to(e.dtype)
+        n = e.norm(dim=-1, keepdim=True)
+        eh = e / n
+        g = (g - (g * eh.unsqueeze(1)).sum(-1, keepdim=True) * eh.unsqueeze(1)) / n.unsqueeze(1)  # normalization
+        gp = _layer_norm_backward(g @ v.proj.t(), v.ln_post, c["xhatp"], c["rstdp"])  # (B, Q, C) wrt the mean
+        L = c["v"].shape[2]
+        gy = gp / L  # every token's output gets the same cotangent
+        ls2 = blk.ls_2.gamma if hasattr(blk.ls_2, "gamma") else 1.0
+        gh = (gy * ls2) @ blk.mlp[2].weight  # (B, Q, 4C)
+        gm = (gh.unsqueeze(2) * c["dact"].unsqueeze(1)) @ blk.mlp[0].weight  # (B, Q, L, C)
+        ln = blk.ln_2
+        gx = gm * ln.weight if ln.weight is not None else gm
+        xh = c["xhat2"].unsqueeze(1)
+        gz = (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True)) * c["rstd2"].unsqueeze(1)
+        gz = gz + gy.unsqueeze(2)
+        ls1 = blk.ls_1.gamma if hasattr(blk.ls_1, "gamma") else 1.0
+        return (gz * ls1) @ blk.attn.out_proj.weight
+
+    def gradients(self, x: Tensor, vectors: Tensor) -> LeGradCache:
+        """Per-vector gradients for a batch (cache them to try many gammas and bases without a backward pass)."""
+        with torch.no_grad(), self._autocast(x.device):
+            saved, feats, grid = self._forward(x)
+            V = _check_vectors(vectors, x.shape[0]).to(saved[0]["e"].dtype)
+            blocks = list(self.visual.transformer.resblocks)[-self.layers :]
+            step = max(1, self.vector_chunk // x.shape[0])
+            grads = torch.stack(
+                [torch.cat([self._grad_out(b, c, V[:, i : i + step]) for i in range(0, V.shape[1], step)], 1)
+                 for b, c in zip(blocks, saved, strict=True)], 2
+            )  # fmt: skip
+            values = torch.stack([c["v"] for c in saved], 1)
+        return LeGradCache(grads.float(), values.float(), feats, grid, (int(x.shape[-2]), int(x.shape[-1])))
+
+    def __call__(self, x: Tensor, vectors: Tensor, coeffs: Tensor | None = None) -> CamOutput:
+        """Maps for queries ``coeffs`` (Q, P) over ``vectors`` (P, D) or (B, P, D); ``None``: each vector alone."""
+        B = x.shape[0]
+        V = _check_vectors(vectors, B)
+        P = V.shape[1]
+        if P == 0:
+            raise ValueError("no explained vectors given")
+        W = _coeffs(torch.eye(P) if coeffs is None else coeffs, B, P, V.float())
+        U = torch.einsum("bqp,bpd->bqd", W, V.float())  # the explained query vectors
+        with torch.no_grad(), self._autocast(x.device):
+            saved, feats, grid = self._forward(x)
+            U = U.to(saved[0]["e"].dtype)
+            blocks = list(self.visual.transformer.resblocks)[-self.layers :]
+            maps = []
+            step = max(1, self.vector_chunk // B)  # bounds the (B, chunk, heads, tokens, patches) gradients
+            for i in range(0, U.shape[1], step):
+                u = U[:, i : i + step]
+                maps.append(
+                    sum(_relevance(self._grad_out(b, c, u), c["v"]) for b, c in zip(blocks, saved, strict=True))
+                )
+            signed = torch.cat(maps, 1).float()  # type: ignore[arg-type]
+        scores = torch.einsum("bd,bqd->bq", feats, U.float())
+        return CamOutput(
+            signed.reshape(B, -1, *grid), scores, "legrad", grid, (int(x.shape[-2]), int(x.shape[-1])), feats
+        )

@@ -318,6 +318,12 @@ def pairs_of(table: rk.ResultsTable) -> pd.Series:
     return pd.Series([[f"{c} vs {b or NO_BASE}"] for c, b in zip(rows["label"], base, strict=True)], index=rows.index)
 
 
+def status_of(rows: pd.DataFrame, decisions: dict[str, Any]) -> pd.Series:
+    """The review status of each row: a decision's status, or ``"unreviewed"``."""
+    m = {r: d.status for r, d in decisions.items()}
+    return pd.Series([m.get(r, "unreviewed") for r in rows["result_id"]], index=rows.index, dtype=object)
+
+
 def filter_rows(
     table: rk.ResultsTable,
     *,
@@ -342,8 +348,7 @@ def filter_rows(
         s = rows["score_f"]
         keep &= s.isna() | ((s >= lo - 1e-9) & (s <= hi + 1e-9))
     if review != "all":
-        d = decisions or {}
-        status = rows["result_id"].map(lambda r: d[r].status if r in d else "unreviewed")
+        status = status_of(rows, decisions or {})
         keep &= status == review
     if text:
         keep &= rows["image_key"].astype(str).str.contains(text, case=False, regex=False)
@@ -621,12 +626,21 @@ def _view_controls(key: str, per_photo: int = 2) -> tuple[str, str, View, int]:
     return group, sort, View(mode, float(alpha), float(threshold)), int(page_size)
 
 
-def _frozen(table: rk.ResultsTable, key: str, rows: pd.DataFrame, sig: tuple[Any, ...], refresh: bool) -> Frozen:
+@st.cache_resource(show_spinner=False)
+def _orders() -> rk.LRU:
+    """Server-wide cache of grid orders (sorting 48,000 rows once per filter, not once per session)."""
+    return rk.LRU(32)
+
+
+def _frozen(cfg: AppConfig, table: rk.ResultsTable, key: str, rows: pd.DataFrame, sig: tuple[Any, ...],
+            refresh: bool) -> Frozen:  # fmt: skip
     fr: Frozen | None = st.session_state.get(f"{key}_frozen")
     full_sig = (str(table.out), len(table.parts), *sig)
     if fr is None or fr.sig != full_sig or refresh:
         group, sort = sig[-2], sig[-1]
-        ids, groups = rk.order_rows(rows, group, sort)
+        needs_db = sig[3] != "all"  # the review-status filter depends on the decisions of now
+        order_key = (str(table.out), rk.store_signature(table.out), sig, _db_sig(cfg) if needs_db else None)
+        ids, groups = _orders().get(order_key, lambda: rk.order_rows(rows, group, sort))
         cur = int(st.session_state.get(f"{key}_cursor", 0))
         keep_rid = fr.ids[min(cur, len(fr.ids) - 1)] if fr and fr.ids else None
         fr = Frozen(full_sig, ids, groups, time.strftime("%H:%M:%S"))
@@ -810,7 +824,7 @@ def _bad_rows(table: rk.ResultsTable, key: str) -> None:
 def _progress(cfg: AppConfig, table: rk.ResultsTable, decisions: dict[str, Any]) -> None:
     rows = table.rows
     n = len(rows)
-    status = rows["result_id"].map(lambda r: decisions[r].status if r in decisions else "unreviewed")
+    status = status_of(rows, decisions)
     reviewed = int((status != "unreviewed").sum())
     counts = status.value_counts()
     st.progress(reviewed / n if n else 0.0, text=f"{reviewed} of {n} reviewed · " + " · ".join(
@@ -887,7 +901,8 @@ def _bulk(cfg: AppConfig, key: str, fr: Frozen) -> None:
 def _export(cfg: AppConfig, table: rk.ResultsTable, fr: Frozen, decisions: dict[str, Any]) -> None:
     assert cfg.results_dir is not None
     with st.expander("Export", expanded="rv_export_path" in st.session_state):
-        accepted = [r for r in table.rows["result_id"] if r in decisions and decisions[r].status == "accepted"]
+        known = table.index_of()
+        accepted = [r for r, d in decisions.items() if d.status == "accepted" and r in known]
         acc_in = [r for r in fr.ids if r in decisions and decisions[r].status == "accepted"]
         scopes: dict[str, str | list[str]] = {
             "accepted": "accepted",
@@ -969,7 +984,7 @@ def page_grid(cfg: AppConfig, review: bool) -> None:
         st.subheader("View")
         per_photo = int(table.rows["image_key"].value_counts().max()) if len(table.rows) else 1
         group, sort, view, page_size = _view_controls(key, per_photo)
-    fr = _frozen(table, key, rows, (*sig, group, sort), refresh)
+    fr = _frozen(cfg, table, key, rows, (*sig, group, sort), refresh)
     _bad_rows(table, key)
     st.text(f"{len(fr.ids)} of {len(table.rows)} results ({table.kind})")
     if not fr.ids:
@@ -1457,14 +1472,18 @@ def page_query(cfg: AppConfig) -> None:
                     st.session_state.pop("q_cancelled", None)
                     st.rerun()
                 return
-            bar = st.progress(0.0, text="Score-CAM: masked forward passes…")
-            st.button("Cancel", key="q_cancel", on_click=_cancel_query, args=(token,))
+            working = st.empty()
+            with working.container():
+                bar = st.progress(0.0, text="Score-CAM: masked forward passes…")
+                st.button("Cancel", key="q_cancel", on_click=_cancel_query, args=(token,))
 
             def progress_cb(done: int, total: int) -> None:
                 bar.progress(done / max(total, 1), text=f"Score-CAM: masked forward passes {done} of {total}")
 
     with st.spinner("Computing the map..."):
         res = run_query(loc, image, image_id, concept, base_p, gamma, method, progress=progress_cb)
+    if progress_cb is not None:
+        working.empty()  # done: no stale Cancel button
     from traitloc.export import mask_from_map
 
     st.session_state[LAST_QUERY] = {"map01": res.map01, "score": res.score, "method": method, "gamma": gamma}

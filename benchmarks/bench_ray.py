@@ -23,7 +23,7 @@ Examples
     . .venv/bin/activate && export HF_HUB_OFFLINE=1
     python benchmarks/bench_ray.py --n 200 --json ray.json
     python benchmarks/bench_ray.py --n 200 --configs ray-2,ray-1,local --json ray_rev.json   # the other order
-    python benchmarks/bench_ray.py --n 16 --configs "" --split          # the stages of a batch only
+    python benchmarks/bench_ray.py --n 32 --configs "" --split          # the stages of a batch only
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def run_one(name: str, photos: list[Path], out: Path, common: list[str], env: di
 def stage_split(weights: Path, photos: list[Path], model: str, batch: int, workdir: Path) -> dict:
     """Where one batch's time goes inside the job (ms per image): decode, model (the engine), rows (grids to store
     rows with their mask fractions), Parquet write; and the store's bytes per image with float32 and float16 grids.
-    Two batches, the first a warm-up."""
+    Batches of ``photos``, the first a warm-up; the means of the others."""
     import torch
 
     from traitloc.batch import LocalizeJob, LocalizeSettings
@@ -133,8 +133,10 @@ def stage_split(weights: Path, photos: list[Path], model: str, batch: int, workd
     traits = load_trait_list("cub200")
     concepts = [t.prompt for t in traits]
     s = LocalizeSettings(concepts=concepts, traits=[t.name for t in traits], base="bird", gamma=1.0, quiet=True)
-    chunks = [photos[:batch], photos[batch : 2 * batch]]
-    job = LocalizeJob(loc, s, image_keys(photos[: 2 * batch]), {"model": model}, workdir / "split")
+    chunks = [photos[i : i + batch] for i in range(0, len(photos) - batch + 1, batch)]
+    if len(chunks) < 2:
+        sys.exit(f"--split needs at least 2 batches of photos (--n {2 * batch})")
+    job = LocalizeJob(loc, s, image_keys(photos), {"model": model}, workdir / "split")
     stores = {g: ResultStore(workdir / f"split-{g}", job.columns, job.key_columns, g) for g in ("float32", "float16")}
     for st in stores.values():
         shutil.rmtree(st.dir, ignore_errors=True)
@@ -153,9 +155,10 @@ def stage_split(weights: Path, photos: list[Path], model: str, batch: int, workd
         if i == 0:
             continue
         for k, v in zip(ms, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            ms[k] += 1000 * v / len(chunk)
-        nbytes["float32"] = part.stat().st_size / len(chunk)
-        nbytes["float16"] = stores["float16"].write(rows).stat().st_size / len(chunk)
+            ms[k] += 1000 * v / len(chunk) / (len(chunks) - 1)
+        nbytes["float32"] = nbytes.get("float32", 0) + part.stat().st_size / len(chunk) / (len(chunks) - 1)
+        f16 = stores["float16"].write(rows).stat().st_size
+        nbytes["float16"] = nbytes.get("float16", 0) + f16 / len(chunk) / (len(chunks) - 1)
     rec = {"ms_per_image": {k: round(v, 1) for k, v in ms.items()}, "store_bytes_per_image": nbytes,
            "torch_threads": torch.get_num_threads(), "loadavg": loadavg()}  # fmt: skip
     print(json.dumps(rec), flush=True)

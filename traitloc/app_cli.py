@@ -27,6 +27,7 @@ STREAMLIT_FLAGS = (
     "--server.maxUploadSize", "50",
     "--global.developmentMode", "false",
     "--client.toolbarMode", "minimal",
+    "--runner.magicEnabled", "false",
 )  # fmt: skip
 
 

@@ -7,7 +7,8 @@ refuses other map settings, reads the keys already in the store and keeps the it
 loop itself is a Ray Dataset of the items still to do, mapped in batches over a pool of actors:
 
 - each actor builds the model and the job **once**, from a picklable *job spec* (the command's model arguments and
-  settings), on its GPU (``num_gpus=1`` per actor when the cluster has GPUs) or on its CPUs;
+  settings), on its GPU (one per actor when the cluster has GPUs, or an equal share when there are more actors
+  than GPUs) or on its CPUs;
 - it decodes its batch's images itself (threads), computes the rows (a batch that fails is retried image by image;
   an image that fails becomes rows with ``status = "error: ..."``, never a failed job), and writes them as one part
   of the run's store (:meth:`traitloc.resultstore.ResultStore.write`, atomic);
@@ -46,15 +47,19 @@ from .pipeline import Job, _compute, _CsvSummary, first_line, prepare_run, previ
 from .resultstore import PART_GLOB, ResultStore, part_files
 
 __all__ = [
+    "ExplainJobSpec",
     "JobSpec",
     "LocalizeSpec",
     "RayUnavailableError",
+    "add_ray_arguments",
     "batch_part_name",
     "cluster_info",
     "compact_duplicates",
     "connect",
     "require_ray",
+    "run_explain_ray",
     "run_job_ray",
+    "run_localize_ray",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ JobSpec = Callable[[str, dict[Any, str]], Job]
 
 
 class RayUnavailableError(RuntimeError):
-    """Ray is not installed, or the cluster cannot be reached (the message says what to do)."""
+    """Ray is not installed, the cluster cannot be reached or cannot hold the actors, or the run failed on it
+    (one line that says what to do)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -155,12 +155,17 @@ class ResultsTable:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def positions(self, result_ids: Sequence[str]) -> list[int]:
-        """Row positions of ``result_ids`` in :attr:`rows` (an index built once)."""
+    def index_of(self) -> dict[str, int]:
+        """``result_id -> row position`` in :attr:`rows` (built once)."""
         index = self.__dict__.get("_index")
         if index is None:
             index = {r: i for i, r in enumerate(self.rows["result_id"].tolist())}
             self.__dict__["_index"] = index
+        return index
+
+    def positions(self, result_ids: Sequence[str]) -> list[int]:
+        """Row positions of ``result_ids`` in :attr:`rows`."""
+        index = self.index_of()
         return [index[r] for r in result_ids]
 
 
@@ -268,6 +273,8 @@ def load_table(out_dir: PathLike) -> ResultsTable:
         }
     ).reset_index(drop=True)
     rows = df[df["_reason"] == ""].drop(columns=["_reason", "_glen"]).reset_index(drop=True)
+    for c in ("result_id", "image", "image_key", "label"):  # plain Python strings: fast to iterate and to map
+        rows[c] = rows[c].astype(object)
     for c in ("width", "height", "grid_h", "grid_w"):
         rows[c] = rows[c].astype(int)
     return ResultsTable(out, kind, rows, bad, tuple(files), label_name, _read_run_info(out))

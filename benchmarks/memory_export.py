@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_localize import _rss_mb, photo  # noqa: E402  (the same photo generator and RSS reader)
 
 CONCEPTS = [
     "red wing", "yellow bill", "black crown", "white belly", "striped tail", "blue back", "orange breast",
@@ -43,15 +45,6 @@ CONCEPTS = [
 ]  # fmt: skip
 #: the store columns of a localize run (traitloc.batch.LocalizeJob.columns)
 IMAGES_PER_PART = 8
-
-
-def photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """A photo-like picture: smooth colour field plus sensor noise (compresses like a photo)."""
-    w, h = size
-    coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    img += rng.normal(0, 6, size=img.shape).astype(np.float32)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def make_run(folder: Path, n_results: int, size: tuple[int, int], grid: int, seed: int = 0) -> int:
@@ -95,17 +88,6 @@ def make_run(folder: Path, n_results: int, size: tuple[int, int], grid: int, see
         for rid in ids:
             review.set(rid, "accepted")
     return n_images
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
 
 
 def measure(cmd: list[str], interval: float) -> dict:

@@ -1,7 +1,8 @@
 """Benchmark: peak memory (RSS) of ``traitloc localize`` as the number of images grows.
 
-``traitloc localize`` streams its inputs (images are decoded one batch ahead, each batch's rows are written as one part
-of the results store and appended to results.csv), so its peak resident memory should not depend on how many images a folder holds. This runs the
+``traitloc localize`` streams its inputs (images are decoded one batch ahead, each batch's rows are written as one
+part of the results store and appended to results.csv), so its peak resident memory should not depend on how many
+images a folder holds. This runs the
 real console script, each N in a fresh process, over a folder of N generated photo-like JPEGs with 16 concept
 prompts against the base prompt "bird", on ViT-B-16 with random weights saved to a local ``.safetensors`` file
 (created in the work folder; never committed), and reports per N:

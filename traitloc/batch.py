@@ -136,8 +136,15 @@ class LocalizeJob(Job):
             "notes": "; ".join(im.warnings),
         }  # fmt: skip
         return [
-            {**same, "concept": c, "trait": t or "", "grid": grids[q], "raw_max": raw_max[q], "score": scores[q],
-             "concept_score": cscores[q]}  # fmt: skip
+            {
+                **same,
+                "concept": c,
+                "trait": t or "",
+                "grid": grids[q],
+                "raw_max": raw_max[q],
+                "score": scores[q],
+                "concept_score": cscores[q],
+            }  # fmt: skip
             for q, (c, t) in enumerate(zip(self.s.concepts, self.s.traits, strict=True))
         ]
 

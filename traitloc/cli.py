@@ -276,12 +276,9 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
     on_ray = getattr(args, "ray", None) is not None
     if on_ray:
-        from .distributed import RayUnavailableError, require_ray
+        from .distributed import require_ray
 
-        try:
-            require_ray()  # fail fast, before loading a model
-        except RayUnavailableError as err:
-            raise CliError(str(err)) from err
+        require_ray()  # fail fast, before loading a model
     bundle = load_clip(args.model, pretrained, "cpu" if on_ray else args.device)  # with --ray: the actors compute
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     loc = ConceptLocalizer(
@@ -294,12 +291,9 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )  # fmt: skip
     try:
         if on_ray:
-            from .distributed import RayUnavailableError, run_localize_ray
+            from .distributed import run_localize_ray
 
-            try:
-                counts = run_localize_ray(args, pretrained, loc, settings, _run_info(args, argv, bundle))
-            except RayUnavailableError as err:
-                raise CliError(str(err)) from err
+            counts = run_localize_ray(args, pretrained, loc, settings, _run_info(args, argv, bundle))
         else:
             counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
     except SettingsMismatchError as err:
@@ -331,12 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module="open_clip")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .concepts import PromptError
+    from .distributed import RayUnavailableError
     from .models import ModelLoadError
     from .resultstore import StoreError
 
     try:
         return COMMANDS[args.command](args, argv)
-    except (CliError, ModelLoadError, PromptError, StoreError) as err:
+    except (CliError, ModelLoadError, PromptError, StoreError, RayUnavailableError) as err:
         print(f"traitloc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

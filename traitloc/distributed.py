@@ -43,7 +43,7 @@ from typing import Any
 
 from .export import atomic_path, utc_now, write_run_json
 from .imageio import ImageLoadError
-from .pipeline import Job, _compute, _CsvSummary, first_line, prepare_run, previous_runs, progress
+from .pipeline import Job, _compute, _CsvSummary, first_line, prepare_run, progress, start_info
 from .resultstore import PART_GLOB, ResultStore, part_files
 
 __all__ = [
@@ -420,27 +420,14 @@ def run_job_ray(
         gpus_per_actor, cpus = _actor_resources(cluster, actors, device)
         use_gpu = gpus_per_actor > 0
         run_tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-ray" + secrets.token_hex(3)
-        info = dict(run_info)
-        if previous:
-            info["previous_runs"] = previous_runs(previous)
-        info.update(job.run_info())
+        info = start_info(job, items, todo, previous, run_info)
         info.update(
-            start_utc=info.get("start_utc") or utc_now(),
-            end_utc=None,
             device="cuda" if use_gpu else "cpu",
-            n_items=len(items),
-            n_items_todo=len(todo),
-            n_items_skipped_done=len(items) - len(todo),
-            map_settings=job.map_settings,
-            store={
-                "path": "results/", "format": "parquet", "grid_dtype": job.grid_dtype, "keys": list(job.key_columns),
-            },
             ray={
                 **cluster, "address": address, "actors": actors, "gpus_per_actor": gpus_per_actor,
                 "cpus_per_actor": cpus, "batch_size": batch_size, "max_restarts": -1, "max_task_retries": -1,
                 "run_tag": run_tag,
             },
-            status="running",
         )  # fmt: skip
         write_run_json(out / "run.json", info)
         counts = {"ok": 0, "failed": 0, "skipped": len(items) - len(todo)}
@@ -583,6 +570,8 @@ class LocalizeSpec:
 # --------------------------------------------------------------------------------------------------------------
 def add_ray_arguments(p: Any) -> None:
     """``--ray [ADDRESS]`` and ``--ray-actors N`` for a command's argument parser (no Ray import)."""
+    from .cli import _positive
+
     g = p.add_argument_group("scale out (Ray)")
     g.add_argument(
         "--ray",
@@ -596,24 +585,12 @@ def add_ray_arguments(p: Any) -> None:
     )
     g.add_argument(
         "--ray-actors",
-        type=_positive_int,
+        type=_positive,
         default=1,
         metavar="N",
         help="with --ray: actors, each holding one model: one GPU each when the cluster has GPUs (an equal share of "
         "one when there are more actors than GPUs), else the CPUs split between them (default: 1)",
     )
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        n = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
 
 
 def _absolute_if_file(value: str | None) -> str | None:

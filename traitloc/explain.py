@@ -656,12 +656,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     spec = ExplainSpec.from_args(args)
     on_ray = getattr(args, "ray", None) is not None
     if on_ray:
-        from .distributed import RayUnavailableError, require_ray
+        from .distributed import require_ray
 
-        try:
-            require_ray()  # fail fast, before loading a model
-        except RayUnavailableError as err:
-            raise CliError(str(err)) from err
+        require_ray()  # fail fast, before loading a model
     try:  # with --ray the actors compute: the driver's job (settings, run.json) stays on the CPU
         job = build_explain_job(dataclasses.replace(spec, device="cpu") if on_ray else spec, args.out)
     except ExplainSpecError as err:
@@ -677,12 +674,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     }
     try:
         if on_ray:
-            from .distributed import RayUnavailableError, run_explain_ray
+            from .distributed import run_explain_ray
 
-            try:
-                counts = run_explain_ray(args, spec, job, info)
-            except RayUnavailableError as err:
-                raise CliError(str(err)) from err
+            counts = run_explain_ray(args, spec, job, info)
         else:
             counts = run_explain(args.paths, args.out, job, info)
     except SettingsMismatchError as err:

@@ -44,6 +44,7 @@ __all__ = [
     "remove_stale_temp_files",
     "run_job",
     "split_on_oom",
+    "start_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,28 @@ def prepare_run(job: Job, items: Sequence[Any], out: Path) -> tuple[ResultStore,
     return store, todo, previous
 
 
+def start_info(
+    job: Job, items: Sequence[Any], todo: Sequence[Any], previous: dict[str, Any] | None, run_info: dict[str, Any]
+) -> dict[str, Any]:
+    """run.json at the start of a run (``status: running``): ``run_info``, the job's entries, the counts of items
+    to do and already done, the settings, the store, and the earlier runs of a resumed folder."""
+    info = dict(run_info)
+    if previous:
+        info["previous_runs"] = previous_runs(previous)
+    info.update(job.run_info())
+    info.update(
+        start_utc=info.get("start_utc") or utc_now(),
+        end_utc=None,
+        n_items=len(items),
+        n_items_todo=len(todo),
+        n_items_skipped_done=len(items) - len(todo),
+        map_settings=job.map_settings,
+        store={"path": "results/", "format": "parquet", "grid_dtype": job.grid_dtype, "keys": list(job.key_columns)},
+        status="running",
+    )
+    return info
+
+
 def run_job(
     job: Job,
     items: Sequence[Any],
@@ -322,20 +345,7 @@ def run_job(
     out = Path(out_dir)
     store, todo, previous = prepare_run(job, items, out)
     done: set[tuple[Any, ...]] = job._done  # type: ignore[attr-defined]
-    info = dict(run_info)
-    if previous:
-        info["previous_runs"] = previous_runs(previous)
-    info.update(job.run_info())
-    info.update(
-        start_utc=info.get("start_utc") or utc_now(),
-        end_utc=None,
-        n_items=len(items),
-        n_items_todo=len(todo),
-        n_items_skipped_done=len(items) - len(todo),
-        map_settings=job.map_settings,
-        store={"path": "results/", "format": "parquet", "grid_dtype": job.grid_dtype, "keys": list(job.key_columns)},
-        status="running",
-    )
+    info = start_info(job, items, todo, previous, run_info)
     write_run_json(out / "run.json", info)
     counts = {"ok": 0, "failed": 0, "skipped": len(items) - len(todo)}
     timing = {"decode_s": 0.0, "compute_s": 0.0, "write_s": 0.0}

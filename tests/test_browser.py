@@ -229,8 +229,17 @@ def test_keyboard_review_bulk_undo_and_export(relative_run: Path, tmp_path: Path
         accepted = set(ReviewStore(relative_run, readonly=True).accepted())
         assert accepted == set(order[:19]) | set(expected_bulk)
         # export the accepted set: progress, then a download
-        page.get_by_text("Export", exact=True).click()
-        page.get_by_role("button", name="Write export").click()
+        write = page.get_by_role("button", name="Write export")
+        for _attempt in range(3):  # a rerun still in flight can fold the expander again: open it until it shows
+            wait_idle(page)
+            if not write.is_visible():
+                page.get_by_text("Export", exact=True).click()
+            try:
+                write.wait_for(timeout=15_000)
+                break
+            except sync_api.TimeoutError:
+                continue
+        write.click()
         download = page.get_by_role("button", name="Download ", exact=False)
         download.wait_for(timeout=120_000)
         with page.expect_download() as info:

@@ -93,8 +93,10 @@ def test_ray_store_equals_local_store(
     ray_maps = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray" / "maps").rglob("*.tif"))
     assert local_maps == ray_maps and len(ray_maps) == 7 * len(CONCEPTS)
     for rel in ray_maps[:3]:
+        # unit maps (map / max): float32 sums in another thread layout (the actor's torch threads) differ by a few
+        # ulps, so relative 1e-5 here; the store's raw grids above are held to 1e-6
         np.testing.assert_allclose(
-            read_map_tiff(tmp_path / "ray" / rel)[0], read_map_tiff(tmp_path / "local" / rel)[0], atol=1e-6
+            read_map_tiff(tmp_path / "ray" / rel)[0], read_map_tiff(tmp_path / "local" / rel)[0], rtol=1e-5, atol=1e-6
         )
     df = raw_store(tmp_path / "ray")
     assert len(df) == 8 * len(CONCEPTS)

@@ -61,6 +61,25 @@ def _save_kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def add_store_arguments(p: argparse.ArgumentParser, per: str) -> None:
+    """``--save KINDS`` and ``--grid-dtype`` of the commands that write a results store (localize, explain)."""
+    p.add_argument(
+        "--save",
+        type=_save_kinds,
+        default=(),
+        metavar="KINDS",
+        help=f"also write files per {per}, comma-separated: maps (float32 TIFF, map / max), masks (PNG), overlays "
+        "(PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already (render on demand with "
+        "traitloc export)",
+    )
+    p.add_argument(
+        "--grid-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
+    )
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -170,21 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
     )
-    p.add_argument(
-        "--save",
-        type=_save_kinds,
-        default=(),
-        metavar="KINDS",
-        help="also write files per (image, concept), comma-separated: maps (float32 TIFF, map / max), masks (PNG), "
-        "overlays (PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already "
-        "(render on demand with traitloc export)",
-    )
-    p.add_argument(
-        "--grid-dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
-    )
+    add_store_arguments(p, "(image, concept)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
     _add_model_args(p)

@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .export import atomic_path, utc_now, write_run_json
+from .export import atomic_path, write_run_json
 from .imageio import ImageLoadError
-from .pipeline import Job, _compute, _CsvSummary, first_line, prepare_run, progress, start_info
+from .pipeline import Job, _compute, _CsvSummary, finish_info, first_line, prepare_run, progress, start_info
 from .resultstore import PART_GLOB, ResultStore, part_files
 
 __all__ = [
@@ -481,19 +481,10 @@ def run_job_ray(
                 dupes = compact_duplicates(out, job.key_columns)
             for csv_spec in job.csv_specs():
                 _CsvSummary(out / csv_spec.name, job, csv_spec).rebuild(out, job)
-            info.update(
-                end_utc=utc_now(),
-                status=status,
-                counts=counts,
-                seconds=round(time.perf_counter() - t0, 3),
-                timing={k: round(v, 3) for k, v in timing.items()},
-                store_bytes_written=written["bytes"],
-                store_parts_written=written["parts"],
-                store_rows_written=written["rows"],
-                orphan_parts_removed=removed,
-                duplicate_rows_removed=dupes,
-            )
-            info.update(job.run_info())
+            finish_info(
+                info, job, status, counts, t0, timing, written["bytes"], written["parts"],
+                store_rows_written=written["rows"], orphan_parts_removed=removed, duplicate_rows_removed=dupes,
+            )  # fmt: skip
             info["device"] = "cuda" if use_gpu else "cpu"  # the actors' (the driver's job is on the CPU)
             write_run_json(out / "run.json", info)
     finally:

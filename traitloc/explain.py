@@ -549,7 +549,7 @@ def run_explain(
 # ------------------------------------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``explain`` to a ``argparse`` subparsers object and return its parser."""
-    from .cli import _gamma, _positive, _save_kinds, _threshold
+    from .cli import _gamma, _positive, _threshold, add_store_arguments
 
     p = subparsers.add_parser(
         "explain",
@@ -611,21 +611,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold", type=_threshold, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
     )
-    p.add_argument(
-        "--save",
-        type=_save_kinds,
-        default=(),
-        metavar="KINDS",
-        help="also write files per image, comma-separated: maps (float32 TIFF, map / max), masks (PNG), overlays "
-        "(PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already (render on demand with "
-        "traitloc export)",
-    )
-    p.add_argument(
-        "--grid-dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
-    )
+    add_store_arguments(p, "image")
     p.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -43,6 +43,7 @@ __all__ = [
     "refuse_other_settings",
     "remove_stale_temp_files",
     "run_job",
+    "finish_info",
     "split_on_oom",
     "start_info",
 ]
@@ -423,19 +424,36 @@ def run_job(
             bar.close()
             for csv in csvs:
                 csv.rebuild(out, job)
-            info.update(
-                end_utc=utc_now(),
-                status=status,
-                counts=counts,
-                seconds=round(time.perf_counter() - t0, 3),
-                timing={k: round(v, 3) for k, v in timing.items()},
-                store_bytes_written=store.bytes_written,
-                store_parts_written=store.parts_written,
-            )
-            info.update(job.run_info())
+            finish_info(info, job, status, counts, t0, timing, store.bytes_written, store.parts_written)
             write_run_json(out / "run.json", info)
     job.summarize(out, info)
     return counts
+
+
+def finish_info(
+    info: dict[str, Any],
+    job: Job,
+    status: str,
+    counts: dict[str, int],
+    t0: float,
+    timing: dict[str, float],
+    bytes_written: int,
+    parts_written: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """run.json at the end of a run: status, counts, seconds since ``t0``, time per stage, what was written."""
+    info.update(
+        end_utc=utc_now(),
+        status=status,
+        counts=counts,
+        seconds=round(time.perf_counter() - t0, 3),
+        timing={k: round(v, 3) for k, v in timing.items()},
+        store_bytes_written=bytes_written,
+        store_parts_written=parts_written,
+        **extra,
+    )
+    info.update(job.run_info())
+    return info
 
 
 def _compute(job: Job, good: list[tuple[Any, Any]]) -> list[list[dict[str, Any]] | str]:

@@ -152,6 +152,16 @@ def resize_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int
     return torch.cat([prefix, g], 0)
 
 
+def activation_and_derivative(act: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """``act(h)`` and its exact elementwise derivative ``act'(h)`` (any elementwise activation: GELU, QuickGELU...),
+    both detached; autograd on one elementwise op, so no closed form per activation is needed."""
+    with torch.enable_grad():
+        hh = h.detach().requires_grad_(True)
+        g = act(hh)
+        (d,) = torch.autograd.grad(g.sum(), hh)
+    return g.detach(), d
+
+
 def _layer_norm_parts(ln: nn.LayerNorm, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Output, normalized input and 1/sigma of a LayerNorm over the last dim (for its exact backward)."""
     zf = z.float()
@@ -272,12 +282,9 @@ class OpenClipViT(TargetAdapter):
             m, xhat2, rstd2 = _layer_norm_parts(b.ln_2, z1)
             fc, act, proj2 = b.mlp[0], b.mlp[1], b.mlp[2]
             h1 = fc(m)
-        with torch.enable_grad():
-            hh = h1.detach().requires_grad_(True)
-            gact = act(hh)
-            (dact,) = torch.autograd.grad(gact.sum(), hh)  # elementwise activation: exact derivative
+        gact, dact = activation_and_derivative(act, h1)
         with torch.no_grad():
-            z2 = z1 + b.ls_2(proj2(gact.detach()))
+            z2 = z1 + b.ls_2(proj2(gact))
             # CLS pooling: ln_post before or after pooling gives the same CLS row
             pooled, xhatp, rstdp = _layer_norm_parts(v.ln_post, z2)
             e = pooled @ v.proj

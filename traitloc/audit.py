@@ -1062,7 +1062,7 @@ class AuditJob(Job):
 
     def _wanted(self, item: AuditItem) -> list[str]:
         """The item's sources not in the store yet (the runner keeps the set of stored keys)."""
-        done = getattr(self, "_done", set())
+        done = self.done_keys
         return [src for src in item.sources if (item.image_id, src, 1, "") not in done]
 
     def _stored(self, item: AuditItem, row: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import OpenClipViT, Prefix, _check_vectors, _layer_norm_backward, _layer_norm_parts, resize_pos_embed
+from .adapters import (
+    OpenClipViT,
+    Prefix,
+    _check_vectors,
+    _layer_norm_backward,
+    _layer_norm_parts,
+    activation_and_derivative,
+    resize_pos_embed,
+)
 from .cam import CamOutput, _coeffs
 from .methods import DENSE_METHODS, get_method
 
@@ -390,11 +398,8 @@ class LeGrad(_ViTMethod):
             m, xhat2, rstd2 = _layer_norm_parts(blk.ln_2, z)
             fc, act, proj2 = blk.mlp[0], blk.mlp[1], blk.mlp[2]
             h1 = fc(m)
-            with torch.enable_grad():
-                hh = h1.detach().requires_grad_(True)
-                g = act(hh)
-                (dact,) = torch.autograd.grad(g.sum(), hh)  # elementwise activation: exact derivative
-            t = z + blk.ls_2(proj2(g.detach()))
+            g, dact = activation_and_derivative(act, h1)
+            t = z + blk.ls_2(proj2(g))
             pooled, xhatp, rstdp = _layer_norm_parts(v.ln_post, t.mean(1))
             e = pooled @ v.proj
             saved.append(

@@ -413,7 +413,7 @@ def run_job_ray(
     if job is None:
         job = job_spec("cpu", dict(keys))
     store, todo, previous = prepare_run(job, items, out)
-    done: set[tuple[Any, ...]] = job._done  # type: ignore[attr-defined]
+    done = job.done_keys
     started = connect(address, quiet=quiet)
     try:
         cluster = cluster_info()

@@ -435,7 +435,7 @@ class EvaluateJob(Job):
 
     def _wants(self, item: EvalItem) -> list[str]:
         """The item's methods not in the store yet (the runner keeps the set of stored keys)."""
-        done = getattr(self, "_done", set())
+        done = self.done_keys
         return [m for m in item.methods if (item.image_id, m, self.fp) not in done]
 
     def _base_row(self, item: EvalItem, method: str) -> dict[str, Any]:

@@ -221,6 +221,8 @@ class Job:
     grid_dtype: str = "float32"
     #: a rerun recomputes the items whose stored rows have ``status = "error: ..."`` (the new rows replace them)
     retry_errors: bool = False
+    #: keys already in the store, set by the runner before the first batch (a job may skip work for them)
+    done_keys: set[tuple[Any, ...]] = frozenset()  # type: ignore[assignment]
 
     def item_keys(self, item: Any) -> list[tuple[Any, ...]]:
         """The store keys (values of :attr:`key_columns`) that ``item`` produces."""
@@ -302,7 +304,7 @@ def prepare_run(job: Job, items: Sequence[Any], out: Path) -> tuple[ResultStore,
         failed = df["status"].fillna("").astype(str).str.startswith("error")
         done = set(df.loc[~failed, list(job.key_columns)].itertuples(index=False, name=None))
     todo = [it for it in items if any(k not in done for k in job.item_keys(it))]
-    job._done = done  # type: ignore[attr-defined]
+    job.done_keys = done
     return store, todo, previous
 
 
@@ -345,7 +347,7 @@ def run_job(
     """
     out = Path(out_dir)
     store, todo, previous = prepare_run(job, items, out)
-    done: set[tuple[Any, ...]] = job._done  # type: ignore[attr-defined]
+    done = job.done_keys
     info = start_info(job, items, todo, previous, run_info)
     write_run_json(out / "run.json", info)
     counts = {"ok": 0, "failed": 0, "skipped": len(items) - len(todo)}

@@ -201,6 +201,17 @@ def _is_busy(err: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _checked_decision(result_id: str, status: str, note: str | None) -> str:
+    """Validate one decision (id, status, note length); returns the note as text (None -> "")."""
+    check_result_id(result_id)
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    text = "" if note is None else str(note)
+    if len(text) > _MAX_NOTE:
+        raise ValueError(f"note longer than {_MAX_NOTE} characters")
+    return text
+
+
 class ReviewStore:
     """Review decisions of one results folder, in ``RESULTS_DIR/review.sqlite``.
 
@@ -369,12 +380,7 @@ class ReviewStore:
         status : one of :data:`STATUSES`.
         note : free text (at most 10,000 characters).
         """
-        check_result_id(result_id)
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-        note = "" if note is None else str(note)
-        if len(note) > _MAX_NOTE:
-            raise ValueError(f"note longer than {_MAX_NOTE} characters")
+        note = _checked_decision(result_id, status, note)
         stamp: list[str] = []
 
         def fn(conn: sqlite3.Connection, now: str) -> None:
@@ -419,13 +425,7 @@ class ReviewStore:
         """
         checked = []
         for result_id, status, note in items:
-            check_result_id(result_id)
-            if status not in STATUSES:
-                raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-            note = "" if note is None else str(note)
-            if len(note) > _MAX_NOTE:
-                raise ValueError(f"note longer than {_MAX_NOTE} characters")
-            checked.append((result_id, status, note))
+            checked.append((result_id, status, _checked_decision(result_id, status, note)))
         if not checked:
             return 0
 

@@ -14,7 +14,7 @@ Review
     ``PageDown``/``PageUp``. A decision moves to the next undecided item; the list is frozen for the session and
     filter (decided items stay in an "unreviewed" view until "Refresh list"), so nothing moves under the reviewer.
     Bulk decisions on the filter or the selection ask for confirmation with the count; every change can be undone.
-    Decisions and notes persist in ``RESULTS_DIR/review.sqlite`` (:class:`traitloc.store.ReviewStore`). Export
+    Decisions and notes persist in ``RESULTS_DIR/review.sqlite`` (:class:`traitloc.io.decisions.ReviewStore`). Export
     writes the accepted set or the current filter to ``RESULTS_DIR/exports/`` with a progress bar, then offers it
     for download.
 Browse
@@ -54,8 +54,8 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, ImageOps
 
-from traitloc import reviewkit as rk
-from traitloc.store import STATUSES, PathSafetyError, ReviewStore, resolve_inside
+from traitloc.io import reviewkit as rk
+from traitloc.io.decisions import STATUSES, PathSafetyError, ReviewStore, resolve_inside
 
 PAGES = ("Review", "Browse", "Query")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
@@ -67,7 +67,7 @@ DETAIL_SIDE = 720
 PAGE_SIZES = (24, 48, 96)
 DEFAULT_PAGE_SIZE = 48
 GRID_COLUMNS = 6
-#: formats of an export by default (traitloc.formats)
+#: formats of an export by default (traitloc.pipelines.export)
 DEFAULT_FORMATS = ("png", "tiff", "csv")
 QUERY_CACHE_IMAGES = 4
 FORWARD_COUNTER = "traitloc_forward_passes"
@@ -489,8 +489,8 @@ def bulk_apply(cfg: AppConfig) -> None:
 # export
 # ----------------------------------------------------------------------------------------------------------------
 def export_formats() -> tuple[str, ...]:
-    """Formats of :mod:`traitloc.formats` this installation can write (Parquet only with pyarrow/fastparquet)."""
-    from traitloc.formats import FORMATS
+    """Formats of :mod:`traitloc.pipelines.export` this installation can write (Parquet only with pyarrow/fastparquet)."""
+    from traitloc.pipelines.export import FORMATS
 
     has_parquet = any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
     return tuple(f for f in FORMATS if f != "parquet" or has_parquet)
@@ -506,15 +506,15 @@ def write_export(
 ) -> Path:
     """Export ``selection`` (a status such as ``"accepted"`` or result ids) to ``RESULTS_DIR/exports/NAME.zip``.
 
-    :func:`traitloc.formats.export_results` streams the zip to a temporary file and renames it when complete;
+    :func:`traitloc.pipelines.export.export_results` streams the zip to a temporary file and renames it when complete;
     ``progress(done, total)`` is called as results are written. Returns the zip's path.
 
     Raises
     ------
-    traitloc.formats.FormatError
+    traitloc.pipelines.export.FormatError
         With the reason (nothing selected, an unsafe path...).
     """
-    from traitloc.formats import export_results
+    from traitloc.pipelines.export import export_results
 
     root = Path(results_dir).resolve()
     (root / "exports").mkdir(exist_ok=True)
@@ -777,7 +777,7 @@ def _detail(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: 
 def detail_image(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], photo: Path | None, view: View,
                  zoom: int, cx: float, cy: float) -> np.ndarray:  # fmt: skip
     """The detail view: the map rendered at the photo's full size over the full-size photo, cropped by the zoom."""
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
 
     caches = _caches()
     H, W = int(row["height"]), int(row["width"])
@@ -929,7 +929,7 @@ def _export(cfg: AppConfig, table: rk.ResultsTable, fr: Frozen, decisions: dict[
         n = counts[scope]
         go = c3.button("Write export", key="rv_export_go", disabled=not n or not fmts)
         if go:
-            from traitloc.formats import FormatError
+            from traitloc.pipelines.export import FormatError
 
             bar = st.progress(0.0, text="exporting…")
             last = [0.0]
@@ -1053,10 +1053,10 @@ def _audit(cfg: AppConfig) -> bool:
 # query engine (model once per server, failures remembered; per-image work once per session)
 # ----------------------------------------------------------------------------------------------------------------
 def query_methods() -> tuple[str, ...]:
-    """Methods the Query page offers: those of :mod:`traitloc.methods` that :func:`run_query` can compute."""
+    """Methods the Query page offers: those of :mod:`traitloc.engine.methods` that :func:`run_query` can compute."""
     supported = tuple(GAMMA_COST)
     try:
-        from traitloc.methods import REGISTRY
+        from traitloc.engine.methods import REGISTRY
     except ImportError:  # pragma: no cover - older tree
         return supported
     return tuple(m for m in REGISTRY if m in supported) or supported
@@ -1064,9 +1064,9 @@ def query_methods() -> tuple[str, ...]:
 
 @st.cache_resource(show_spinner="Loading the model (once per server)...")
 def load_localizer(model: str, pretrained: str | None, device: str) -> Any:
-    """The :class:`traitloc.localize.ConceptLocalizer` of the configured model (shared by all sessions)."""
-    from traitloc.localize import ConceptLocalizer
-    from traitloc.models import load_clip
+    """The :class:`traitloc.models.localize.ConceptLocalizer` of the configured model (shared by all sessions)."""
+    from traitloc.models.clip import load_clip
+    from traitloc.models.localize import ConceptLocalizer
 
     return ConceptLocalizer(load_clip(model, pretrained, device))
 
@@ -1120,16 +1120,16 @@ def weights_problem(model: str, pretrained: str | None) -> str | None:
     if model.startswith("hf-hub:") or hub or url:
         if _hub_reachable():
             return None
-        from traitloc.models import _offline_hint
+        from traitloc.models.clip import _offline_hint
 
         return _offline_hint(model, pretrained)
     return None
 
 
 def get_localizer(cfg: AppConfig) -> Any:
-    """The localizer, or :class:`traitloc.models.ModelLoadError` with the reason; a failure is not retried until
+    """The localizer, or :class:`traitloc.models.clip.ModelLoadError` with the reason; a failure is not retried until
     the user asks (it is remembered per server: offline hub weights fail in seconds, once)."""
-    from traitloc.models import ModelLoadError
+    from traitloc.models.clip import ModelLoadError
 
     key = (cfg.model, cfg.pretrained, cfg.device)
     failures = _load_failures()
@@ -1159,7 +1159,7 @@ class QueryEntry:
     """What one image costs once: the model input, the prefix (forward to the target layer), cached gradients."""
 
     x: Any  # (1, 3, H, W) tensor
-    prefix: Any  # traitloc.adapters.Prefix
+    prefix: Any  # traitloc.engine.adapters.Prefix
     features: Any = None  # (1, D)
     alphas: dict[str, Any] = field(default_factory=dict)  # prompt -> (C,) Grad-CAM weights
     cells: dict[str, Any] = field(default_factory=dict)  # prompt -> (N, C) per-cell gradients (Layer-CAM)
@@ -1199,14 +1199,14 @@ def scorecam_features(loc: Any, entry: QueryEntry, channels: int | None,
                       progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
     """Score-CAM's masked forward passes for one image, independent of the prompts: ``(chans, sel, feats)``.
 
-    The same masks and passes as :meth:`traitloc.cam.FinerCAM._scorecam` (the ``channels`` activation maps of
+    The same masks and passes as :meth:`traitloc.engine.cam.FinerCAM._scorecam` (the ``channels`` activation maps of
     largest spatial variance, min-max normalized, upsampled to the input, multiplied with it). The Finer score
     ``feats @ u`` is linear in the query vector ``u = v_c - gamma v_b``, so these features serve every gamma and
     base prompt. ``progress(done, total)`` after each batch of passes (a Streamlit rerun stops there: cancel).
     """
     import torch
 
-    from traitloc.cam import upsample_maps
+    from traitloc.engine.cam import upsample_maps
 
     if channels in entry.masked:
         return entry.masked[channels]
@@ -1240,10 +1240,10 @@ def scorecam_features(loc: Any, entry: QueryEntry, channels: int | None,
 
 def _dense_query(loc: Any, entry: QueryEntry, method: str, prompts: list[str], V: Any, W: Any) -> Any:
     """Signed grid map for the dense methods (one cached forward from the prefix) and LeGrad (per-prompt cached
-    gradients); a new gamma or base is a product on the cache (traitloc.dense)."""
+    gradients); a new gamma or base is a product on the cache (traitloc.engine.dense)."""
     import torch
 
-    from traitloc.dense import DenseCLIP, LeGrad, LeGradCache
+    from traitloc.engine.dense import DenseCLIP, LeGrad, LeGradCache
 
     if method == "legrad":
         grads = entry.dense.setdefault("legrad", {})
@@ -1275,8 +1275,8 @@ def run_query(
     """
     import torch
 
-    from traitloc.cam import GradCache, finer_coefficients, upsample_maps
-    from traitloc.export import map_to_unit
+    from traitloc.engine.cam import GradCache, finer_coefficients, upsample_maps
+    from traitloc.io.files import map_to_unit
 
     entry = _entry(loc, image, image_id)
     prompts = list(dict.fromkeys([concept, *([base] if base else [])]))
@@ -1424,7 +1424,7 @@ def page_query(cfg: AppConfig) -> None:
         pick = st.selectbox("Pick an image", labels, key="q_pick")
         path = dict(choices).get(pick) if pick else None
         if path is not None:
-            from traitloc.imageio import ImageLoadError, load_image
+            from traitloc.data.images import ImageLoadError, load_image
 
             try:
                 image = load_image(path, max_side=WORK_MAX_SIDE).image
@@ -1443,8 +1443,8 @@ def page_query(cfg: AppConfig) -> None:
     if image is None or not concept:
         st.info("Pick or upload an image and type a concept.")
         return
-    from traitloc.concepts import PromptError, check_prompt
-    from traitloc.models import ModelLoadError
+    from traitloc.models.clip import ModelLoadError
+    from traitloc.models.text import PromptError, check_prompt
 
     try:
         concept = check_prompt(concept)
@@ -1484,7 +1484,7 @@ def page_query(cfg: AppConfig) -> None:
         res = run_query(loc, image, image_id, concept, base_p, gamma, method, progress=progress_cb)
     if progress_cb is not None:
         working.empty()  # done: no stale Cancel button
-    from traitloc.export import mask_from_map
+    from traitloc.io.files import mask_from_map
 
     st.session_state[LAST_QUERY] = {"map01": res.map01, "score": res.score, "method": method, "gamma": gamma}
     work = np.asarray(image)

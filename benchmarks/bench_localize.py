@@ -8,7 +8,7 @@ open_clip model and the same image(s), this measures per image:
 (b) a per-prompt loop of pytorch-grad-cam's ``GradCAM`` on the same model and target layer (ViT token
     ``reshape_transform``, a custom target computing the Finer objective on the normalized embedding); its output
     is min-max normalized and resized to the input, as that library always does;
-(r) the plain full-autograd reference loop (``traitloc.reference.reference_cam``, one backward per query);
+(r) the plain full-autograd reference loop (``traitloc.engine.reference.reference_cam``, one backward per query);
 (c) one plain inference forward pass (``model.encode_image`` under ``torch.inference_mode()``), the floor.
 
 The loops cost the same per prompt whatever P is, so they are measured on ``--loop-prompts`` prompts per repetition
@@ -52,10 +52,10 @@ def load_prompts(n: int) -> tuple[list[str], str]:
     prompts: list[str] = []
     note = ""
     try:
-        from traitloc.traits import load_trait_list
+        from traitloc.data.traits import load_trait_list
 
         prompts = [t.prompt for t in load_trait_list("cub200")]
-        source = f"CUB-200 trait prompts (traitloc.traits.load_trait_list('cub200'), {len(prompts)})"
+        source = f"CUB-200 trait prompts (traitloc.data.traits.load_trait_list('cub200'), {len(prompts)})"
     except Exception as err:  # the list is optional for the benchmark
         source = f"synthetic prompts ('trait 0', ...): CUB trait list unavailable ({type(err).__name__}: {err})"
     if n > len(prompts):
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import open_clip
 
-    from traitloc.adapters import clip_adapter
-    from traitloc.cam import FinerCAM, finer_coefficients
-    from traitloc.reference import reference_cam
+    from traitloc.engine.adapters import clip_adapter
+    from traitloc.engine.cam import FinerCAM, finer_coefficients
+    from traitloc.engine.reference import reference_cam
 
     torch.manual_seed(0)
     model = open_clip.create_model(args.model, pretrained=None).to(device).eval().requires_grad_(False)

@@ -51,7 +51,7 @@ def build_bundle(device: torch.device, work: Path):
     import open_clip
     import safetensors.torch
 
-    from traitloc.models import load_clip
+    from traitloc.models.clip import load_clip
 
     path = work / "vitb16_random_seed0.safetensors"
     if not path.exists():
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tests.refs import authors
-    from traitloc.cam import finer_coefficients
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.engine.cam import finer_coefficients
+    from traitloc.models.localize import ConceptLocalizer
 
     device = torch.device(args.device)
     counts = [int(c) for c in args.prompts.split(",")]

@@ -1,7 +1,7 @@
 """Benchmark: the whole ``traitloc localize`` pipeline per image vs one plain forward pass (same model, same photos).
 
 For each concept count (1, 16, 312 CUB trait prompts vs the base prompt "bird", Finer Grad-CAM, gamma 1) this runs
-the command's own code path (:func:`traitloc.batch.run_localize`: decode in a prefetch thread, engine, results store,
+the command's own code path (:func:`traitloc.pipelines.localize.run_localize`: decode in a prefetch thread, engine, results store,
 results.csv) over the same real photos into a fresh output folder, and reports per image:
 
 - **pipeline**: wall time of the run / number of images, excluding the model load and the one-time text encoding,
@@ -77,7 +77,7 @@ def folder_bytes(folder: Path) -> int:
 def plain_forward(loc, photos: list[Path], batch: int) -> tuple[float, float, float]:
     """Seconds per image of decode+preprocess, of ``encode_image`` alone (inference mode, same batches), and the
     process CPU seconds per image of ``encode_image``."""
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
 
     model = loc.bundle.model.eval()
     t_prep, t_fwd, c_fwd = 0.0, 0.0, 0.0
@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from traitloc.batch import LocalizeSettings, run_localize
-    from traitloc.localize import ConceptLocalizer
-    from traitloc.models import load_clip
-    from traitloc.traits import load_trait_list
+    from traitloc.data.traits import load_trait_list
+    from traitloc.models.clip import load_clip
+    from traitloc.models.localize import ConceptLocalizer
+    from traitloc.pipelines.localize import LocalizeSettings, run_localize
 
     work = args.work or Path(tempfile.mkdtemp(prefix="traitloc-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {torch.get_num_threads()}; CPU {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
 
-    from traitloc.concepts import TextEncoder
+    from traitloc.models.text import TextEncoder
 
     t0 = time.perf_counter()
     TextEncoder(bundle, cache=False).encode([*prompts, "bird"])

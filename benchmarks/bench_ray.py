@@ -5,7 +5,7 @@ Grad-CAM, gamma 1), over the same real photos from CUB-200-2011 (``--cub``; neve
 random weights (``open_clip.create_model("ViT-B-16", pretrained=None)``, seeded, saved by this script to a
 ``.safetensors`` file in the work folder) on the CPU:
 
-- ``local``: the embedded runner (:func:`traitloc.pipeline.run_job`);
+- ``local``: the embedded runner (:func:`traitloc.pipelines.runner.run_job`);
 - ``ray-1``: ``--ray local --ray-actors 1`` (one actor with all the cores);
 - ``ray-2``: ``--ray local --ray-actors 2`` (cores split between the actors, torch threads = cores per actor).
 
@@ -83,7 +83,7 @@ def loadavg() -> list[float]:
 def run_one(name: str, photos: list[Path], out: Path, common: list[str], env: dict[str, str]) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    argv = [sys.executable, "-m", "traitloc.cli", "localize", *map(str, photos), *common, "--out", str(out)]
+    argv = [sys.executable, "-m", "traitloc.cli.commands", "localize", *map(str, photos), *common, "--out", str(out)]
     argv += CONFIGS[name]
     before = loadavg()
     t0 = time.perf_counter()
@@ -121,13 +121,13 @@ def stage_split(weights: Path, photos: list[Path], model: str, batch: int, workd
     Batches of ``photos``, the first a warm-up; the means of the others."""
     import torch
 
-    from traitloc.batch import LocalizeJob, LocalizeSettings
-    from traitloc.imageio import image_keys
-    from traitloc.localize import ConceptLocalizer
-    from traitloc.models import load_clip
-    from traitloc.pipeline import load_or_error
-    from traitloc.resultstore import ResultStore
-    from traitloc.traits import load_trait_list
+    from traitloc.data.images import image_keys
+    from traitloc.data.traits import load_trait_list
+    from traitloc.io.store import ResultStore
+    from traitloc.models.clip import load_clip
+    from traitloc.models.localize import ConceptLocalizer
+    from traitloc.pipelines.localize import LocalizeJob, LocalizeSettings
+    from traitloc.pipelines.runner import load_or_error
 
     loc = ConceptLocalizer(load_clip(model, str(weights), "cpu"), "gradcam")
     traits = load_trait_list("cub200")

@@ -3,7 +3,7 @@
 ``traitloc export`` renders every selected result from the run's results store and streams it to disk (grid maps
 read one store part at a time, one photo decoded per image, files written as they are rendered, a zip written to
 a temporary file beside the destination and renamed at the end), so its peak resident memory should not grow with
-the number of results. This builds a synthetic run folder per N (no model: :class:`traitloc.resultstore.ResultStore`
+the number of results. This builds a synthetic run folder per N (no model: :class:`traitloc.io.store.ResultStore`
 written directly, in parts of 8 photos x 10 concepts as ``localize`` writes them, 14 x 14 float32 grid maps like
 ViT-B-16 at 224 px, photo-like JPEGs of ``--size``), marks every result accepted in ``review.sqlite`` (the review
 app's store), then runs the real console script, each N in a fresh process::
@@ -43,15 +43,15 @@ CONCEPTS = [
     "red wing", "yellow bill", "black crown", "white belly", "striped tail", "blue back", "orange breast",
     "spotted throat", "long legs", "short beak",
 ]  # fmt: skip
-#: the store columns of a localize run (traitloc.batch.LocalizeJob.columns)
+#: the store columns of a localize run (traitloc.pipelines.localize.LocalizeJob.columns)
 IMAGES_PER_PART = 8
 
 
 def make_run(folder: Path, n_results: int, size: tuple[int, int], grid: int, seed: int = 0) -> int:
     """A run folder with ``n_results`` accepted results (``n_results / len(CONCEPTS)`` photos); returns #photos."""
-    from traitloc.batch import LocalizeJob
-    from traitloc.resultstore import ResultStore
-    from traitloc.store import ReviewStore
+    from traitloc.io.decisions import ReviewStore
+    from traitloc.io.store import ResultStore
+    from traitloc.pipelines.localize import LocalizeJob
 
     rng = np.random.default_rng(seed)
     photos = folder / "photos"

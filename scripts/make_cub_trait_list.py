@@ -8,7 +8,7 @@ Usage::
 ``attributes.txt`` is CUB's ``<attribute_id> has_<part>_<property>::<value>`` list (beside or inside
 ``CUB_200_2011/``). The output is deterministic (same input, same bytes). Every group and every non-color value
 must be known to the tables below, so a new or misspelled attribute fails loudly instead of becoming a bad
-prompt. The part mapping comes from :data:`traitloc.traits.CUB_GROUP_PARTS` (written down once, there).
+prompt. The part mapping comes from :data:`traitloc.data.traits.CUB_GROUP_PARTS` (written down once, there).
 ``--check`` compares with the existing file instead of writing it (exit status 1 when they differ).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from traitloc.traits import CUB_GROUP_PARTS, parse_attribute  # noqa: E402
+from traitloc.data.traits import CUB_GROUP_PARTS, parse_attribute  # noqa: E402
 
 COLUMNS = ("attribute_id", "attribute", "group", "value", "prompt", "parts")
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "trait_lists" / "cub200_attributes.csv"
@@ -197,7 +197,7 @@ def build_csv(attributes_txt: Path) -> str:
     for attribute_id, name in read_attributes(attributes_txt):
         group, value = parse_attribute(name)
         if group not in CUB_GROUP_PARTS:
-            raise ValueError(f"{attributes_txt}: attribute group {group!r} has no part mapping in traitloc.traits")
+            raise ValueError(f"{attributes_txt}: attribute group {group!r} has no part mapping in traitloc.data.traits")
         prompt = make_prompt(name)
         if prompt in prompts:
             raise ValueError(f"prompt {prompt!r} would be used for both {prompts[prompt]!r} and {name!r}")

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from traitloc.backbones import efficientnet_lite0_classifier  # noqa: E402
-from traitloc.classify import ClassifierExplainer  # noqa: E402
+from traitloc.models.backbones import efficientnet_lite0_classifier  # noqa: E402
+from traitloc.models.classifier import ClassifierExplainer  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ tiny_rn_config, tiny_rn_weights
     The same for a tiny open_clip ModifiedResNet (``traitloc_tiny_rn``: layers [1, 1, 1, 1], width 16,
     64 px input, a 2 x 2 final grid, attention pooling).
 tiny_bundle
-    ``traitloc.models.load_clip(tiny_clip_config, tiny_clip_weights, "cpu")`` (session-scoped: do not modify it).
+    ``traitloc.models.clip.load_clip(tiny_clip_config, tiny_clip_weights, "cpu")`` (session-scoped: do not modify it).
 image_factory
     ``image_factory(name, size=(w, h), mode="RGB", ...) -> Path`` writes a small deterministic test image.
 """
@@ -131,7 +131,7 @@ def tiny_rn_weights(tiny_rn_config: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_clip_config: Path, tiny_clip_weights: Path) -> Any:
     """The tiny ViT loaded with traitloc on the CPU (shared by the session: treat as read-only)."""
-    from traitloc.models import load_clip
+    from traitloc.models.clip import load_clip
 
     return load_clip(str(tiny_clip_config), str(tiny_clip_weights), "cpu")
 

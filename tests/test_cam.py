@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from traitloc.adapters import OpenClipResNet, OpenClipViT, TargetAdapter, clip_adapter
-from traitloc.cam import FinerCAM, finer_coefficients, upsample_maps
-from traitloc.reference import capture_activation, reference_cam, vit_input_grid
+from traitloc.engine.adapters import OpenClipResNet, OpenClipViT, TargetAdapter, clip_adapter
+from traitloc.engine.cam import FinerCAM, finer_coefficients, upsample_maps
+from traitloc.engine.reference import capture_activation, reference_cam, vit_input_grid
 
 open_clip = pytest.importorskip("open_clip")
 

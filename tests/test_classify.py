@@ -1,4 +1,4 @@
-"""Tests for traitloc.classify: the hook adapter against full autograd and torchcam, probes, the feature cache,
+"""Tests for traitloc.models.classifier: the hook adapter against full autograd and torchcam, probes, the feature cache,
 similar-class selection and the classifier explainer (tiny random models only)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from traitloc.cam import FinerCAM, finer_coefficients
-from traitloc.classify import (
+from traitloc.engine.cam import FinerCAM, finer_coefficients
+from traitloc.engine.reference import reference_cam
+from traitloc.models.classifier import (
     ClassifierExplainer,
     FeatureCacheError,
     HookAdapter,
@@ -27,7 +28,6 @@ from traitloc.classify import (
     similar_classes,
     train_probe,
 )
-from traitloc.reference import reference_cam
 
 K = 10
 NAMES = [f"Class {c}" for c in "ABCDEFGHIJ"]

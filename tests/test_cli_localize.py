@@ -1,6 +1,6 @@
-"""End-to-end tests of ``traitloc localize`` through ``traitloc.cli.main`` and the console script.
+"""End-to-end tests of ``traitloc localize`` through ``traitloc.cli.commands.main`` and the console script.
 
-The result of a run is its store (``OUT/results/part-*.parquet``, read with :func:`traitloc.resultstore.read_results`
+The result of a run is its store (``OUT/results/part-*.parquet``, read with :func:`traitloc.io.store.read_results`
 and rendered with the ``render_*`` functions); ``results.csv`` summarizes it; ``--save`` also writes files.
 Every run uses the tiny random open_clip ViT of ``conftest.py`` (64 px input, 4 x 4 patch grid) on the CPU.
 """
@@ -28,10 +28,9 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
-from traitloc.batch import NO_BASE
-from traitloc.cli import build_parser, main
-from traitloc.export import map_to_unit, read_map_tiff, slugify
-from traitloc.resultstore import (
+from traitloc.cli.commands import build_parser, main
+from traitloc.io.files import map_to_unit, read_map_tiff, slugify
+from traitloc.io.store import (
     grid_of,
     read_results,
     render_map,
@@ -41,6 +40,7 @@ from traitloc.resultstore import (
     results_dir,
     rows_of,
 )
+from traitloc.pipelines.localize import NO_BASE
 
 REQUIRED_COLUMNS = ["image", "image_key", "concept", "base", "gamma", "method", "raw_max", "map", "mask", "status"]
 RUN_JSON_KEYS = [
@@ -284,7 +284,7 @@ def test_native_size_square_image_is_used_as_is(
 ) -> None:
     import torch
 
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.models.localize import ConceptLocalizer
 
     path = image_factory("square.png", (64, 64), seed=5)
     out = tmp_path / "out"
@@ -404,7 +404,7 @@ def test_an_image_that_fails_to_compute_is_an_error_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A non-finite map is that image's error (the batch goes on), recorded in the store and results.csv."""
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.models.localize import ConceptLocalizer
 
     image_factory("a.png", (64, 64), seed=1)
     image_factory("nan.png", (80, 60), seed=2)
@@ -556,7 +556,7 @@ def test_long_prompt_is_truncated_with_a_warning(
 def test_cub200_trait_list_on_one_image(
     tmp_path: Path, image_factory: Callable[..., Path], model_args: list[str], capsys
 ) -> None:
-    from traitloc.traits import load_trait_list
+    from traitloc.data.traits import load_trait_list
 
     traits = load_trait_list("cub200")
     path = image_factory("bird.png", (64, 64))
@@ -835,7 +835,7 @@ def test_a_second_run_with_the_same_traits_encodes_no_text(
 def test_text_cache_keeps_the_same_vectors(tiny_bundle: Any, _text_cache_dir: Path) -> None:
     import torch
 
-    from traitloc.concepts import TextEncoder
+    from traitloc.models.text import TextEncoder
 
     prompts = ["red wing", "bill", "bird"]
     fresh = TextEncoder(tiny_bundle)
@@ -912,7 +912,7 @@ def test_resize_aspect_keeps_original_size(
 def test_save_signed(
     tmp_path: Path, image_factory: Callable[..., Path], model_args: list[str], tiny_bundle: Any, capsys
 ) -> None:
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.models.localize import ConceptLocalizer
 
     a = image_factory("a.png", (64, 64), seed=1)
     image_factory("b.png", (100, 40), seed=2)

@@ -1,4 +1,4 @@
-"""Tests for traitloc.cub on the synthetic CUB (tests/cubfake.py) and, marked ``cub``, on ../shared/cub."""
+"""Tests for traitloc.data.cub on the synthetic CUB (tests/cubfake.py) and, marked ``cub``, on ../shared/cub."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from cubfake import (
 )
 from PIL import Image
 
-from traitloc.cub import CUB, readable_class_name
-from traitloc.traits import CUB_PARTS
+from traitloc.data.cub import CUB, readable_class_name
+from traitloc.data.traits import CUB_PARTS
 
 CUB_ROOT = Path(os.environ.get("TRAITLOC_CUB_ROOT", Path(__file__).resolve().parents[2] / "shared" / "cub"))
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.refs import authors
-from traitloc import methods
-from traitloc.adapters import clip_adapter
-from traitloc.dense import DenseCLIP, LeGrad, naclip_neighbourhood
-from traitloc.localize import ConceptLocalizer
+from traitloc.engine import methods
+from traitloc.engine.adapters import clip_adapter
+from traitloc.engine.dense import DenseCLIP, LeGrad, naclip_neighbourhood
+from traitloc.models.localize import ConceptLocalizer
 
 NEW_METHODS = ("maskclip", "clearclip", "sclip", "naclip", "gem", "legrad")
 PROMPTS = ["red wing", "yellow bill", "striped tail", "bird"]
@@ -61,7 +61,7 @@ def tiny_x() -> torch.Tensor:
 # registry
 # ---------------------------------------------------------------------------------------------------------------------
 def test_registry_is_the_one_list() -> None:
-    from traitloc import cam
+    from traitloc.engine import cam
 
     assert cam.METHODS == methods.CAM_METHODS == ("gradcam", "layercam", "scorecam")
     assert methods.TEXT_METHODS == tuple(methods.REGISTRY)
@@ -77,7 +77,7 @@ def test_registry_is_the_one_list() -> None:
 
 
 def test_cli_and_app_read_the_registry() -> None:
-    from traitloc.cli import build_parser
+    from traitloc.cli.commands import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
@@ -99,7 +99,7 @@ def test_docs_list_every_method() -> None:
 
 
 def test_localizer_rejects_unknown_method_and_resnets(tiny_bundle, tiny_rn_config, tiny_rn_weights) -> None:
-    from traitloc.models import load_clip
+    from traitloc.models.clip import load_clip
 
     with pytest.raises(ValueError, match="unknown method"):
         ConceptLocalizer(tiny_bundle, "bogus")
@@ -245,7 +245,7 @@ def vitb16_bundle(tmp_path_factory):
     import open_clip
     import safetensors.torch
 
-    from traitloc.models import load_clip
+    from traitloc.models.clip import load_clip
 
     path = tmp_path_factory.mktemp("vitb16") / "vitb16.safetensors"
     state = torch.random.get_rng_state()
@@ -262,7 +262,7 @@ def vitb16_bundle(tmp_path_factory):
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_matches_authors_vitb16(vitb16_bundle, method) -> None:
     """One image, three queries in one call: concept at gamma 0, the same at gamma 1, another concept at gamma 1."""
-    from traitloc.cam import finer_coefficients
+    from traitloc.engine.cam import finer_coefficients
 
     loc = ConceptLocalizer(vitb16_bundle, method)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
@@ -289,7 +289,7 @@ def test_app_query_matches_the_localizer(tiny_bundle, method, monkeypatch) -> No
 
     from PIL import Image
 
-    from traitloc.export import map_to_unit
+    from traitloc.io.files import map_to_unit
 
     app = Path(__file__).resolve().parents[1] / "apps" / "review.py"
     spec = importlib.util.spec_from_file_location("traitloc_review_app_dense", app)
@@ -323,9 +323,9 @@ def test_cli_localize_new_methods(tiny_clip_config, tiny_clip_weights, image_fac
 
     from PIL import Image
 
-    from traitloc.cli import main
-    from traitloc.models import load_clip
-    from traitloc.resultstore import read_results, render_map, rows_of
+    from traitloc.cli.commands import main
+    from traitloc.io.store import read_results, render_map, rows_of
+    from traitloc.models.clip import load_clip
 
     img = image_factory("bird.png", size=(80, 60))
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""The parts of :mod:`traitloc.distributed` that need no Ray: part names, duplicate compaction, item encoding, errors.
+"""The parts of :mod:`traitloc.pipelines.distributed` that need no Ray: part names, duplicate compaction, item encoding, errors.
 
 The runs on a Ray instance are in ``test_ray.py``.
 """
@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from traitloc.distributed import (
+from traitloc.io.store import ResultStore, StoreError, part_files, read_results
+from traitloc.pipelines.distributed import (
     RayUnavailableError,
     _actor_resources,
     batch_part_name,
@@ -19,7 +20,6 @@ from traitloc.distributed import (
     decode_item,
     encode_item,
 )
-from traitloc.resultstore import ResultStore, StoreError, part_files, read_results
 
 COLUMNS = {"concept": "str", "score": "float"}
 KEYS = ("image_key", "concept")
@@ -83,8 +83,8 @@ def test_unknown_item_type_is_refused() -> None:
 
 def test_ray_missing_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: Any) -> None:
     """``--ray`` without the extra installed: exit status 2 and one line naming the extra (before any model work)."""
-    import traitloc.distributed as dist
-    from traitloc.cli import main
+    import traitloc.pipelines.distributed as dist
+    from traitloc.cli.commands import main
 
     def no_ray() -> Any:
         raise RayUnavailableError('running on Ray needs the ray extra: pip install "traitloc[ray]" (ray[data])')

@@ -20,8 +20,15 @@ import pandas as pd
 import pytest
 
 from tests.cubfake import COLOR_RGB, make_fake_cub
-from traitloc.cub import CUB
-from traitloc.evaluate_text import EMPTY_MAP, TextEvalSettings, part_group, run_text_eval, score_map, summarize
+from traitloc.data.cub import CUB
+from traitloc.pipelines.evaluate_text import (
+    EMPTY_MAP,
+    TextEvalSettings,
+    part_group,
+    run_text_eval,
+    score_map,
+    summarize,
+)
 
 SHARED_CUB = Path(__file__).resolve().parents[2] / "shared" / "cub"
 
@@ -204,8 +211,8 @@ def test_a_failing_method_is_recorded(fake_cub: CUB, tmp_path: Path) -> None:
 
 
 def test_cli_end_to_end_every_method(fake_cub: CUB, tiny_clip_config, tiny_clip_weights, tmp_path: Path) -> None:
-    from traitloc.cli import main
-    from traitloc.methods import TEXT_METHODS
+    from traitloc.cli.commands import main
+    from traitloc.engine.methods import TEXT_METHODS
 
     out = tmp_path / "out"
     rc = main(["evaluate-text", "--cub-root", str(fake_cub.root), "--model", str(tiny_clip_config), "--pretrained",
@@ -223,7 +230,7 @@ def test_cli_end_to_end_every_method(fake_cub: CUB, tiny_clip_config, tiny_clip_
 
 
 def test_cli_bad_input(tmp_path: Path) -> None:
-    from traitloc.cli import main
+    from traitloc.cli.commands import main
 
     with pytest.raises(SystemExit):
         main(["evaluate-text", "--cub-root", str(tmp_path), "--methods", "bogus", "--out", str(tmp_path / "o")])
@@ -233,7 +240,7 @@ def test_cli_bad_input(tmp_path: Path) -> None:
 @pytest.mark.skipif(not (SHARED_CUB / "CUB_200_2011").is_dir(), reason="../shared/cub is not present")
 def test_real_cub_runs(tiny_clip_config, tiny_clip_weights, tmp_path: Path) -> None:
     """On the real CUB subset (tiny random model: figures meaningless): one photo, two methods."""
-    from traitloc.cli import main
+    from traitloc.cli.commands import main
 
     rc = main(["evaluate-text", "--cub-root", str(SHARED_CUB), "--model", str(tiny_clip_config), "--pretrained",
                str(tiny_clip_weights), "--limit", "1", "--methods", "gradcam,clearclip", "--device", "cpu",

@@ -1,4 +1,4 @@
-"""Tests for traitloc.export."""
+"""Tests for traitloc.io.files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from traitloc import __version__
-from traitloc.export import (
+from traitloc.io.files import (
     atomic_path,
     atomic_write,
     environment_info,
@@ -272,7 +272,7 @@ def test_overlay_png_blend_and_resize(tmp_path: Path) -> None:
 # the file writers on rows of a results store (what `localize --save` and `traitloc export` write)
 # ---------------------------------------------------------------------------------------------------------------
 def test_writers_on_store_rows(tmp_path: Path) -> None:
-    from traitloc.resultstore import (
+    from traitloc.io.store import (
         ResultStore,
         read_results,
         render_map,

@@ -1,15 +1,14 @@
-"""Tests of the export formats and ``traitloc export`` (traitloc/formats.py).
+"""Tests of the export formats and ``traitloc export`` (traitloc/pipelines/export.py).
 
 Round trips: TIFF values and ImageJ metadata, COCO RLE (against pycocotools when installed), polygons back to
 masks, figures (SVG parsed as XML, PDF text, PNG dpi). Exports render from the run's results store: hand-made
-stores (:class:`traitloc.resultstore.ResultStore`, no model) for selection, safety and streaming, and a folder made
+stores (:class:`traitloc.io.store.ResultStore`, no model) for selection, safety and streaming, and a folder made
 by ``traitloc localize --save maps,masks,overlays`` with the tiny random open_clip model of ``conftest.py``, whose
 files must equal the export's renderings of the same rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import io
@@ -29,9 +28,10 @@ import tifffile
 from conftest import make_image_array
 from PIL import Image
 
-from traitloc import formats
-from traitloc.export import read_map_tiff
-from traitloc.formats import (
+from traitloc.io.files import read_map_tiff
+from traitloc.io.store import ResultStore, read_results, render_mask, render_unit_map, rows_of
+from traitloc.pipelines import export as formats
+from traitloc.pipelines.export import (
     COLORBAR_GID,
     COLORBAR_LABEL,
     FormatError,
@@ -51,7 +51,6 @@ from traitloc.formats import (
     rle_from_string,
     rle_to_string,
 )
-from traitloc.resultstore import ResultStore, read_results, render_mask, render_unit_map, rows_of
 
 SVG = "{http://www.w3.org/2000/svg}"
 #: Parquet is optional (pyarrow comes with streamlit in the app extra); its checks are skipped without an engine
@@ -187,21 +186,10 @@ def write_decisions(root: Path, decisions: dict[str, str]) -> None:
 
 
 def export_cli(argv: list[str]) -> int:
-    """``traitloc export ARGV``: through traitloc.cli.main once the subcommand is registered, else the same
-    handling (CliError -> one line on stderr, exit 2) around this module's parser."""
-    from traitloc import cli
+    """``traitloc export ARGV`` through the command line (bad input -> one line on stderr, exit 2)."""
+    from traitloc.cli import main
 
-    if "formats" in getattr(cli, "SUBCOMMAND_MODULES", ()):
-        return cli.main(["export", *argv])
-    parser = argparse.ArgumentParser(prog="traitloc")
-    sub = parser.add_subparsers(dest="command")
-    formats.add_parser(sub)
-    args = parser.parse_args(["export", *argv])
-    try:
-        return formats.run(args, ["export", *argv])
-    except cli.CliError as err:
-        print(f"traitloc export: error: {err}", file=sys.stderr)
-        return 2
+    return main(["export", *argv])
 
 
 def zip_entries(path: Path) -> dict[str, bytes]:
@@ -494,7 +482,7 @@ def localized(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Path, 
     x 2 concepts, started from the images' folder with relative paths (as the README does)."""
     import torch
 
-    from traitloc.cli import main
+    from traitloc.cli.commands import main
 
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("localized")
@@ -620,7 +608,7 @@ def test_export_of_an_explain_run_matches_its_save_files(tmp_path: Path, image_f
     the same maps and masks from the store, labelled by the target class."""
     import torch
 
-    from traitloc.cli import main
+    from traitloc.cli.commands import main
 
     torch.set_num_threads(1)
     images = [image_factory(f"e{s}.png", size=(48, 40), seed=s) for s in range(3)]
@@ -693,9 +681,9 @@ def test_a_folder_without_a_store_names_localize(tmp_path: Path, capsys: pytest.
 @pytest.mark.parametrize("use_store", [True, False])
 def test_status_accepted(handmade: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_store: bool) -> None:
     if not use_store:
-        monkeypatch.setitem(sys.modules, "traitloc.store", None)  # the direct SQLite reader
-    elif importlib_missing("traitloc.store"):
-        pytest.skip("traitloc.store is not there yet")
+        monkeypatch.setitem(sys.modules, "traitloc.io.decisions", None)  # the direct SQLite reader
+    elif importlib_missing("traitloc.io.decisions"):
+        pytest.skip("traitloc.io.decisions is not there yet")
     write_decisions(handmade, {"img0/red-wing": "accepted", "img1/blue-tail": "accepted", "img0/blue-tail": "rejected",
                                "img1/red-wing": "needs-work"})  # fmt: skip
     decisions = read_decisions(handmade)

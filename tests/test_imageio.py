@@ -1,4 +1,4 @@
-"""Tests for traitloc.imageio: every image is generated in tmp_path."""
+"""Tests for traitloc.data.images: every image is generated in tmp_path."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from traitloc.imageio import IMAGE_EXTENSIONS, ImageLoadError, LoadedImage, find_images, image_keys, load_image
+from traitloc.data.images import IMAGE_EXTENSIONS, ImageLoadError, LoadedImage, find_images, image_keys, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -364,7 +364,7 @@ _HUGE_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, warnings
     from PIL import Image
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Tests for traitloc.metrics: hand-computed cases, independent implementations, invariances."""
+"""Tests for traitloc.metrics.maps: hand-computed cases, independent implementations, invariances."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage, stats
 
-from traitloc import metrics as M
+from traitloc.metrics import maps as M
 
 RNG_SEED = 1234
 

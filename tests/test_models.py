@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from traitloc.concepts import PromptError, TextEncoder, check_prompt
-from traitloc.localize import ConceptLocalizer, input_size_for, preprocess_image
-from traitloc.models import ModelLoadError, load_clip, resolve_device
+from traitloc.models.clip import ModelLoadError, load_clip, resolve_device
+from traitloc.models.localize import ConceptLocalizer, input_size_for, preprocess_image
+from traitloc.models.text import PromptError, TextEncoder, check_prompt
 
 open_clip = pytest.importorskip("open_clip")
 safetensors_torch = pytest.importorskip("safetensors.torch")

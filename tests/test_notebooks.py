@@ -16,7 +16,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: notebook, minimum number of figures (image/png outputs) it must show, modules it needs
 CASES = [
     ("quickstart.ipynb", 3, ()),
-    ("audit_walkthrough.ipynb", 2, ("traitloc.audit",)),
+    ("audit_walkthrough.ipynb", 2, ("traitloc.pipelines.audit",)),
 ]
 
 

@@ -57,8 +57,8 @@ from torch import Tensor, nn
 
 open_clip = pytest.importorskip("open_clip")
 
-from traitloc.adapters import clip_adapter  # noqa: E402
-from traitloc.cam import FinerCAM, finer_coefficients  # noqa: E402
+from traitloc.engine.adapters import clip_adapter  # noqa: E402
+from traitloc.engine.cam import FinerCAM, finer_coefficients  # noqa: E402
 
 GAMMAS = (0.0, 0.6, 1.0)
 PROMPTS = ("red wings", "a long curved bill", "a striped tail", "bird")  # the base prompt last

@@ -1,4 +1,4 @@
-"""The pipeline runner (traitloc.pipeline) with a fake job: no model, no images, just the runner's contract.
+"""The pipeline runner (traitloc.pipelines.runner) with a fake job: no model, no images, just the runner's contract.
 
 Per-item errors, a failing batch retried item by item, CUDA out-of-memory splitting, resume, settings refusal,
 run.json (status, counts, previous runs) and the CSV summary (equal to the store after a run).
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from traitloc.imageio import ImageLoadError
-from traitloc.pipeline import (
+from traitloc.data.images import ImageLoadError
+from traitloc.io.store import grid_of, read_results, results_dir, rows_of
+from traitloc.pipelines.runner import (
     STALE_PART_SECONDS,
     Job,
     SettingsMismatchError,
@@ -28,7 +29,6 @@ from traitloc.pipeline import (
     run_job,
     split_on_oom,
 )
-from traitloc.resultstore import grid_of, read_results, results_dir, rows_of
 
 CONCEPTS = ("red wing", "bill")
 

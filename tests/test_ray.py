@@ -17,8 +17,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from traitloc.cli import main  # noqa: E402
-from traitloc.resultstore import part_files, read_results  # noqa: E402
+from traitloc.cli.commands import main  # noqa: E402
+from traitloc.io.store import part_files, read_results  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,  # a Ray run starts actor processes: 10-30 s each on 2 cores
@@ -87,7 +87,7 @@ def test_ray_store_equals_local_store(
     assert localize(capsys, images, tmp_path / "ray", margs, "--save", "maps", "--ray", "--ray-actors", "2") == 0
     assert_same_store(tmp_path / "local", tmp_path / "ray")
     # --save files are written by the actors, beside the store, as the local runner writes them
-    from traitloc.export import read_map_tiff
+    from traitloc.io.files import read_map_tiff
 
     local_maps = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local" / "maps").rglob("*.tif"))
     ray_maps = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray" / "maps").rglob("*.tif"))
@@ -118,9 +118,9 @@ def test_killed_actor_is_restarted_and_the_store_has_every_key_once(
     tmp_path: Path, images: Path, tiny_clip_config: Path, tiny_clip_weights: Path, capsys: Any
 ) -> None:
     """An actor killed (SIGKILL) right after writing its batch's part: the batch is retried, its part replaced."""
-    from traitloc.batch import LocalizeSettings
-    from traitloc.distributed import FAULT_ENV, LocalizeSpec, run_job_ray
-    from traitloc.imageio import find_images, image_keys
+    from traitloc.data.images import find_images, image_keys
+    from traitloc.pipelines.distributed import FAULT_ENV, LocalizeSpec, run_job_ray
+    from traitloc.pipelines.localize import LocalizeSettings
 
     margs = model_args(tiny_clip_config, tiny_clip_weights)
     assert localize(capsys, images, tmp_path / "local", margs) == 0

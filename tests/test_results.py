@@ -1,4 +1,4 @@
-"""Tests for traitloc.results.ResultsTable."""
+"""Tests for traitloc.io.csvlog.ResultsTable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from traitloc.results import ResultsTable
+from traitloc.io.csvlog import ResultsTable
 
 COLUMNS = ["image", "image_key", "concept", "gamma", "raw_max", "status"]
 KEYS = ["image_key", "concept"]
@@ -175,7 +175,7 @@ def test_malformed_middle_line_is_an_error(tmp_path: Path) -> None:
 
 _KILLED_WRITER = """
 import os, sys
-from traitloc.results import ResultsTable
+from traitloc.io.csvlog import ResultsTable
 columns = ["image_key", "concept", "status"]
 table = ResultsTable(sys.argv[1], columns, ["image_key", "concept"])
 done = table.done_keys()

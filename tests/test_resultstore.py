@@ -1,4 +1,4 @@
-"""The results store (traitloc.resultstore): rendering reproduces the engine, round trip, schema, readers, writers.
+"""The results store (traitloc.io.store): rendering reproduces the engine, round trip, schema, readers, writers.
 
 Rendering a stored row must give the engine's own full-size map: bit for bit from float32 grids, and within 1e-3 of
 the map's maximum from float16 grids (the measured figure is printed; run with ``-s`` to see it).
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from traitloc.export import map_to_unit, mask_from_map
-from traitloc.resultstore import (
+from traitloc.io.files import map_to_unit, mask_from_map
+from traitloc.io.store import (
     GRID_DTYPES,
     ResultStore,
     StoreError,
@@ -51,7 +51,7 @@ def _row(key: str, concept: str, grid: np.ndarray | None, **extra: Any) -> dict[
 
 
 def _engine_rows(res: Any, key: str) -> list[dict[str, Any]]:
-    """Store rows of one image's :class:`~traitloc.localize.ConceptMaps` (as the localize job builds them)."""
+    """Store rows of one image's :class:`~traitloc.models.localize.ConceptMaps` (as the localize job builds them)."""
     signed = res.signed.detach().float().cpu().numpy()
     H, W = res.size
     return [
@@ -77,7 +77,7 @@ def _by_key(df: Any) -> dict[tuple[str, str], dict[str, Any]]:
 # rendering reproduces the engine
 # ------------------------------------------------------------------------------------------------------------------
 def test_float32_store_renders_the_engines_maps_exactly(tmp_path: Path, tiny_bundle: Any) -> None:
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.models.localize import ConceptLocalizer
 
     images = _images(6)
     results = ConceptLocalizer(tiny_bundle).explain(images, CONCEPTS, "bird", 1.0)
@@ -114,9 +114,9 @@ def test_localize_run_renders_the_engines_maps_exactly(
     tiny_bundle: Any,
 ) -> None:
     """End to end: ``traitloc localize`` (float32 grids) then render == ``ConceptLocalizer.explain`` at full size."""
-    from traitloc.cli import main
-    from traitloc.imageio import load_image
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.cli.commands import main
+    from traitloc.data.images import load_image
+    from traitloc.models.localize import ConceptLocalizer
 
     paths = [image_factory(f"im{i}.png", size, seed=i) for i, size in enumerate([(64, 64), (120, 90), (50, 70)])]
     out = tmp_path / "out"
@@ -145,7 +145,7 @@ def test_float16_rendering_error_is_within_1e_3_of_the_maps_max(
     tmp_path: Path, tiny_bundle: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Max abs error of maps rendered from float16 grids, relative to each map's max, over many engine maps."""
-    from traitloc.localize import ConceptLocalizer
+    from traitloc.models.localize import ConceptLocalizer
 
     loc = ConceptLocalizer(tiny_bundle)
     concepts = [f"trait {k}" for k in range(8)]
@@ -339,7 +339,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import os, sys
     import pyarrow.parquet as pq
-    from traitloc.resultstore import ResultStore
+    from traitloc.io.store import ResultStore
 
     def half_then_killed(table, where, **kw):  # a writer killed half-way through a part
         pq.__dict__["_real_write_table"](table, where, **kw)
@@ -458,7 +458,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from traitloc.resultstore import ResultStore
+    from traitloc.io.store import ResultStore
     out, w, n_parts, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     store = ResultStore(out, {"concept": "str"}, ["image_key", "concept"])
     while time.time() < start:

@@ -1,4 +1,4 @@
-"""Review decisions in SQLite (traitloc.store): schema, validation, concurrent writers, crash safety, path safety."""
+"""Review decisions in SQLite (traitloc.io.decisions): schema, validation, concurrent writers, crash safety, path safety."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from traitloc.store import (
+from traitloc.io.decisions import (
     DB_NAME,
     STATUSES,
     PathSafetyError,
@@ -157,7 +157,7 @@ def test_two_threads_1000_decisions_lose_none(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys
-    from traitloc.store import ReviewStore, STATUSES
+    from traitloc.io.decisions import ReviewStore, STATUSES
     root, tag, n, sync = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     store = ReviewStore(root, who=tag, synchronous=sync, timeout=60)
     print("ready", flush=True)

@@ -2,8 +2,8 @@
 
 Everything runs on the synthetic CUB of ``cubfake.py`` with the tiny seeded models of ``tiny_backbones.py``, given
 as ``MODULE:FUNCTION`` exactly as a user would (``tests/`` is on ``sys.path``). Also: exactness against torchcam's
-``FinerCAM`` (done-when 1 of the classifier issue), :class:`traitloc.evaluate.FaithfulnessBatch` against
-:mod:`traitloc.metrics`, resume, and the bad inputs, each a one-line reason with exit status 2.
+``FinerCAM`` (done-when 1 of the classifier issue), :class:`traitloc.pipelines.evaluate.FaithfulnessBatch` against
+:mod:`traitloc.metrics.maps`, resume, and the bad inputs, each a one-line reason with exit status 2.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from cubfake import make_fake_cub
 from tiny_backbones import CLASS_NAMES, tiny_cnn_classifier, tiny_vit_classifier
 
-from traitloc import evaluate, explain, train
-from traitloc.cli import CliError
-from traitloc.export import read_map_tiff
-from traitloc.resultstore import read_results, render_map, render_unit_map, rows_of
+from traitloc.io.files import read_map_tiff
+from traitloc.io.store import read_results, render_map, render_unit_map, rows_of
+from traitloc.pipelines import evaluate, explain, train
+from traitloc.pipelines.options import CliError
 
 EXPLAIN_REQUIRED = ["image", "image_key", "target", "predicted", "references", "gamma", "method", "raw_max", "map",
                     "status"]  # fmt: skip
@@ -49,7 +49,7 @@ def _one_thread():
 
 
 def cli(argv: Sequence[str]) -> tuple[int, str]:
-    """Run a subcommand as ``traitloc.cli.main`` does (bad input -> one line on stderr, exit 2); returns
+    """Run a subcommand as ``traitloc.cli.commands.main`` does (bad input -> one line on stderr, exit 2); returns
     (exit status, the error line or "")."""
     parser = argparse.ArgumentParser(prog="traitloc")
     sub = parser.add_subparsers(dest="command")
@@ -111,12 +111,11 @@ def test_help_documents_every_option():
 
 
 def test_cli_registers_the_commands():
-    """Once traitloc.cli registers the three modules, ``traitloc COMMAND --help`` works through ``main``."""
-    from traitloc import cli as cli_mod
+    """``traitloc COMMAND --help`` works through ``main`` for train-probe, explain and evaluate."""
+    from traitloc.cli import commands as cli_mod
 
     cli_mod.build_parser()  # registers the subcommand modules
-    if not all(c in cli_mod.COMMANDS for c in MODULES):
-        pytest.skip("traitloc.cli does not register train-probe/explain/evaluate yet")
+    assert all(c in cli_mod.COMMANDS for c in MODULES)
     for c in MODULES:
         with pytest.raises(SystemExit) as e:
             cli_mod.main([c, "--help"])
@@ -314,8 +313,8 @@ def test_explain_probe_end_to_end_and_resume(probe_dir: Path, fake_cub: Path, tm
 def test_explain_probe_maps_are_the_engines(probe_dir: Path, fake_cub: Path, tmp_path: Path):
     """The stored grid renders the explainer's map at the original size (bit for bit with float32 grids); --save
     writes it as files: the TIFF (map / max), mask, overlay and the signed map."""
-    from traitloc.cam import upsample_maps
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
+    from traitloc.engine.cam import upsample_maps
 
     image = _images(fake_cub)[7]
     out = tmp_path / "ex"
@@ -372,7 +371,7 @@ def test_explain_matches_torchcam_finercam(factory: str, layer: str, vit: bool, 
     """Done-when 1: ``traitloc explain`` (gamma 0.6, 3 references, Grad-CAM base) agrees with torchcam's FinerCAM on
     the same model and layer: compared at the grid and on the saved map (torchcam's grid map brought to the
     original size with the same bilinear resize and divided by its max, as the TIFF is)."""
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
 
     spec = {"tiny_cnn_classifier": tiny_cnn_classifier, "tiny_vit_classifier": tiny_vit_classifier}[factory]()
     images = [image_factory(f"img{i}.png", size=(40 + 12 * i, 30 + 5 * i), seed=i) for i in range(3)]
@@ -456,7 +455,7 @@ def test_explain_job_from_a_picklable_spec(tmp_path: Path, image_factory):
     items; two such writers into one folder give the command's store, map for map."""
     import pickle
 
-    from traitloc.pipeline import run_job
+    from traitloc.pipelines.runner import run_job
 
     images = [image_factory(f"w{s}.png", size=(40 + 4 * s, 32), seed=s) for s in range(3)]
     spec = explain.ExplainSpec(classifier="tiny_backbones:tiny_cnn_classifier", device="cpu", gamma=0.8,
@@ -488,7 +487,7 @@ def test_non_finite_maps_fail_their_image_in_explain_and_evaluate(
 ):
     """A NaN map fails its own image with the same one-line error in explain and evaluate (and in localize, audit);
     the other images of the batch are done."""
-    from traitloc.classify import ClassifierExplainer
+    from traitloc.models.classifier import ClassifierExplainer
 
     explain_orig = ClassifierExplainer.explain
 
@@ -588,8 +587,8 @@ class _TinyClassifier(torch.nn.Module):
 
 @pytest.mark.parametrize("steps", [20, 7])
 def test_faithfulness_batch_equals_the_metrics_module(steps: int):
-    """The shared-forward scorer gives traitloc.metrics' numbers (ties, zero floors and constant maps included)."""
-    from traitloc.metrics import deletion_auc, insertion_auc, relative_confidence_drop
+    """The shared-forward scorer gives traitloc.metrics.maps' numbers (ties, zero floors and constant maps included)."""
+    from traitloc.metrics.maps import deletion_auc, insertion_auc, relative_confidence_drop
 
     model = _TinyClassifier().eval()
     g = torch.Generator().manual_seed(0)
@@ -687,9 +686,9 @@ def test_evaluate_end_to_end_and_resume(probe_dir: Path, fake_cub: Path, tmp_pat
 
 def test_evaluate_maps_are_the_explainers(probe_dir: Path, fake_cub: Path):
     """finer-gradcam in evaluate is ``ClassifierExplainer.explain(target=true class, gamma=0.6)`` at the input size."""
-    from traitloc.cam import FinerCAM
-    from traitloc.classify import similar_classes
-    from traitloc.imageio import load_image
+    from traitloc.data.images import load_image
+    from traitloc.engine.cam import FinerCAM
+    from traitloc.models.classifier import similar_classes
 
     clf = train.load_probe_model(probe_dir, "cpu")
     x = torch.stack([clf.preprocess(load_image(p).image) for p in _images(fake_cub)[:4]])

@@ -1,4 +1,4 @@
-"""Tests for traitloc.traits, the built-in CUB trait list and scripts/make_cub_trait_list.py."""
+"""Tests for traitloc.data.traits, the built-in CUB trait list and scripts/make_cub_trait_list.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from traitloc import traits
-from traitloc.traits import (
+from traitloc.data import traits
+from traitloc.data.traits import (
     CUB_GROUP_PARTS,
     CUB_PARTS,
     Trait,

@@ -1,4 +1,4 @@
-"""Tiny seeded models for the command-line tests, in the ``MODULE:FUNCTION`` contract of :mod:`traitloc.backbones`.
+"""Tiny seeded models for the command-line tests, in the ``MODULE:FUNCTION`` contract of :mod:`traitloc.models.backbones`.
 
 Importable as ``tiny_backbones`` when ``tests/`` is on ``sys.path`` (pytest puts it there) or is the working
 directory (``traitloc`` imports ``MODULE`` from the working directory). Every factory builds the same weights on
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from traitloc.backbones import ImagePreprocess
+from traitloc.models.backbones import ImagePreprocess
 
 #: Class names of the tiny classifiers.
 CLASS_NAMES = ["Red winged bird", "Blue winged bird", "Green winged bird", "Yellow winged bird", "Grey bird"]

@@ -4,7 +4,7 @@ Each function runs an open_clip ViT the way its authors' code does (their token 
 reshapes, their order of operations) and returns the per-patch result on the patch grid, *before* the authors'
 final upsampling and min-max normalization (both are linear/affine per map, so comparing at the grid loses
 nothing). They are deliberately slow and literal, never imported by ``traitloc``; the tests compare the fast
-engines of :mod:`traitloc.dense` with them.
+engines of :mod:`traitloc.engine.dense` with them.
 
 Sources and licences
 --------------------

@@ -8,17 +8,17 @@ closest to the target's, target excluded) with the objective
           \qquad (\texttt{--reverse}: s = \frac{1}{T}\sum_t z_{d_t} - \gamma z_c)
 
 aggregated before the ReLU, with a Grad-CAM, Layer-CAM or Score-CAM base
-(:class:`traitloc.classify.ClassifierExplainer`).
+(:class:`traitloc.models.classifier.ClassifierExplainer`).
 ``--gamma 0`` gives the plain CAM of the target; ``--gamma`` above 1 extrapolates.
 
-``explain`` is a job of the pipeline runner (:func:`traitloc.pipeline.run_job`), like ``localize``: images decoded
+``explain`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`), like ``localize``: images decoded
 (and preprocessed) one batch ahead, OOM splitting, per-image errors, resume, the settings check and ``run.json``.
 Outputs under ``--out``, one row per image:
 
-- ``results/part-*.parquet``: the results store (:mod:`traitloc.resultstore`): the target, prediction, references,
+- ``results/part-*.parquet``: the results store (:mod:`traitloc.io.store`): the target, prediction, references,
   logits, score and the **signed pre-ReLU grid map** of each image (keys ``image_key, target_spec,
   reference_spec``); full-size maps, masks and overlays are renderings of it
-  (:func:`traitloc.resultstore.render_map`, ``traitloc export``);
+  (:func:`traitloc.io.store.render_map`, ``traitloc export``);
 - ``results.csv``: ``image, image_key, target, predicted, references, gamma, method, raw_max, map, status`` and more
   (:data:`EXPLAIN_COLUMNS`); ``status`` is ``ok`` or ``error: <reason>`` for that image; the ``map``, ``mask`` and
   ``overlay`` paths are filled where ``--save`` wrote those files;
@@ -29,7 +29,7 @@ Outputs under ``--out``, one row per image:
 A killed run resumes: rerunning into the same folder skips the images already in the store for the same
 classifier and settings (images that failed are tried again); a folder made with other settings is refused. The
 map covers the whole image: the classifier's ``preprocess`` is expected to resize the whole image (as
-:class:`traitloc.backbones.ImagePreprocess` does); one that crops would misalign the map.
+:class:`traitloc.models.backbones.ImagePreprocess` does); one that crops would misalign the map.
 
 Building the job elsewhere (a worker process, a Ray actor): everything it needs is the picklable
 :class:`ExplainSpec`; :func:`build_explain_job` loads the classifier and returns the :class:`ExplainJob`, and
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .pipeline import Job, SettingsMismatchError, load_or_error, run_job
+from traitloc.pipelines.runner import Job, SettingsMismatchError, load_or_error, run_job
 
 __all__ = [
     "EXPLAIN_COLUMNS",
@@ -107,7 +107,7 @@ class ExplainSpec:
     references : class names or indices, or None (the ``num_references`` classes with the closest logits).
     num_references, gamma, method, reverse, scorecam_channels : the explanation (see the module docstring).
     threshold : mask threshold (``--save masks`` and ``mask_fraction``).
-    save : files written beside the store, a subset of :data:`traitloc.batch.SAVE_KINDS`.
+    save : files written beside the store, a subset of :data:`traitloc.pipelines.localize.SAVE_KINDS`.
     grid_dtype : ``float32`` or ``float16`` grids in the store.
     batch_size, quiet : batching and progress bar.
     """
@@ -156,7 +156,7 @@ class ExplainSettings:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        from .batch import SAVE_KINDS
+        from traitloc.pipelines.localize import SAVE_KINDS
 
         bad = [k for k in self.save if k not in SAVE_KINDS]
         if bad:
@@ -177,18 +177,18 @@ class ExplainSettings:
 def load_classifier(
     *, classifier: str | None = None, probe: str | None = None, device: str | torch.device = "auto"
 ) -> Any:
-    """A :class:`traitloc.train.ProbeModel` from ``--classifier MODULE:FUNCTION`` or ``--probe PROBE_DIR``.
+    """A :class:`traitloc.pipelines.train.ProbeModel` from ``--classifier MODULE:FUNCTION`` or ``--probe PROBE_DIR``.
 
     A ``--classifier`` model gives logits: its head is the identity (``weight = I``, no bias).
 
     Raises
     ------
-    ValueError, traitloc.backbones.CallableError, traitloc.classify.ProbeError
+    ValueError, traitloc.models.backbones.CallableError, traitloc.models.classifier.ProbeError
         One line: import failure, wrong shapes, missing probe files...
     """
-    from .backbones import load_callable, make_adapter
-    from .models import resolve_device
-    from .train import ProbeModel, load_probe_model
+    from traitloc.models.backbones import load_callable, make_adapter
+    from traitloc.models.clip import resolve_device
+    from traitloc.pipelines.train import ProbeModel, load_probe_model
 
     if (classifier is None) == (probe is None):
         raise ValueError("give exactly one of --classifier MODULE:FUNCTION or --probe PROBE_DIR")
@@ -276,7 +276,7 @@ def build_explain_job(spec: ExplainSpec, out_dir: str | Path, clf: Any = None) -
     ------
     ExplainSpecError
         A bad target or reference (:func:`resolve_settings`).
-    ValueError, traitloc.backbones.CallableError, traitloc.classify.ProbeError, traitloc.models.ModelLoadError
+    ValueError, traitloc.models.backbones.CallableError, traitloc.models.classifier.ProbeError, traitloc.models.clip.ModelLoadError
         The classifier cannot be loaded (:func:`load_classifier`).
     """
     if clf is None:
@@ -289,10 +289,10 @@ def build_explain_job(spec: ExplainSpec, out_dir: str | Path, clf: Any = None) -
 def explain_items(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
     """The items of an explain run: ``(absolute image path, image key)`` for every image under ``inputs``.
 
-    Keys (:func:`traitloc.imageio.image_keys`) depend on the whole list (colliding file names get folder prefixes),
+    Keys (:func:`traitloc.data.images.image_keys`) depend on the whole list (colliding file names get folder prefixes),
     so make the items once and split the list among workers.
     """
-    from .imageio import find_images, image_keys
+    from traitloc.data.images import find_images, image_keys
 
     paths = find_images(inputs)
     keys = image_keys(paths)
@@ -303,7 +303,7 @@ def explain_items(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
 class _Decoded:
     """An image decoded and preprocessed in the prefetch thread."""
 
-    im: Any  # traitloc.imageio.LoadedImage
+    im: Any  # traitloc.data.images.LoadedImage
     x: Tensor  # (C, H, W) model input
 
 
@@ -311,7 +311,7 @@ class ExplainJob(Job):
     """Finer-CAM maps of a classifier: one store row per image (its target against its references).
 
     Items are ``(absolute image path, image key)`` pairs (:func:`explain_items`). Build one with
-    :func:`build_explain_job`; run it with :func:`traitloc.pipeline.run_job`.
+    :func:`build_explain_job`; run it with :func:`traitloc.pipelines.runner.run_job`.
     """
 
     name = "explain"
@@ -335,7 +335,7 @@ class ExplainJob(Job):
         *,
         scorecam_channels: int | None = None,
     ) -> None:
-        from .resultstore import INTERPOLATION
+        from traitloc.io.store import INTERPOLATION
 
         self.clf = clf
         self.explainer = explainer
@@ -365,7 +365,7 @@ class ExplainJob(Job):
 
     def load(self, item: tuple[str, str]) -> Any:
         """Decode and preprocess (in the prefetch thread); a failure of either is this image's error."""
-        from .imageio import ImageLoadError
+        from traitloc.data.images import ImageLoadError
 
         im = load_or_error(Path(item[0]))
         if isinstance(im, ImageLoadError):
@@ -382,7 +382,7 @@ class ExplainJob(Job):
         return {**self.fixed, "image": item[0], "image_key": item[1]}
 
     def error_rows(self, item: tuple[str, str], reason: str) -> list[dict[str, Any]]:
-        from .export import slugify
+        from traitloc.io.files import slugify
 
         row = self._row(item)
         explicit = self.s.target != "auto"
@@ -451,11 +451,11 @@ class ExplainJob(Job):
 
     # -- outputs --------------------------------------------------------------------------------------------------
     def finish(self, rows: list[dict[str, Any]], item: tuple[str, str], loaded: _Decoded) -> list[dict[str, Any]]:
-        """``--save``: the files of each ok row (the shared writer of localize, :func:`traitloc.batch.save_files`)."""
+        """``--save``: the files of each ok row (the shared writer of localize, :func:`traitloc.pipelines.localize.save_files`)."""
         if not self.s.save:
             return rows
-        from . import __version__
-        from .batch import save_files
+        from traitloc import __version__
+        from traitloc.pipelines.localize import save_files
 
         work = np.asarray(loaded.im.image)
         for row in rows:
@@ -531,7 +531,7 @@ def run_explain(
 
     Raises
     ------
-    traitloc.pipeline.SettingsMismatchError
+    traitloc.pipelines.runner.SettingsMismatchError
         ``out_dir`` holds results made with other settings.
     """
     items = explain_items(inputs)
@@ -549,7 +549,7 @@ def run_explain(
 # ------------------------------------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``explain`` to a ``argparse`` subparsers object and return its parser."""
-    from .cli import _gamma, _positive, _threshold, add_store_arguments
+    from traitloc.pipelines.options import add_store_arguments, gamma_arg, positive_int, threshold_arg
 
     p = subparsers.add_parser(
         "explain",
@@ -587,10 +587,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a reference class the target is compared with (repeat for several; default: the --num-references "
         "classes whose logits are closest to the target's, target excluded)",
     )
-    p.add_argument("--num-references", type=_positive, default=3, help="number of automatic references (default: 3)")
+    p.add_argument("--num-references", type=positive_int, default=3, help="number of automatic references (default: 3)")
     p.add_argument(
         "--gamma",
-        type=_gamma,
+        type=gamma_arg,
         default=0.6,
         help="comparison strength: s = z_target - gamma * mean(z_refs) (default: 0.6; 0 = plain CAM; > 1 extrapolates)",
     )
@@ -604,33 +604,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scorecam-channels",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
     )
     p.add_argument(
-        "--threshold", type=_threshold, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
+        "--threshold", type=threshold_arg, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
     )
     add_store_arguments(p, "image")
-    p.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    from .distributed import add_ray_arguments
+    from traitloc.pipelines.distributed import add_ray_arguments
 
     add_ray_arguments(p)
     return p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``traitloc explain``; bad input raises :class:`traitloc.cli.CliError` (one line)."""
-    from .backbones import CallableError
-    from .classify import ProbeError
-    from .cli import CliError
-    from .export import utc_now
-    from .imageio import find_images
-    from .models import ModelLoadError
-    from .train import keep_freed_memory
+    """Run ``traitloc explain``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
+    from traitloc.data.images import find_images
+    from traitloc.io.files import utc_now
+    from traitloc.models.backbones import CallableError
+    from traitloc.models.classifier import ProbeError
+    from traitloc.models.clip import ModelLoadError
+    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.train import keep_freed_memory
 
     start = utc_now()
     if args.gamma < 0:
@@ -642,7 +642,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     spec = ExplainSpec.from_args(args)
     on_ray = getattr(args, "ray", None) is not None
     if on_ray:
-        from .distributed import require_ray
+        from traitloc.pipelines.distributed import require_ray
 
         require_ray()  # fail fast, before loading a model
     try:  # with --ray the actors compute: the driver's job (settings, run.json) stays on the CPU
@@ -660,7 +660,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     }
     try:
         if on_ray:
-            from .distributed import run_explain_ray
+            from traitloc.pipelines.distributed import run_explain_ray
 
             counts = run_explain_ray(args, spec, job, info)
         else:

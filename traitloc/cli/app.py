@@ -84,7 +84,7 @@ def _port(text: str) -> int:
 
 def find_app_script() -> Path:
     """Path of ``review.py``: packaged as ``traitloc/apps/review.py``, or ``apps/review.py`` of a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the traitloc package
     for cand in (here / "apps" / "review.py", here.parent / "apps" / "review.py"):
         if cand.is_file():
             return cand
@@ -133,7 +133,7 @@ def _weights(pretrained: str) -> str:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Check the arguments and start the server (this process becomes it on POSIX); returns its exit status."""
-    from .cli import CliError
+    from traitloc.pipelines.options import CliError
 
     if importlib.util.find_spec("streamlit") is None:
         raise CliError("the app needs streamlit: pip install 'traitloc[app]'")
@@ -165,8 +165,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m traitloc.app_cli [RESULTS_DIR] ...``: the same as ``traitloc app`` (before it is registered)."""
-    from .cli import CliError
+    """``python -m traitloc.cli.app [RESULTS_DIR] ...``: the same as ``traitloc app`` (before it is registered)."""
+    from traitloc.pipelines.options import CliError
 
     parser = argparse.ArgumentParser(prog="traitloc")
     add_parser(parser.add_subparsers(dest="command", required=True))

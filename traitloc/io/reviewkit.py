@@ -116,7 +116,7 @@ class LRU:
 # --------------------------------------------------------------------------------------------------------------
 def store_signature(out_dir: PathLike) -> tuple[tuple[str, int, int], ...]:
     """``(name, size, mtime_ns)`` of every finished part: changes when a run adds a part (the table is re-read)."""
-    from .resultstore import part_files
+    from traitloc.io.store import part_files
 
     sig = []
     for p in part_files(out_dir):
@@ -194,7 +194,7 @@ def load_table(out_dir: PathLike) -> ResultsTable:
 
     Raises
     ------
-    traitloc.resultstore.StoreError
+    traitloc.io.store.StoreError
         When a part is not a readable Parquet file of a traitloc store.
     """
     import pandas as pd
@@ -202,7 +202,7 @@ def load_table(out_dir: PathLike) -> ResultsTable:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .resultstore import StoreError, part_files
+    from traitloc.io.store import StoreError, part_files
 
     out = Path(out_dir)
     files = part_files(out)
@@ -310,10 +310,10 @@ class GridCache:
 
         Raises
         ------
-        traitloc.resultstore.StoreError
+        traitloc.io.store.StoreError
             When the part is gone or the grid is missing or does not match ``grid_h x grid_w``.
         """
-        from .resultstore import StoreError
+        from traitloc.io.store import StoreError
 
         path = table.parts[int(row["_part"])]
         try:
@@ -332,7 +332,7 @@ class GridCache:
         return a.reshape(h, w)
 
     def row_with_grid(self, table: ResultsTable, row: Any) -> dict[str, Any]:
-        """``row`` as a dict with its ``grid``: what :mod:`traitloc.resultstore`'s render functions take."""
+        """``row`` as a dict with its ``grid``: what :mod:`traitloc.io.store`'s render functions take."""
         return {**dict(row), "grid": self.grid(table, row)}
 
 
@@ -417,7 +417,7 @@ def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
 def upsample_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of a 2-D grid to ``size`` = (H, W) with ``align_corners=False``, in NumPy.
 
-    The same interpolation as :func:`traitloc.cam.upsample_maps` (``torch.nn.functional.interpolate``, bilinear,
+    The same interpolation as :func:`traitloc.engine.cam.upsample_maps` (``torch.nn.functional.interpolate``, bilinear,
     ``align_corners=False``; equal up to float rounding, tested), without importing torch: the review app draws
     thousands of thumbnails with it.
     """
@@ -428,10 +428,10 @@ def upsample_bilinear(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def unit_map(row_with_grid: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
-    """The row's ReLU map at ``size``, divided by its max (in [0, 1]): :func:`traitloc.resultstore.render_unit_map`
+    """The row's ReLU map at ``size``, divided by its max (in [0, 1]): :func:`traitloc.io.store.render_unit_map`
     computed in NumPy (``up(ReLU(G)) / max``)."""
-    from .export import map_to_unit
-    from .resultstore import grid_of
+    from traitloc.io.files import map_to_unit
+    from traitloc.io.store import grid_of
 
     return map_to_unit(upsample_bilinear(np.maximum(grid_of(row_with_grid), 0.0), size))
 
@@ -474,7 +474,7 @@ def draw(
     mode : ``"overlay"`` (``(1 - alpha) * photo + alpha * inferno(map)``) or ``"outline"`` (the mask
         ``unit > threshold`` outlined in cyan, blended with opacity ``alpha``, the photo untouched elsewhere).
     """
-    from .export import overlay_array
+    from traitloc.io.files import overlay_array
 
     if mode not in DISPLAY_MODES:
         raise ValueError(f"mode must be one of {', '.join(DISPLAY_MODES)}, got {mode!r}")
@@ -572,9 +572,9 @@ def apply_decision(
 
     Parameters
     ----------
-    store : a writable :class:`traitloc.store.ReviewStore`.
+    store : a writable :class:`traitloc.io.decisions.ReviewStore`.
     ids : the result ids.
-    status : one of :data:`traitloc.store.STATUSES`.
+    status : one of :data:`traitloc.io.decisions.STATUSES`.
     decisions : the current decisions (``result_id -> Decision``), for the undo record and the notes kept.
     notes : notes to record instead of the stored ones (a note typed before the first decision).
     """

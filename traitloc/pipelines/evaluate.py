@@ -13,21 +13,21 @@ input and scored. The protocol (also in ``docs/evaluate.md``):
 - **Confidences**: :math:`p = \mathrm{softmax}` over the probe's K classes, in float64.
 - **RD@k** (k = 5 %, 10 %): :math:`(p_c - p_c^*) - (p_d - p_d^*)` after the top k of the map's pixels become 0 in
   normalized space (the ImageNet mean colour); pixels are ranked by value, ties in raster order, and pixels at the
-  map's minimum are never removed (:func:`traitloc.metrics.relative_confidence_drop`).
+  map's minimum are never removed (:func:`traitloc.metrics.maps.relative_confidence_drop`).
 - **Deletion / insertion AUC** (``--steps`` S = 20): :math:`p_c` while the first round(i n / S) ranked pixels are
   set to 0 (deletion) or pasted into a Gaussian blur (sigma 5 px) of the image (insertion), trapezoid over
-  f = i / S (:func:`traitloc.metrics.deletion_auc`, :func:`traitloc.metrics.insertion_auc`).
+  f = i / S (:func:`traitloc.metrics.maps.deletion_auc`, :func:`traitloc.metrics.maps.insertion_auc`).
 - **Energy pointing game**: the share of the map's energy inside the CUB bounding box scaled to the input
-  (:func:`traitloc.metrics.energy_inside`, :func:`traitloc.metrics.box_mask`); an all-zero map has none (NaN,
+  (:func:`traitloc.metrics.maps.energy_inside`, :func:`traitloc.metrics.maps.box_mask`); an all-zero map has none (NaN,
   left out of the mean and counted in ``n_zero_maps``).
 - **Score-CAM** costs one forward pass per channel: it runs on ``--scorecam-images`` images evenly spaced over the
   evaluated list, with the ``--scorecam-channels`` channels of largest spatial variance per image.
 
-:class:`FaithfulnessBatch` computes RD, deletion and insertion exactly as :mod:`traitloc.metrics` does, but runs each
+:class:`FaithfulnessBatch` computes RD, deletion and insertion exactly as :mod:`traitloc.metrics.maps` does, but runs each
 distinct perturbed image once: the unperturbed, fully deleted and blurred images are shared by all methods, and
 RD@k's perturbed image is a deletion step whenever k n is on the step grid (5 % and 10 % with 20 steps).
 
-``evaluate`` is a job of the pipeline runner (:func:`traitloc.pipeline.run_job`): images decoded one batch ahead,
+``evaluate`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`): images decoded one batch ahead,
 per-image errors, resume and ``run.json`` (with the earlier runs of the folder under ``previous_runs``). Outputs: the
 results store ``results/part-*.parquet`` (one row per image x method, keyed by image id, method and a fingerprint of
 the settings, so runs of other settings live side by side; no maps), ``per_image.csv`` (the same rows for
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .pipeline import Job, load_or_error, run_job
+from traitloc.pipelines.runner import Job, load_or_error, run_job
 
 __all__ = [
     "METHOD_NAMES",
@@ -129,8 +129,8 @@ def _top_count(fraction: float, n: int) -> int:
 class FaithfulnessBatch:
     r"""RD@k, deletion and insertion AUC of several maps per image, each distinct perturbed image run once.
 
-    Same protocol and numbers as :func:`traitloc.metrics.relative_confidence_drop` (``baseline="zero"``),
-    :func:`traitloc.metrics.deletion_auc` (``"zero"``) and :func:`traitloc.metrics.insertion_auc` (``"blur"``):
+    Same protocol and numbers as :func:`traitloc.metrics.maps.relative_confidence_drop` (``baseline="zero"``),
+    :func:`traitloc.metrics.maps.deletion_auc` (``"zero"``) and :func:`traitloc.metrics.maps.insertion_auc` (``"blur"``):
     ranking highest first with ties in raster order (RD never removes pixels at the map's minimum), deletion step
     ``i`` removes ``round(i n / S)`` pixels, softmax over all logits in float64, trapezoid over ``f = i / S``.
 
@@ -160,7 +160,7 @@ class FaithfulnessBatch:
         blur_sigma: float = 5.0,
         channels_last: bool = False,
     ):
-        from .metrics import gaussian_blur
+        from traitloc.metrics.maps import gaussian_blur
 
         if x.ndim != 4:
             raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
@@ -399,8 +399,8 @@ class EvaluateJob(Job):
         image_ids: Sequence[int],
         scorecam_ids: Sequence[int],
     ) -> None:
-        from .cam import FinerCAM
-        from .resultstore import INTERPOLATION
+        from traitloc.engine.cam import FinerCAM
+        from traitloc.io.store import INTERPOLATION
 
         self.clf = clf
         self.s = settings
@@ -453,8 +453,8 @@ class EvaluateJob(Job):
     # -- compute --------------------------------------------------------------------------------------------------
     def compute(self, batch: list[tuple[EvalItem, Any]]) -> list[list[dict[str, Any]] | str]:
         """Rows of one batch of decoded images (raises on failure: the runner retries image by image)."""
-        from .classify import similar_classes
-        from .metrics import box_mask, energy_inside
+        from traitloc.metrics.maps import box_mask, energy_inside
+        from traitloc.models.classifier import similar_classes
 
         s, clf, W, names = self.s, self.clf, self.W, self.names
         items = [it for it, _ in batch]
@@ -559,8 +559,8 @@ class EvaluateJob(Job):
 
     def summarize(self, out: Path, info: dict[str, Any]) -> None:
         """``metrics.csv``: one row per method, over this run's settings and images (from the store)."""
-        from .export import atomic_write
-        from .resultstore import read_results
+        from traitloc.io.files import atomic_write
+        from traitloc.io.store import read_results
 
         cols = [c for c in PER_IMAGE_COLUMNS if c in self.columns or c == "status"]
         self.metrics = summarize(read_results(out, columns=cols), self.s, self.fp, self.image_ids, self.scorecam_ids)
@@ -640,14 +640,14 @@ def run_evaluate(
     settings: EvaluateSettings,
     run_info: dict[str, Any],
 ) -> dict[str, Any]:
-    """Evaluate ``settings.methods`` on a CUB split into ``out_dir`` (a job of :func:`traitloc.pipeline.run_job`).
+    """Evaluate ``settings.methods`` on a CUB split into ``out_dir`` (a job of :func:`traitloc.pipelines.runner.run_job`).
 
     Returns
     -------
     dict with ``counts`` (images ``ok``, ``failed``, ``skipped``: already done), ``seconds`` (per method, this
     run), ``metrics`` (the rows of ``metrics.csv``), ``notes`` and ``wall_seconds``.
     """
-    from .cub import CUB
+    from traitloc.data.cub import CUB
 
     cub = CUB(cub_root)
     items, k_of_cub, ids, sc_ids, notes = evaluation_items(cub, clf, settings)
@@ -673,7 +673,7 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """``metrics.csv`` rows (one per method, in ``settings.methods`` order) from per-image rows.
 
-    ``rows``: a DataFrame of the store (:func:`traitloc.resultstore.read_results`) or dicts as in ``per_image.csv``
+    ``rows``: a DataFrame of the store (:func:`traitloc.io.store.read_results`) or dicts as in ``per_image.csv``
     (text or numbers). Only rows of this run's settings (``fingerprint``) and images count: ``image_ids`` for the
     gradient methods, ``scorecam_ids`` for Score-CAM (a folder may hold rows of other ``--limit`` or
     ``--scorecam-images`` runs). Images are aggregated in image-id order.
@@ -739,7 +739,7 @@ def _non_negative(text: str) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``evaluate`` to a ``argparse`` subparsers object and return its parser."""
-    from .cli import _gamma, _positive
+    from traitloc.pipelines.options import gamma_arg, positive_int
 
     p = subparsers.add_parser(
         "evaluate",
@@ -766,11 +766,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="true",
         help="the explained class c: the true CUB class or the predicted one (default: true)",
     )
-    p.add_argument("--gamma", type=_gamma, default=0.6, help="gamma of the finer-* methods (default: 0.6)")
-    p.add_argument("--num-references", type=_positive, default=3, help="references of the finer-* methods (default: 3)")
+    p.add_argument("--gamma", type=gamma_arg, default=0.6, help="gamma of the finer-* methods (default: 0.6)")
+    p.add_argument("--num-references", type=positive_int, default=3, help="references of the finer-* methods (default: 3)")
     p.add_argument(
         "--scorecam-channels",
-        type=_positive,
+        type=positive_int,
         default=128,
         help="Score-CAM channel budget per image: the k channels of largest spatial variance (default: 128)",
     )
@@ -782,13 +782,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--limit",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="evaluate only N images, evenly spaced over the split sorted by image id (default: all)",
     )
-    p.add_argument("--steps", type=_positive, default=20, help="deletion/insertion steps (default: 20)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default: 16)")
-    p.add_argument("--forward-batch", type=_positive, default=64, help="perturbed images per model call (default: 64)")
+    p.add_argument("--steps", type=positive_int, default=20, help="deletion/insertion steps (default: 20)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--forward-batch", type=positive_int, default=64, help="perturbed images per model call (default: 64)")
     p.add_argument(
         "--memory-format",
         choices=["channels_last", "contiguous"],
@@ -803,13 +803,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``traitloc evaluate``; bad input raises :class:`traitloc.cli.CliError` (one line)."""
-    from .classify import ProbeError
-    from .cli import CliError
-    from .cub import CUB
-    from .export import utc_now
-    from .models import ModelLoadError
-    from .train import keep_freed_memory, load_probe_model
+    """Run ``traitloc evaluate``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
+    from traitloc.data.cub import CUB
+    from traitloc.io.files import utc_now
+    from traitloc.models.classifier import ProbeError
+    from traitloc.models.clip import ModelLoadError
+    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.train import keep_freed_memory, load_probe_model
 
     start = utc_now()
     try:

@@ -1,6 +1,6 @@
 r"""The method registry: every localization method traitloc offers, in one place.
 
-The CLI's ``--method`` choices, the review app's Query menu, :data:`traitloc.cam.METHODS` and ``docs/methods.md``
+The CLI's ``--method`` choices, the review app's Query menu, :data:`traitloc.engine.cam.METHODS` and ``docs/methods.md``
 read from :data:`REGISTRY`; add a method here and everywhere else follows.
 
 Every method explains a *query vector* :math:`u_q = v_c - \gamma\, v_b` (concept minus gamma times base; the Finer

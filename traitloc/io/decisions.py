@@ -1,7 +1,7 @@
 """Review decisions of a results folder, in ``RESULTS_DIR/review.sqlite``.
 
 The review app (``traitloc app``) records, per result, whether a map is accepted, rejected or needs work, with a
-free-text note. Exports (:mod:`traitloc.formats`) read the accepted ones. The file is an SQLite database:
+free-text note. Exports (:mod:`traitloc.pipelines.export`) read the accepted ones. The file is an SQLite database:
 
 ``decisions``
     ``result_id TEXT PRIMARY KEY, status TEXT CHECK(status IN ('accepted','rejected','needs-work')), note TEXT,
@@ -191,7 +191,7 @@ def result_id_from_map(map_path: str) -> str:
 # the store
 # ----------------------------------------------------------------------------------------------------------------
 def _utc_now() -> str:
-    from .export import utc_now
+    from traitloc.io.files import utc_now
 
     return utc_now()
 

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .adapters import Prefix, TargetAdapter, clip_adapter
-from .cam import CamOutput, FinerCAM, GradCache, finer_coefficients, upsample_maps
-from .concepts import TextEncoder, check_prompt
-from .dense import DenseCache, DenseCLIP, LeGrad, LeGradCache
-from .methods import CAM_METHODS, DENSE_METHODS, TEXT_METHODS, get_method
-from .models import ClipBundle
+from traitloc.engine.adapters import Prefix, TargetAdapter, clip_adapter
+from traitloc.engine.cam import CamOutput, FinerCAM, GradCache, finer_coefficients, upsample_maps
+from traitloc.engine.dense import DenseCache, DenseCLIP, LeGrad, LeGradCache
+from traitloc.engine.methods import CAM_METHODS, DENSE_METHODS, TEXT_METHODS, get_method
+from traitloc.models.clip import ClipBundle
+from traitloc.models.text import TextEncoder, check_prompt
 
 __all__ = ["ConceptLocalizer", "ConceptMaps", "QueryCache", "RESIZE_MODES", "preprocess_image", "input_size_for"]
 
@@ -95,10 +95,10 @@ class ConceptLocalizer:
 
     Parameters
     ----------
-    bundle : a loaded model (:func:`traitloc.models.load_clip`).
+    bundle : a loaded model (:func:`traitloc.models.clip.load_clip`).
     method : ``gradcam`` (default), ``layercam``, ``scorecam`` (any open_clip model) or, for open_clip ViTs, the
         dense forward-only methods ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, ``gem`` and ``legrad``
-        (:mod:`traitloc.methods` lists them with their equations; ``docs/methods.md`` says when to pick which).
+        (:mod:`traitloc.engine.methods` lists them with their equations; ``docs/methods.md`` says when to pick which).
     templates : optional prompt templates containing ``{}`` (ensembled).
     resize : ``stretch`` (default; native square, whole image) or ``aspect`` (keep the aspect ratio).
     amp_dtype : autocast dtype on CUDA (``torch.bfloat16``), or ``None``.

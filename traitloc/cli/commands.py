@@ -12,114 +12,24 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .methods import TEXT_METHODS
+from traitloc.engine.methods import TEXT_METHODS
+from traitloc.pipelines.options import (
+    CliError,
+    Parser,
+    add_model_arguments,
+    add_store_arguments,
+    gamma_arg,
+    positive_int,
+    threshold_arg,
+)
 
 __all__ = ["main", "build_parser", "CliError"]
 
 
-class CliError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line (no usage block), exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        raise SystemExit(2)
-
-
-def _gamma(text: str) -> float:
-    try:
-        g = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"gamma must be a number, got {text!r}") from err
-    if g != g or g in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"gamma must be finite, got {text!r}")
-    return g
-
-
-def _threshold(text: str) -> float | str:
-    if text == "otsu":
-        return text
-    try:
-        t = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"threshold must be a number in [0, 1) or 'otsu', got {text!r}") from err
-    if not 0 <= t < 1:
-        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1), got {t}")
-    return t
-
-
-def _save_kinds(text: str) -> tuple[str, ...]:
-    from .batch import SAVE_KINDS
-
-    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
-    bad = [k for k in kinds if k not in SAVE_KINDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(bad)}; choose from {', '.join(SAVE_KINDS)}")
-    return kinds
-
-
-def add_store_arguments(p: argparse.ArgumentParser, per: str) -> None:
-    """``--save KINDS`` and ``--grid-dtype`` of the commands that write a results store (localize, explain)."""
-    p.add_argument(
-        "--save",
-        type=_save_kinds,
-        default=(),
-        metavar="KINDS",
-        help=f"also write files per {per}, comma-separated: maps (float32 TIFF, map / max), masks (PNG), overlays "
-        "(PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already (render on demand with "
-        "traitloc export)",
-    )
-    p.add_argument(
-        "--grid-dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
-    )
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default="ViT-B-16",
-        help="open_clip model name (ViT-B-16, RN50, ViT-B-16-quickgelu for OpenAI weights), "
-        "hf-hub:imageomics/bioclip, or a path to an open_clip model config .json (default: ViT-B-16)",
-    )
-    g.add_argument(
-        "--pretrained",
-        default="laion400m_e32",
-        help="pretrained tag (laion400m_e32, needs network) or a local weights file "
-        ".safetensors/.bin/.pt (loaded without pickle); 'none' for random weights "
-        "(default: laion400m_e32)",
-    )
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="bf16 autocast on CUDA (ignored on CPU) (default: fp32)",
-    )
-    g.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default: 8)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")  # fmt: skip
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from traitloc import __version__
 
-    parser = _Parser(
+    parser = Parser(
         prog="traitloc",
         description="Localize visual traits in images and audit species classifiers with Finer-CAM.",
     )
@@ -155,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gamma",
-        type=_gamma,
+        type=gamma_arg,
         default=1.0,
         help="comparison strength: s = s_concept - gamma * s_base (default: 1.0; 0 = plain CAM)",
     )
@@ -181,19 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(positional embedding interpolated) (default: stretch)",
     )
     p.add_argument(
-        "--threshold", type=_threshold, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
+        "--threshold", type=threshold_arg, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
     )
     p.add_argument(
         "--scorecam-channels",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
     )
     add_store_arguments(p, "(image, concept)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
-    _add_model_args(p)
-    from .distributed import add_ray_arguments
+    add_model_arguments(p)
+    from traitloc.pipelines.distributed import add_ray_arguments
 
     add_ray_arguments(p)
     for name in SUBCOMMAND_MODULES:
@@ -213,7 +123,7 @@ def _module_runner(mod: Any) -> Any:
 
 
 def _run_info(args: argparse.Namespace, argv: Sequence[str], bundle: Any) -> dict[str, Any]:
-    from .export import utc_now
+    from traitloc.io.files import utc_now
 
     return {
         "command": args.command,
@@ -226,7 +136,7 @@ def _run_info(args: argparse.Namespace, argv: Sequence[str], bundle: Any) -> dic
 
 
 def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
-    from .concepts import PromptError, check_prompt
+    from traitloc.models.text import PromptError, check_prompt
 
     concepts: list[str] = []
     traits: list[str | None] = []
@@ -237,7 +147,7 @@ def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
             raise CliError(f"--concept: {err}") from err
         traits.append(None)
     if args.traits:
-        from .traits import load_trait_list
+        from traitloc.data.traits import load_trait_list
 
         try:
             tl = load_trait_list(args.traits)
@@ -261,11 +171,11 @@ def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
 def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
-    from .batch import LocalizeSettings, SettingsMismatchError, run_localize
-    from .concepts import PromptError, check_prompt
-    from .imageio import find_images
-    from .localize import ConceptLocalizer
-    from .models import load_clip
+    from traitloc.data.images import find_images
+    from traitloc.models.clip import load_clip
+    from traitloc.models.localize import ConceptLocalizer
+    from traitloc.models.text import PromptError, check_prompt
+    from traitloc.pipelines.localize import LocalizeSettings, SettingsMismatchError, run_localize
 
     concepts, traits = _concepts(args)
     if args.base is not None:
@@ -281,7 +191,7 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
     on_ray = getattr(args, "ray", None) is not None
     if on_ray:
-        from .distributed import require_ray
+        from traitloc.pipelines.distributed import require_ray
 
         require_ray()  # fail fast, before loading a model
     bundle = load_clip(args.model, pretrained, "cpu" if on_ray else args.device)  # with --ray: the actors compute
@@ -296,7 +206,7 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )  # fmt: skip
     try:
         if on_ray:
-            from .distributed import run_localize_ray
+            from traitloc.pipelines.distributed import run_localize_ray
 
             counts = run_localize_ray(args, pretrained, loc, settings, _run_info(args, argv, bundle))
         else:
@@ -314,7 +224,15 @@ def _cmd_localize(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 COMMANDS: dict[str, Any] = {"localize": _cmd_localize}
 #: modules that add one subcommand each: ``add_parser(subparsers)`` and ``run(args, argv) -> int``
-SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "explain", "evaluate", "evaluate_text", "audit", "formats", "app_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "pipelines.train",
+    "pipelines.explain",
+    "pipelines.evaluate",
+    "pipelines.evaluate_text",
+    "pipelines.audit",
+    "pipelines.export",
+    "cli.app",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,10 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         warnings.filterwarnings("ignore", category=UserWarning, module="open_clip")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .concepts import PromptError
-    from .distributed import RayUnavailableError
-    from .models import ModelLoadError
-    from .resultstore import StoreError
+    from traitloc.io.store import StoreError
+    from traitloc.models.clip import ModelLoadError
+    from traitloc.models.text import PromptError
+    from traitloc.pipelines.distributed import RayUnavailableError
 
     try:
         return COMMANDS[args.command](args, argv)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters import Prefix, TargetAdapter, _check_vectors
-from .methods import CAM_METHODS
+from traitloc.engine.adapters import Prefix, TargetAdapter, _check_vectors
+from traitloc.engine.methods import CAM_METHODS
 
 __all__ = [
     "METHODS",
@@ -45,7 +45,7 @@ __all__ = [
     "upsample_maps",
 ]
 
-#: the target-layer CAM methods, read from the method registry (:mod:`traitloc.methods`)
+#: the target-layer CAM methods, read from the method registry (:mod:`traitloc.engine.methods`)
 METHODS = CAM_METHODS
 
 
@@ -160,7 +160,7 @@ def _coeffs(coeffs: Tensor, B: int, P: int, like: Tensor) -> Tensor:
 
 
 class FinerCAM:
-    """Finer-CAM over a :class:`~traitloc.adapters.TargetAdapter`.
+    """Finer-CAM over a :class:`~traitloc.engine.adapters.TargetAdapter`.
 
     Parameters
     ----------

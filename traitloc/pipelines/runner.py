@@ -7,7 +7,7 @@ the rows have); :func:`run_job` does the rest, the same way for all of them:
 - a batch that runs out of GPU memory is split in halves (:func:`split_on_oom`); a batch that fails otherwise is
   retried image by image, and an image that still fails becomes rows with ``status = "error: <reason>"`` while the
   run goes on;
-- one Parquet part per batch in the run's results store (:class:`traitloc.resultstore.ResultStore`), written
+- one Parquet part per batch in the run's results store (:class:`traitloc.io.store.ResultStore`), written
   atomically; ``results.csv`` (the spreadsheet summary) appended after each part and rewritten from the store at
   the end, so a run killed at any moment resumes: a rerun skips every key already in the store;
 - a rerun with other map settings into the same folder is refused (:func:`refuse_other_settings`);
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from .export import utc_now, write_run_json
-from .imageio import ImageLoadError, LoadedImage, load_image
-from .resultstore import ResultStore, read_results, results_dir
+from traitloc.data.images import ImageLoadError, LoadedImage, load_image
+from traitloc.io.files import utc_now, write_run_json
+from traitloc.io.store import ResultStore, read_results, results_dir
 
 __all__ = [
     "CsvSpec",
@@ -206,7 +206,7 @@ class Job:
     """What a command does with a batch of items; :func:`run_job` does the rest.
 
     Subclasses set :attr:`name`, :attr:`columns` (store columns beyond
-    :data:`traitloc.resultstore.BASE_COLUMNS`), :attr:`key_columns`, :attr:`map_settings` and implement
+    :data:`traitloc.io.store.BASE_COLUMNS`), :attr:`key_columns`, :attr:`map_settings` and implement
     :meth:`item_keys`, :meth:`compute` and :meth:`error_rows`. An item is usually an image path.
     """
 
@@ -478,7 +478,7 @@ class _CsvSummary:
     """``results.csv``: appended per batch, rewritten from the store at the end (the store is the truth)."""
 
     def __init__(self, path: Path, job: Job, spec: CsvSpec | None = None) -> None:
-        from .results import ResultsTable
+        from traitloc.io.csvlog import ResultsTable
 
         self.path = path
         self.job = job
@@ -501,7 +501,7 @@ class _CsvSummary:
 
     def rebuild(self, out: Path, job: Job) -> None:
         """Rewrite the summary from the store (atomically), so it lists every stored row exactly once."""
-        from .export import atomic_write
+        from traitloc.io.files import atomic_write
 
         stored = _store_columns(job)
         wanted = set(self.spec.columns) | set(self.spec.where or ())
@@ -519,6 +519,6 @@ class _CsvSummary:
 
 
 def _store_columns(job: Job) -> set[str]:
-    from .resultstore import BASE_COLUMNS
+    from traitloc.io.store import BASE_COLUMNS
 
     return set(BASE_COLUMNS) | set(job.columns)

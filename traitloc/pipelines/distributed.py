@@ -1,6 +1,6 @@
 """Run a pipeline job on a Ray cluster: the same store, the same resume, many machines.
 
-:func:`run_job_ray` is the scale-out twin of :func:`traitloc.pipeline.run_job`. The driver (the machine that runs
+:func:`run_job_ray` is the scale-out twin of :func:`traitloc.pipelines.runner.run_job`. The driver (the machine that runs
 ``traitloc localize ... --ray``) does what the local runner does before and after its loop: it makes the run folder,
 refuses other map settings, reads the keys already in the store and keeps the items with work left to do, writes
 ``run.json`` (with ``previous_runs`` and the cluster), and at the end rewrites ``results.csv`` from the store. The
@@ -11,7 +11,7 @@ loop itself is a Ray Dataset of the items still to do, mapped in batches over a 
   than GPUs) or on its CPUs;
 - it decodes its batch's images itself (threads), computes the rows (a batch that fails is retried image by image;
   an image that fails becomes rows with ``status = "error: ..."``, never a failed job), and writes them as one part
-  of the run's store (:meth:`traitloc.resultstore.ResultStore.write`, atomic);
+  of the run's store (:meth:`traitloc.io.store.ResultStore.write`, atomic);
 - only small counts go back to the driver.
 
 Exactly once. Ray restarts an actor that dies (``max_restarts``) and runs its batch again (``max_task_retries``).
@@ -41,10 +41,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .export import atomic_path, write_run_json
-from .imageio import ImageLoadError
-from .pipeline import Job, _compute, _CsvSummary, finish_info, first_line, prepare_run, progress, start_info
-from .resultstore import PART_GLOB, ResultStore, part_files
+from traitloc.data.images import ImageLoadError
+from traitloc.io.files import atomic_path, write_run_json
+from traitloc.io.store import PART_GLOB, ResultStore, part_files
+from traitloc.pipelines.runner import (
+    Job,
+    _compute,
+    _CsvSummary,
+    finish_info,
+    first_line,
+    prepare_run,
+    progress,
+    start_info,
+)
 
 __all__ = [
     "ExplainJobSpec",
@@ -192,7 +201,7 @@ def batch_part_name(run_tag: str, keys: Sequence[tuple[Any, ...]]) -> str:
 def compact_duplicates(out: str | Path, key_columns: Sequence[str]) -> int:
     """Make every key appear once in a run's store; returns the number of duplicate rows removed.
 
-    Keeps, like :func:`traitloc.resultstore.read_results`, the copy in the last part by name; the parts holding
+    Keeps, like :func:`traitloc.io.store.read_results`, the copy in the last part by name; the parts holding
     the other copies are rewritten without them (atomically; a part left empty is deleted). Reads only the key
     columns unless there is something to remove.
     """
@@ -378,7 +387,7 @@ def run_job_ray(
     out_dir : path
         The run folder, on a filesystem every node sees.
     run_info : dict
-        ``run.json`` entries (argv, model, ...), as for :func:`traitloc.pipeline.run_job`.
+        ``run.json`` entries (argv, model, ...), as for :func:`traitloc.pipelines.runner.run_job`.
     keys : mapping item -> image key, optional
         For jobs that look image keys up in a ``keys`` dict (localize): the keys of all items (made unique over the
         whole run by the driver); each batch hands its items' keys to the actor's job. Jobs whose items carry their
@@ -523,8 +532,8 @@ def _dataset(
 class LocalizeSpec:
     """What an actor needs to build ``traitloc localize``'s job: the model arguments and the settings (picklable).
 
-    Calling it loads the model (:func:`traitloc.models.load_clip`) and returns a
-    :class:`traitloc.batch.LocalizeJob`, exactly as the command builds it for the local runner.
+    Calling it loads the model (:func:`traitloc.models.clip.load_clip`) and returns a
+    :class:`traitloc.pipelines.localize.LocalizeJob`, exactly as the command builds it for the local runner.
     """
 
     model: str
@@ -535,16 +544,16 @@ class LocalizeSpec:
     dtype: str = "fp32"
     scorecam_channels: int | None = None
     seed: int = 0
-    settings: Any = None  # traitloc.batch.LocalizeSettings
+    settings: Any = None  # traitloc.pipelines.localize.LocalizeSettings
     run_info: dict[str, Any] = field(default_factory=dict)
     out: str = "."
 
     def __call__(self, device: str, keys: dict[Any, str]) -> Job:
         import torch
 
-        from .batch import LocalizeJob
-        from .localize import ConceptLocalizer
-        from .models import load_clip
+        from traitloc.models.clip import load_clip
+        from traitloc.models.localize import ConceptLocalizer
+        from traitloc.pipelines.localize import LocalizeJob
 
         torch.manual_seed(self.seed)
         bundle = load_clip(self.model, self.pretrained, device)
@@ -561,7 +570,7 @@ class LocalizeSpec:
 # --------------------------------------------------------------------------------------------------------------
 def add_ray_arguments(p: Any) -> None:
     """``--ray [ADDRESS]`` and ``--ray-actors N`` for a command's argument parser (no Ray import)."""
-    from .cli import _positive
+    from traitloc.pipelines.options import positive_int
 
     g = p.add_argument_group("scale out (Ray)")
     g.add_argument(
@@ -576,7 +585,7 @@ def add_ray_arguments(p: Any) -> None:
     )
     g.add_argument(
         "--ray-actors",
-        type=_positive,
+        type=positive_int,
         default=1,
         metavar="N",
         help="with --ray: actors, each holding one model: one GPU each when the cluster has GPUs (an equal share of "
@@ -603,8 +612,8 @@ def run_localize_ray(
     ``localizer`` is the driver's (on the CPU: for the settings and run.json); every actor loads its own from the
     same arguments.
     """
-    from .batch import LocalizeJob
-    from .imageio import find_images, image_keys
+    from traitloc.data.images import find_images, image_keys
+    from traitloc.pipelines.localize import LocalizeJob
 
     paths = find_images(args.paths)
     keys = image_keys(paths)
@@ -630,17 +639,17 @@ def run_localize_ray(
 @dataclass(frozen=True)
 class ExplainJobSpec:
     """What an actor needs to build ``traitloc explain``'s job (picklable): the command's
-    :class:`traitloc.explain.ExplainSpec`, the run folder and the driver's working directory (``--classifier
+    :class:`traitloc.pipelines.explain.ExplainSpec`, the run folder and the driver's working directory (``--classifier
     MODULE:FUNCTION`` is imported from it, as on the driver)."""
 
-    spec: Any  # traitloc.explain.ExplainSpec
+    spec: Any  # traitloc.pipelines.explain.ExplainSpec
     out: str
     cwd: str
 
     def __call__(self, device: str, keys: dict[Any, str]) -> Job:
         import dataclasses
 
-        from .explain import build_explain_job
+        from traitloc.pipelines.explain import build_explain_job
 
         if self.cwd and os.path.isdir(self.cwd):
             os.chdir(self.cwd)  # an actor process of its own: the classifier module resolves as on the driver
@@ -655,7 +664,7 @@ def run_explain_ray(args: Any, spec: Any, job: Job, run_info: dict[str, Any]) ->
     """
     import dataclasses
 
-    from .explain import explain_items
+    from traitloc.pipelines.explain import explain_items
 
     items = explain_items(args.paths)
     info = {

@@ -2,7 +2,7 @@
 
 The probe is trained on the CUB train split of the classes that have images, with the features of every image
 (train and test) cached under ``PROBE_DIR/cache/`` so that a rerun (other epochs, learning rate or seed) costs no
-backbone pass. It is saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.classify.save_probe`) with
+backbone pass. It is saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.models.classifier.save_probe`) with
 what is needed to rebuild and explain it: class names, the backbone spec, preprocessing, feature normalization,
 test accuracy and training settings. :func:`load_probe_model` rebuilds the backbone from that spec
 (``traitloc explain --probe`` and ``traitloc evaluate`` use it).
@@ -10,15 +10,15 @@ test accuracy and training settings. :func:`load_probe_model` rebuilds the backb
 Backbones
 ---------
 ``--model NAME --pretrained TAG|FILE``
-    an open_clip image tower (:func:`traitloc.backbones.clip_backbone`); features are its L2-normalized image
+    an open_clip image tower (:func:`traitloc.models.backbones.clip_backbone`); features are its L2-normalized image
     embeddings and the explained layer is the last block's ``ln_1`` (ViTs) or ``layer4`` (ResNets). The default,
     ``ViT-B-16`` / ``laion400m_e32``, is the paper's and needs the network (or ``--pretrained FILE``).
 ``--backbone efficientnet-lite0``
-    ImageNet EfficientNet-Lite0 (:func:`traitloc.backbones.efficientnet_lite0`): pooled 1280-d features of the last
+    ImageNet EfficientNet-Lite0 (:func:`traitloc.models.backbones.efficientnet_lite0`): pooled 1280-d features of the last
     conv block, explained at that block (a 7 x 7 grid at 224 px). Loads offline.
 ``--backbone MODULE:FUNCTION``
     any function returning ``model`` (image batch -> features), ``target_layer`` and ``preprocess``
-    (:mod:`traitloc.backbones`); it is re-imported by name to rebuild the probe, from the working directory or,
+    (:mod:`traitloc.models.backbones`); it is re-imported by name to rebuild the probe, from the working directory or,
     failing that, the directory train-probe ran in.
 """
 
@@ -144,7 +144,7 @@ def backbone_spec(bb: Mapping[str, Any], kind: str, **given: Any) -> dict[str, A
     target = bb.get("target_layer")
     spec["target_layer"] = target if isinstance(target, str) else getattr(bb.get("adapter"), "target_layer", None)
     if spec["target_layer"] is None and isinstance(bb.get("model"), nn.Module) and isinstance(target, nn.Module):
-        from .classify import resolve_module
+        from traitloc.models.classifier import resolve_module
 
         spec["target_layer"] = resolve_module(bb["model"], target)[1]
     spec["preprocessing"] = _json_safe(describe()) if callable(describe) else repr(pre)
@@ -183,11 +183,11 @@ def build_backbone(
 
     Raises
     ------
-    ValueError, traitloc.backbones.CallableError, traitloc.models.ModelLoadError
+    ValueError, traitloc.models.backbones.CallableError, traitloc.models.clip.ModelLoadError
         One line each.
     """
-    from .backbones import clip_backbone, efficientnet_lite0, load_callable
-    from .models import resolve_device
+    from traitloc.models.backbones import clip_backbone, efficientnet_lite0, load_callable
+    from traitloc.models.clip import resolve_device
 
     dev = resolve_device(device)
     if backbone is not None and (model is not None or pretrained is not None):
@@ -216,8 +216,8 @@ def rebuild_backbone(spec: Any, device: str | torch.device = "cpu") -> dict[str,
     ValueError
         One line: the spec is not understood, the weights changed, or the backbone cannot be loaded.
     """
-    from .backbones import CallableError, clip_backbone, efficientnet_lite0, load_callable
-    from .models import ModelLoadError, resolve_device
+    from traitloc.models.backbones import CallableError, clip_backbone, efficientnet_lite0, load_callable
+    from traitloc.models.clip import ModelLoadError, resolve_device
 
     dev = resolve_device(device)
     if isinstance(spec, str) and ":" in spec:
@@ -288,7 +288,7 @@ class ProbeModel:
 
     Attributes
     ----------
-    adapter : the target-layer adapter (:class:`~traitloc.classify.HookAdapter` or a fast CLIP adapter).
+    adapter : the target-layer adapter (:class:`~traitloc.models.classifier.HookAdapter` or a fast CLIP adapter).
     weight, bias : the linear head on the adapter's output, (K, D) and (K,) or None.
     class_names : the K class names.
     preprocess : PIL image -> normalized (3, H, W) tensor.
@@ -313,8 +313,8 @@ class ProbeModel:
         return str(getattr(self.adapter, "target_layer", ""))
 
     def explainer(self, method: str = "gradcam", **cam_kwargs: Any) -> Any:
-        """A :class:`~traitloc.classify.ClassifierExplainer` with ``method`` over this classifier."""
-        from .classify import ClassifierExplainer
+        """A :class:`~traitloc.models.classifier.ClassifierExplainer` with ``method`` over this classifier."""
+        from traitloc.models.classifier import ClassifierExplainer
 
         return ClassifierExplainer(self.adapter, self.weight, self.bias, self.class_names, method, **cam_kwargs)
 
@@ -332,12 +332,12 @@ def load_probe_model(
 
     Raises
     ------
-    traitloc.classify.ProbeError, ValueError
+    traitloc.models.classifier.ProbeError, ValueError
         One line: missing/corrupt probe files, a backbone that cannot be rebuilt, or whose feature size differs.
     """
-    from .backbones import make_adapter
-    from .classify import PROBE_WEIGHTS, HookAdapter, load_probe
-    from .models import resolve_device
+    from traitloc.models.backbones import make_adapter
+    from traitloc.models.classifier import PROBE_WEIGHTS, HookAdapter, load_probe
+    from traitloc.models.clip import resolve_device
 
     dev = resolve_device(device)
     probe, meta = load_probe(probe_dir, dev)
@@ -479,10 +479,17 @@ def train_probe_on_cub(
     -------
     dict with ``meta`` (the saved probe JSON), ``counts`` and ``seconds`` (feature extraction, training).
     """
-    from .classify import LinearProbe, extract_features, probe_accuracy, save_probe, spec_hash, train_probe
-    from .cub import CUB
-    from .imageio import ImageLoadError, load_image
-    from .pipeline import progress as progress_bar
+    from traitloc.data.cub import CUB
+    from traitloc.data.images import ImageLoadError, load_image
+    from traitloc.models.classifier import (
+        LinearProbe,
+        extract_features,
+        probe_accuracy,
+        save_probe,
+        spec_hash,
+        train_probe,
+    )
+    from traitloc.pipelines.runner import progress as progress_bar
 
     cub = CUB(cub_root)
     with warnings.catch_warnings():
@@ -618,7 +625,7 @@ def _positive_float(text: str) -> float:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train-probe`` to a ``argparse`` subparsers object and return its parser."""
-    from .cli import _positive
+    from traitloc.pipelines.options import positive_int
 
     p = subparsers.add_parser(
         "train-probe",
@@ -657,10 +664,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="CUB classes to learn: ids, ranges and names, e.g. '1-25' or '17,Cardinal' (default: every class "
         "with image files; each chosen class needs train images)",
     )
-    p.add_argument("--epochs", type=_positive, default=100, help="training epochs (default: 100)")
+    p.add_argument("--epochs", type=positive_int, default=100, help="training epochs (default: 100)")
     p.add_argument("--lr", type=_positive_float, default=3e-4, help="Adam learning rate (default: 3e-4)")
-    p.add_argument("--batch-size", type=_positive, default=256, help="probe training minibatch (default: 256)")
-    p.add_argument("--feature-batch-size", type=_positive, default=32, help="images per backbone pass (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="probe training minibatch (default: 256)")
+    p.add_argument("--feature-batch-size", type=positive_int, default=32, help="images per backbone pass (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's initialization and shuffling (default: 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -669,12 +676,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``traitloc train-probe``; bad input raises :class:`traitloc.cli.CliError` (one line)."""
-    from .backbones import CallableError
-    from .classify import FeatureCacheError, ProbeError
-    from .cli import CliError
-    from .export import utc_now, write_run_json
-    from .models import ModelLoadError
+    """Run ``traitloc train-probe``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
+    from traitloc.io.files import utc_now, write_run_json
+    from traitloc.models.backbones import CallableError
+    from traitloc.models.classifier import FeatureCacheError, ProbeError
+    from traitloc.models.clip import ModelLoadError
+    from traitloc.pipelines.options import CliError
 
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
@@ -683,7 +690,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a folder")
     try:
-        from .cub import CUB
+        from traitloc.data.cub import CUB
 
         CUB(args.cub_root)  # fail fast on a bad root, before loading a model
     except (FileNotFoundError, ValueError) as err:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .models import ClipBundle
+from traitloc.models.clip import ClipBundle
 
 __all__ = ["PromptError", "TextEncoder", "check_prompt", "text_cache_root"]
 
@@ -71,7 +71,7 @@ class TextEncoder:
 
     Parameters
     ----------
-    bundle : a loaded :class:`~traitloc.models.ClipBundle`.
+    bundle : a loaded :class:`~traitloc.models.clip.ClipBundle`.
     templates : optional templates containing ``{}``; the prompt is inserted and the embeddings averaged.
     batch_size : prompts per text-tower forward pass.
     cache : use the disk cache (default True; also needs the weights' sha256 and :func:`text_cache_root`).
@@ -137,7 +137,7 @@ class TextEncoder:
 
             from safetensors.torch import save
 
-            from .export import atomic_write
+            from traitloc.io.files import atomic_write
 
             tensors = {_prompt_id(p): v.detach().float().cpu().contiguous() for p, v in zip(prompts, vecs, strict=True)}
             meta = {"prompts": json.dumps({_prompt_id(p): p for p in prompts})}

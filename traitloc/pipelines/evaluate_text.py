@@ -1,14 +1,14 @@
 r"""Trait-localization benchmark for text queries: which method finds the part a trait prompt names?
 
 ``traitloc evaluate-text`` runs on a CUB-layout folder with the user's own open_clip weights and scores every
-text-query method (:mod:`traitloc.methods`) against CUB's expert part keypoints, so a user can pick the method
+text-query method (:mod:`traitloc.engine.methods`) against CUB's expert part keypoints, so a user can pick the method
 that localizes best with *their* model.
 
 Protocol
 --------
 Items
     Every photo of the split (default ``test``; ``--limit N`` keeps the first N) and every CUB attribute of the
-    ``cub200`` trait list whose body part is visible in that photo (:func:`traitloc.traits.attribute_parts`;
+    ``cub200`` trait list whose body part is visible in that photo (:func:`traitloc.data.traits.attribute_parts`;
     whole-bird attributes such as size, shape and primary colour have no part and are left out unless
     ``--whole-bird``, which scores them against the bird's bounding box).
 Query
@@ -16,13 +16,13 @@ Query
     (default 1): the Finer contrast ``s_trait - gamma * s_bird`` with each method, one call per image for all of
     its attributes. The ReLU map is brought to the photo's size (bilinear).
 Part region
-    The audit's part region (:func:`traitloc.audit.parts_attribute_map`): discs of radius
+    The audit's part region (:func:`traitloc.pipelines.audit.parts_attribute_map`): discs of radius
     :math:`\sigma = 0.1\sqrt{w h}` of the bird's box (``--sigma-scale``) around the visible keypoints of the
     attribute's parts.
 Scores
     ``pointing_hit`` (1/0): the map's maximum lies within ``--pointing-tolerance`` pixels (default 15) of the part
     region (the pointing game); ``energy_inside``: the share of the map's positive energy inside the region
-    (:func:`traitloc.metrics.energy_inside`); ``area_share``: the region's share of the image, which is what
+    (:func:`traitloc.metrics.maps.energy_inside`); ``area_share``: the region's share of the image, which is what
     ``energy_inside`` would be for a map spread evenly over the image; ``lift = energy_inside / area_share``.
     A map with no positive value has ``status = empty map`` and no scores (it points nowhere); it counts as a
     miss in ``pointing_game`` and is reported in ``empty_maps``.
@@ -120,7 +120,7 @@ class TextEvalSettings:
 
 def score_map(map2d: np.ndarray, region: np.ndarray, pointing_tolerance: float = 15.0) -> dict[str, Any]:
     """Scores of one ReLU map (H, W) against a part region (H, W, bool): pointing hit, energy inside, chance."""
-    from .metrics import energy_inside, pointing_hit
+    from traitloc.metrics.maps import energy_inside, pointing_hit
 
     area = float(region.mean())
     raw_max = float(map2d.max()) if map2d.size else 0.0
@@ -137,7 +137,7 @@ def _items(
     cub: Any, image_id: int, shape: tuple[int, int], box: tuple[float, ...], traits: list[Any], s: TextEvalSettings
 ) -> list[dict]:
     """The attributes of one image whose part is visible, with their part regions."""
-    from .audit import parts_attribute_map
+    from traitloc.pipelines.audit import parts_attribute_map
 
     locs = cub.part_locs(image_id)
     out = []
@@ -166,9 +166,9 @@ def run_text_eval(
 
     Parameters
     ----------
-    cub : a :class:`traitloc.cub.CUB` reader.
+    cub : a :class:`traitloc.data.cub.CUB` reader.
     localizers : method name -> an object with ``explain(images, concepts, base=, gamma=)`` returning, per image,
-        maps with ``.map(q)`` (a :class:`~traitloc.localize.ConceptLocalizer`; tests pass hand-built ones).
+        maps with ``.map(q)`` (a :class:`~traitloc.models.localize.ConceptLocalizer`; tests pass hand-built ones).
     settings : :class:`TextEvalSettings`.
     run_info : extra entries for ``run.json``.
 
@@ -178,10 +178,10 @@ def run_text_eval(
     """
     import time
 
-    from .export import atomic_write, utc_now, write_run_json
-    from .imageio import load_image
-    from .results import ResultsTable
-    from .traits import load_trait_list
+    from traitloc.data.images import load_image
+    from traitloc.data.traits import load_trait_list
+    from traitloc.io.csvlog import ResultsTable
+    from traitloc.io.files import atomic_write, utc_now, write_run_json
 
     s = settings
     out = Path(out_dir)
@@ -338,7 +338,7 @@ def summary_markdown(summary: pd.DataFrame, random_weights: bool | None = None) 
 # command line
 # ------------------------------------------------------------------------------------------------------------------
 def _methods(text: str) -> tuple[str, ...]:
-    from .methods import TEXT_METHODS
+    from traitloc.engine.methods import TEXT_METHODS
 
     if text.strip() == "all":
         return TEXT_METHODS
@@ -363,7 +363,7 @@ def _nonneg(text: str) -> float:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate-text`` subcommand and return it."""
-    from .cli import _positive
+    from traitloc.pipelines.options import positive_int
 
     p = subparsers.add_parser(
         "evaluate-text",
@@ -380,7 +380,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comma-separated methods, or all (default: all; see docs/methods.md)",
     )  # fmt: skip
     p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="only the first N images of the split")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images of the split")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name, hf-hub:org/repo or a config .json")
     p.add_argument(
         "--pretrained", default="laion400m_e32",
@@ -392,7 +392,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--pointing-tolerance", type=_nonneg, default=15.0, help="pointing-game tolerance, px (15)")
     p.add_argument("--whole-bird", action="store_true", help="also score whole-bird attributes against the box")
     p.add_argument(
-        "--scorecam-channels", type=_positive, default=64, metavar="K",
+        "--scorecam-channels", type=positive_int, default=64, metavar="K",
         help="Score-CAM channel budget: the K channels of largest spatial variance (default: 64)",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
@@ -402,12 +402,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``traitloc evaluate-text``; bad input raises :class:`traitloc.cli.CliError`."""
-    from .cli import CliError
-    from .cub import CUB
-    from .export import utc_now
-    from .localize import ConceptLocalizer
-    from .models import load_clip
+    """Run ``traitloc evaluate-text``; bad input raises :class:`traitloc.cli.commands.CliError`."""
+    from traitloc.data.cub import CUB
+    from traitloc.io.files import utc_now
+    from traitloc.models.clip import load_clip
+    from traitloc.models.localize import ConceptLocalizer
+    from traitloc.pipelines.options import CliError
 
     start = utc_now()
     try:

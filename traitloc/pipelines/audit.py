@@ -9,8 +9,8 @@ Protocol
 --------
 Similar class
     ``logits`` (default): the class whose logit on this image is closest to the true class's logit, true class
-    excluded (:func:`~traitloc.classify.similar_classes`, Finer-CAM's reference rule); ``weights``: the class whose
-    head row is most cosine-similar to the true class's row (:func:`~traitloc.classify.similar_by_weights`), the
+    excluded (:func:`~traitloc.models.classifier.similar_classes`, Finer-CAM's reference rule); ``weights``: the class whose
+    head row is most cosine-similar to the true class's row (:func:`~traitloc.models.classifier.similar_by_weights`), the
     same for every image of a class.
 Attribute differences
     :func:`attribute_differences`: the top-k attributes by ``|a_c - a_d|`` (percent of images showing the
@@ -21,7 +21,7 @@ Classifier map
     Grad-CAM Finer map of the true class against the similar class (one reference), computed on the classifier's
     input and brought to the original image size by bilinear interpolation (ReLU map, raw units).
 Attribute maps, ``parts`` source
-    The attribute's parts come from the CUB attribute -> part mapping of ``trait_lists/`` (:mod:`traitloc.traits`).
+    The attribute's parts come from the CUB attribute -> part mapping of ``trait_lists/`` (:mod:`traitloc.data.traits`).
     The map is the maximum over the *visible* keypoints of those parts of an isotropic Gaussian
     :math:`\exp(-\lVert p - k\rVert^2 / 2\sigma^2)` with :math:`\sigma = 0.1 \sqrt{w h}` of the bird's bounding box
     (``sigma_scale``); the attribute region is the union of the discs of radius :math:`\sigma`
@@ -31,12 +31,12 @@ Attribute maps, ``parts`` source
     row says ``status = no visible part``.
 Attribute maps, ``clip`` source
     The attribute's prompt from the ``cub200`` trait list (e.g. "blue wings") against the base prompt "bird"
-    with the text engine (:class:`~traitloc.localize.ConceptLocalizer`, gamma 1.0), at the original image size.
+    with the text engine (:class:`~traitloc.models.localize.ConceptLocalizer`, gamma 1.0), at the original image size.
     The attribute region is the map's top-10% region.
 Scores
-    ``iou_top10``, ``dice_top10``: overlap of the top-10% regions of both maps (:func:`~traitloc.metrics.iou_top`);
+    ``iou_top10``, ``dice_top10``: overlap of the top-10% regions of both maps (:func:`~traitloc.metrics.maps.iou_top`);
     ``pearson``, ``spearman``: over all pixels; ``energy_inside``: the share of the classifier map's energy inside
-    the attribute region (:func:`~traitloc.metrics.energy_inside`); ``pointing_hit`` (1/0): the classifier map's
+    the attribute region (:func:`~traitloc.metrics.maps.energy_inside`); ``pointing_hit`` (1/0): the classifier map's
     maximum lies within ``pointing_tolerance`` pixels (default 15, as the pointing game) of the attribute region.
     ``area_share`` is the region's share of the image, i.e. the energy share a map spread evenly over the image
     would get; ``lift = energy_inside / area_share`` (1 = chance over the image); ``bird_lift`` divides ``lift``
@@ -88,8 +88,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from .pipeline import CsvSpec, Job, load_or_error, run_job
-from .traits import attribute_parts, load_trait_list, parse_attribute
+from traitloc.data.traits import attribute_parts, load_trait_list, parse_attribute
+from traitloc.pipelines.runner import CsvSpec, Job, load_or_error, run_job
 
 if TYPE_CHECKING:  # torch, pandas and PIL load on first use: `traitloc --help` stays fast
     import pandas as pd
@@ -179,8 +179,8 @@ def attribute_differences(
 
     Parameters
     ----------
-    class_attributes : (n_classes, n_attributes) array, e.g. :attr:`traitloc.cub.CUB.class_attributes` (percent).
-    target, similar : 0-based row indices (:meth:`traitloc.cub.CUB.class_index`).
+    class_attributes : (n_classes, n_attributes) array, e.g. :attr:`traitloc.data.cub.CUB.class_attributes` (percent).
+    target, similar : 0-based row indices (:meth:`traitloc.data.cub.CUB.class_index`).
     k : how many attributes, >= 1. Fewer come back when fewer attributes differ at all.
 
     Returns
@@ -261,9 +261,9 @@ def parts_sigma(box: Sequence[float], scale: float = 0.1) -> float:
 def box_attribute_map(shape: tuple[int, int], box: Sequence[float]) -> AttributeMap:
     """Map of a whole-bird attribute: a Gaussian bump centred on the box (sigmas w/4, h/4), zero outside it.
 
-    The region is the box (:func:`~traitloc.metrics.box_mask`).
+    The region is the box (:func:`~traitloc.metrics.maps.box_mask`).
     """
-    from .metrics import box_mask
+    from traitloc.metrics.maps import box_mask
 
     H, W = _check_shape(shape)
     x, y, w, h = _check_box(box)
@@ -318,8 +318,8 @@ def parts_attribute_map(
     Parameters
     ----------
     shape : (H, W) of the original image.
-    part_locs : :meth:`traitloc.cub.CUB.part_locs` of the image, or a mapping ``part -> (x, y, visible)``.
-    parts : the attribute's parts (:func:`traitloc.traits.attribute_parts`).
+    part_locs : :meth:`traitloc.data.cub.CUB.part_locs` of the image, or a mapping ``part -> (x, y, visible)``.
+    parts : the attribute's parts (:func:`traitloc.data.traits.attribute_parts`).
     box : the bird's bounding box ``(x, y, width, height)``.
     sigma_scale : sigma as a fraction of ``sqrt(box area)``.
     region_radius : radius of the region's discs, in sigmas.
@@ -370,14 +370,14 @@ def clip_attribute_maps(
 
     Parameters
     ----------
-    localizer : a :class:`~traitloc.localize.ConceptLocalizer`.
+    localizer : a :class:`~traitloc.models.localize.ConceptLocalizer`.
     image : the RGB image.
     prompts : attribute prompts ("blue wings"); duplicates are computed once.
     size : (H, W) of the maps (default: the image's own size).
     base, gamma : the base prompt and the comparison strength of the concept query.
-    fraction : the region is the map's top ``fraction`` (:func:`~traitloc.metrics.top_fraction_mask`).
+    fraction : the region is the map's top ``fraction`` (:func:`~traitloc.metrics.maps.top_fraction_mask`).
     """
-    from .metrics import top_fraction_mask
+    from traitloc.metrics.maps import top_fraction_mask
 
     if not prompts:
         return []
@@ -395,7 +395,7 @@ def clip_attribute_maps(
 # overlap scores
 # ------------------------------------------------------------------------------------------------------------------
 def _top_mask(values: NDArray[np.float64], fraction: float) -> NDArray[np.bool_]:
-    """:func:`~traitloc.metrics.top_fraction_mask` in O(n): a partition finds the k-th value; ties in raster order."""
+    """:func:`~traitloc.metrics.maps.top_fraction_mask` in O(n): a partition finds the k-th value; ties in raster order."""
     flat = values.ravel()
     k = min(int(math.floor(fraction * flat.size + 0.5)), int(np.count_nonzero(flat > flat.min())))
     mask = np.zeros(flat.size, dtype=bool)
@@ -409,13 +409,13 @@ def _top_mask(values: NDArray[np.float64], fraction: float) -> NDArray[np.bool_]
 class ScoredMap:
     """A map prepared once for many comparisons: top-fraction mask and centred, normalized values and ranks.
 
-    Comparisons give exactly :func:`~traitloc.metrics.iou_top`, :func:`~traitloc.metrics.dice_top`,
-    :func:`~traitloc.metrics.pearson` and :func:`~traitloc.metrics.spearman` (up to float rounding), without
+    Comparisons give exactly :func:`~traitloc.metrics.maps.iou_top`, :func:`~traitloc.metrics.maps.dice_top`,
+    :func:`~traitloc.metrics.maps.pearson` and :func:`~traitloc.metrics.maps.spearman` (up to float rounding), without
     sorting a map again for every pair it takes part in.
     """
 
     def __init__(self, values: NDArray[np.floating] | Tensor, fraction: float = 0.10):
-        from .metrics import _rank_average
+        from traitloc.metrics.maps import _rank_average
 
         v = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
         if v.ndim != 2 or v.size == 0:
@@ -471,7 +471,7 @@ def overlap_scores(
         region), ``area_share`` (region pixels / image pixels) and ``lift`` (``energy_inside / area_share``).
         Undefined values (a constant map, an empty region) are NaN.
     """
-    from .metrics import dice, energy_inside, iou, pointing_hit
+    from traitloc.metrics.maps import dice, energy_inside, iou, pointing_hit
 
     c = classifier_map if isinstance(classifier_map, ScoredMap) else ScoredMap(classifier_map, fraction)
     a = attribute_map if isinstance(attribute_map, ScoredMap) else ScoredMap(attribute_map, fraction)
@@ -505,7 +505,7 @@ class ProbeClassifier:
 
     Attributes
     ----------
-    explainer : :class:`~traitloc.classify.ClassifierExplainer` over the backbone's target layer and the probe head.
+    explainer : :class:`~traitloc.models.classifier.ClassifierExplainer` over the backbone's target layer and the probe head.
     preprocess : PIL image -> normalized (3, H, W) tensor.
     class_names : the probe's K class names.
     meta : the probe's JSON metadata (empty for a classifier built in code).
@@ -536,7 +536,7 @@ def load_probe_classifier(
 ) -> ProbeClassifier:
     """Load a probe written by ``traitloc train-probe`` and the backbone it was trained on.
 
-    A thin wrapper of :func:`traitloc.train.load_probe_model`.
+    A thin wrapper of :func:`traitloc.pipelines.train.load_probe_model`.
 
     Parameters
     ----------
@@ -546,10 +546,10 @@ def load_probe_classifier(
 
     Raises
     ------
-    traitloc.classify.ProbeError, ValueError
+    traitloc.models.classifier.ProbeError, ValueError
         One line: missing or corrupt probe files, or a backbone that cannot be rebuilt.
     """
-    from .train import load_probe_model
+    from traitloc.pipelines.train import load_probe_model
 
     pm = load_probe_model(probe_dir, device, backbone)
     return ProbeClassifier(pm.explainer(), pm.preprocess, list(pm.class_names), dict(pm.meta), dict(pm.describe))
@@ -599,7 +599,7 @@ def classifier_maps(
     """
     import torch
 
-    from .classify import similar_by_weights, similar_classes
+    from traitloc.models.classifier import similar_by_weights, similar_classes
 
     ex = clf.explainer
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma) or gamma < 0:
@@ -799,7 +799,7 @@ def _fmt(v: Any) -> Any:
 class _Decoded:
     """An image decoded and preprocessed in the prefetch thread."""
 
-    im: Any  # traitloc.imageio.LoadedImage
+    im: Any  # traitloc.data.images.LoadedImage
     x: Tensor  # (C, H, W) classifier input
 
 
@@ -834,8 +834,8 @@ class _Auditor:
     def image_rows(
         self, job: AuditItem, image: Image.Image, size: tuple[int, int], cmap: Tensor, rmap: Tensor | None, info: dict
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        from .cam import upsample_maps
-        from .metrics import box_mask
+        from traitloc.engine.cam import upsample_maps
+        from traitloc.metrics.maps import box_mask
 
         s = self.s
         H, W = size
@@ -974,7 +974,7 @@ class _Auditor:
 
 def _box_lift(m: ScoredMap, bird: NDArray[np.bool_]) -> float:
     """Energy share of the bird's box over its area share (how much the map favours the bird over the image)."""
-    from .metrics import energy_inside
+    from traitloc.metrics.maps import energy_inside
 
     if not bird.any() or m.constant:
         return math.nan
@@ -1008,7 +1008,7 @@ class AuditJob(Job):
 
     Keys are ``image_id, source, rank, control`` (``control`` empty for audit rows); an image is done when its
     first audit row of a source is in the store (a part holds all the rows of its images). Audit rows keep the
-    classifier's signed Finer map on its grid (``grid``; render with :func:`traitloc.resultstore.render_map`). The
+    classifier's signed Finer map on its grid (``grid``; render with :func:`traitloc.io.store.render_map`). The
     summaries are ``audit.csv`` and ``controls.csv`` (the same columns and values as ever); :meth:`summarize`
     writes ``audit_summary.csv`` from them at the end of a run.
     """
@@ -1027,7 +1027,7 @@ class AuditJob(Job):
     }  # fmt: skip
 
     def __init__(self, auditor: _Auditor, fingerprint: dict[str, Any]) -> None:
-        from .resultstore import INTERPOLATION
+        from traitloc.io.store import INTERPOLATION
 
         self.auditor = auditor
         self.s = auditor.s
@@ -1049,7 +1049,7 @@ class AuditJob(Job):
         return [(item.image_id, src, 1, "") for src in item.sources]
 
     def load(self, item: AuditItem) -> Any:
-        from .imageio import ImageLoadError
+        from traitloc.data.images import ImageLoadError
 
         im = load_or_error(item.path)
         if isinstance(im, ImageLoadError):
@@ -1136,7 +1136,7 @@ class AuditJob(Job):
         return out
 
     def _kind(self, column: str) -> str:
-        from .resultstore import BASE_COLUMNS
+        from traitloc.io.store import BASE_COLUMNS
 
         return self.columns.get(column) or BASE_COLUMNS.get(column, "str")
 
@@ -1147,7 +1147,7 @@ class AuditJob(Job):
         """``audit_summary.csv`` from ``audit.csv`` and ``controls.csv``, and the headline in ``run.json``."""
         import csv
 
-        from .export import atomic_write, write_run_json
+        from traitloc.io.files import atomic_write, write_run_json
 
         def rows(name: str) -> list[dict[str, str]]:
             path = out / name
@@ -1235,17 +1235,17 @@ def run_audit(
 ) -> dict[str, Any]:
     """Audit a classifier on a CUB split; write ``audit.csv``, ``controls.csv``, ``audit_summary.csv``, ``run.json``.
 
-    A job of the pipeline runner (:func:`traitloc.pipeline.run_job`): the rows go to the run's results store
+    A job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`): the rows go to the run's results store
     (``results/part-*.parquet``), the CSVs are its summaries.
 
     Parameters
     ----------
-    cub : a :class:`~traitloc.cub.CUB` reader.
+    cub : a :class:`~traitloc.data.cub.CUB` reader.
     clf : the classifier (:func:`load_probe_classifier`); its class names must be CUB class names.
     out_dir : output folder; a rerun into it skips images already done and retries failed ones (same settings
-        required: other settings raise :class:`traitloc.pipeline.SettingsMismatchError`, a ``ValueError``).
+        required: other settings raise :class:`traitloc.pipelines.runner.SettingsMismatchError`, a ``ValueError``).
     settings : :class:`AuditSettings`.
-    localizer : a :class:`~traitloc.localize.ConceptLocalizer`, needed for the ``clip`` source.
+    localizer : a :class:`~traitloc.models.localize.ConceptLocalizer`, needed for the ``clip`` source.
     run_info : extra entries for ``run.json`` (argv, model descriptions...).
 
     Returns
@@ -1277,7 +1277,7 @@ def run_audit(
 def _explain_group(clf: ProbeClassifier, group: list[tuple[AuditItem, Any, Tensor]], s: AuditSettings) -> list[dict]:
     import torch
 
-    from .pipeline import split_on_oom
+    from traitloc.pipelines.runner import split_on_oom
 
     def fn(items: list[tuple[AuditItem, Any, Tensor]]) -> list[dict]:
         x = torch.stack([t for _, _, t in items])
@@ -1455,7 +1455,7 @@ def _nonneg_float(text: str) -> float:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``) and return it."""
-    from .cli import _positive
+    from traitloc.pipelines.options import positive_int
 
     p = subparsers.add_parser(
         "audit",
@@ -1470,7 +1470,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="probe folder written by traitloc train-probe")
     p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
     p.add_argument(
-        "--top-attributes", type=_positive, default=3, metavar="K",
+        "--top-attributes", type=positive_int, default=3, metavar="K",
         help="attributes per image: the K that differ most between the two classes (default: 3)",
     )  # fmt: skip
     p.add_argument(
@@ -1484,7 +1484,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "classifier weights (default: logits)",
     )  # fmt: skip
     p.add_argument("--gamma", type=_nonneg_float, default=0.6, help="classifier Finer-CAM gamma (default: 0.6)")
-    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="audit only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="audit only the first N images")
     p.add_argument(
         "--backbone", metavar="MODULE:FUNCTION", default=None,
         help="backbone the probe was trained on: efficientnet-lite0 or MODULE:FUNCTION (default: the one recorded "
@@ -1515,7 +1515,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the controls (default: 0)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default: 16)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     return p
@@ -1524,13 +1524,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``traitloc audit`` from parsed arguments; returns the exit status.
 
-    Bad input raises :class:`traitloc.cli.CliError` (one line; ``traitloc`` prints it and exits with 2).
+    Bad input raises :class:`traitloc.cli.commands.CliError` (one line; ``traitloc`` prints it and exits with 2).
     """
-    from .backbones import CallableError
-    from .classify import ProbeError
-    from .cli import CliError
-    from .cub import CUB
-    from .export import utc_now
+    from traitloc.data.cub import CUB
+    from traitloc.io.files import utc_now
+    from traitloc.models.backbones import CallableError
+    from traitloc.models.classifier import ProbeError
+    from traitloc.pipelines.options import CliError
 
     start = utc_now()
     try:
@@ -1558,8 +1558,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     localizer = None
     run_info: dict[str, Any] = {"command": "audit", "argv": list(argv), "start_utc": start, "device": str(clf.device)}
     if "clip" in settings.sources:
-        from .localize import ConceptLocalizer
-        from .models import load_clip
+        from traitloc.models.clip import load_clip
+        from traitloc.models.localize import ConceptLocalizer
 
         pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
         bundle = load_clip(args.model, pretrained, args.device)

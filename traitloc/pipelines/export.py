@@ -1,7 +1,7 @@
 """Exports of a run for other tools and for papers: ``traitloc export``.
 
 The results of ``traitloc localize`` or ``traitloc explain`` live in the run's **results store**
-(``OUT/results/part-*.parquet``, :mod:`traitloc.resultstore`): one row per (image, concept) or (image, target) with
+(``OUT/results/part-*.parquet``, :mod:`traitloc.io.store`): one row per (image, concept) or (image, target) with
 its scores and its grid map. The export renders the selected rows from the store, one at a time, into a folder or
 a zip file (the tables of ``traitloc audit``/``evaluate`` are exported too):
 
@@ -22,13 +22,13 @@ format            files (paths inside the export; ``<id>`` is the result id ``<i
 ================  ==================================================================================================
 
 Maps and masks are exactly what ``localize --save maps,masks`` writes for the same rows: the map is
-:func:`traitloc.resultstore.render_unit_map` (bilinear from the grid to the photo's size, ReLU, divided by its
+:func:`traitloc.io.store.render_unit_map` (bilinear from the grid to the photo's size, ReLU, divided by its
 max) and the mask is ``map > threshold`` with the run's threshold unless the export gives another. Every export has
 a ``manifest.json`` (written last): versions, argv, the options, the selection, the run's ``run.json`` and, per
 result, its settings and files; rows the store marks as failed and results that could not be rendered are listed
 under ``skipped`` with their reason.
 
-Selection: by review status (``RESULTS_DIR/review.sqlite`` of the review app, :mod:`traitloc.store`), concept or
+Selection: by review status (``RESULTS_DIR/review.sqlite`` of the review app, :mod:`traitloc.io.decisions`), concept or
 target, a score range, or explicit result ids (Python).
 
 Conventions
@@ -95,7 +95,7 @@ from typing import Any
 
 import numpy as np
 
-from .export import (
+from traitloc.io.files import (
     atomic_path,
     atomic_write,
     environment_info,
@@ -103,7 +103,7 @@ from .export import (
     overlay_array,
     utc_now,
 )
-from .resultstore import part_files
+from traitloc.io.store import part_files
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -791,7 +791,7 @@ def _check_dpi(dpi: object) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Result:
-    """One exportable result: an ``ok`` row of the run's results store (:mod:`traitloc.resultstore`).
+    """One exportable result: an ``ok`` row of the run's results store (:mod:`traitloc.io.store`).
 
     Attributes
     ----------
@@ -800,7 +800,7 @@ class Result:
     label : the concept (``localize``) or target class (``explain``).
     kind : ``"concept"`` or ``"target"``.
     row : the row's columns except the grid map (Python values; ``None`` where empty).
-    part, index : where the row is in the store (its part file, in :func:`traitloc.resultstore.part_files`
+    part, index : where the row is in the store (its part file, in :func:`traitloc.io.store.part_files`
         order, and its row in that part): the exporter reads each part's grid maps once.
     """
 
@@ -876,7 +876,7 @@ def _no_store(root: Path) -> FormatError:
 
 
 def _read_index(root: Path) -> tuple[Any, list[Path], str]:
-    """The store's rows without the grid maps, deduplicated like :func:`traitloc.resultstore.read_results` (last
+    """The store's rows without the grid maps, deduplicated like :func:`traitloc.io.store.read_results` (last
     written wins), in store order, with their location (``_part``, ``_row``); the part files; the label column."""
     import pandas as pd
     import pyarrow as pa
@@ -1035,7 +1035,7 @@ def _normalize_decisions(raw: object) -> dict[str, Decision]:
 def read_decisions(results_dir: PathLike) -> dict[str, Decision]:
     """Review decisions of the app, by result id (empty when ``review.sqlite`` does not exist).
 
-    Uses ``traitloc.store.ReviewStore(results_dir, readonly=True).decisions()`` when that module exists, else reads
+    Uses ``traitloc.io.decisions.ReviewStore(results_dir, readonly=True).decisions()`` when that module exists, else reads
     the table ``decisions(result_id, status, note, updated_utc)`` of ``RESULTS_DIR/review.sqlite`` read-only.
     Statuses are normalized to lower case (``accept`` -> ``accepted``, ``reject`` -> ``rejected``, ``needs work``
     -> ``needs-work``).
@@ -1054,7 +1054,7 @@ def read_decisions(results_dir: PathLike) -> dict[str, Decision]:
     if db is None:
         return {}
     try:
-        from .store import ReviewStore  # the review app's store (issue #5); absent in older checkouts
+        from traitloc.io.decisions import ReviewStore  # the review app's store (issue #5); absent in older checkouts
     except ImportError:
         ReviewStore = None  # noqa: N806
     if ReviewStore is not None:
@@ -1376,7 +1376,7 @@ class _Photos:
         self.value: tuple[Any, str | None] = (None, None)
 
     def get(self, result: Result) -> tuple[Any, str | None]:
-        from .imageio import ImageLoadError, load_image
+        from traitloc.data.images import ImageLoadError, load_image
 
         if result.image_key != self.key:
             self.key = result.image_key
@@ -1469,7 +1469,7 @@ def export_results(
     """Export the results of a ``localize``/``explain`` run (and ``audit``/``evaluate`` tables) to a folder or zip.
 
     Used by ``traitloc export`` and by the review app. Everything is rendered from the run's results store
-    (:mod:`traitloc.resultstore`): maps, masks and overlays are exactly what ``localize --save`` writes for the
+    (:mod:`traitloc.io.store`): maps, masks and overlays are exactly what ``localize --save`` writes for the
     same rows. The export is streamed: one result is rendered and written at a time (photos are decoded once per
     image, grid maps read one store part at a time), a zip is written to a temporary file beside ``out`` and
     renamed at the end, so memory does not grow with the number of results. Results that cannot be rendered are
@@ -1726,7 +1726,7 @@ class _Export:
 
     # ---- one result --------------------------------------------------------------------------------------------
     def _one(self, sink: Any, result: Result, spool: Any) -> dict[str, Any]:
-        from .resultstore import render_unit_map
+        from traitloc.io.store import render_unit_map
 
         fmts = self.fmts
         row = self.grids.row(result)
@@ -1875,7 +1875,7 @@ def _overlay_png(row: Mapping[str, Any], photo: Any, unit: np.ndarray) -> bytes:
     inferno at alpha 0.5 over it, PNG compression level 1."""
     from PIL import Image
 
-    from .resultstore import render_unit_map
+    from traitloc.io.store import render_unit_map
 
     work = np.asarray(photo.convert("RGB")) if hasattr(photo, "convert") else np.asarray(photo)
     size = work.shape[:2]
@@ -1957,10 +1957,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``traitloc export`` (bad input raises :class:`traitloc.cli.CliError`)."""
+    """Run ``traitloc export`` (bad input raises :class:`traitloc.cli.commands.CliError`)."""
     import torch
 
-    from .cli import CliError
+    from traitloc.pipelines.options import CliError
 
     # Rendering is one small bilinear upsampling per result: one thread is faster than several, which wait on
     # each other (several times slower on a busy machine); the command has nothing else for torch to do.

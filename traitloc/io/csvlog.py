@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from traitloc.export import atomic_write
+from traitloc.io.files import atomic_write
 
 __all__ = ["ResultsTable"]
 

@@ -11,7 +11,7 @@ W_{proj})`. The map of a query vector :math:`u_q = \sum_p W_{qp} v_p` (Finer: :m
 
 so the contrast is formed on the per-patch similarity, before the ReLU, and it is linear in the text vectors: one
 forward pass gives :math:`\hat f` (``(B, N, D)``, cached in :class:`DenseCache`) for any number of prompts, and a
-new gamma or base is one matrix product. The last-block variants (see :mod:`traitloc.methods` for the equations)
+new gamma or base is one matrix product. The last-block variants (see :mod:`traitloc.engine.methods` for the equations)
 start from the adapter's prefix (everything up to the last block's ``ln_1``, run once under ``no_grad``); the
 image-level score ``s_q`` (``scores``) is the model's own CLS embedding, as for the CAM methods, so scores do not
 depend on the method.
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import (
+from traitloc.engine.adapters import (
     OpenClipViT,
     Prefix,
     _check_vectors,
@@ -48,8 +48,8 @@ from .adapters import (
     activation_and_derivative,
     resize_pos_embed,
 )
-from .cam import CamOutput, _coeffs
-from .methods import DENSE_METHODS, get_method
+from traitloc.engine.cam import CamOutput, _coeffs
+from traitloc.engine.methods import DENSE_METHODS, get_method
 
 __all__ = ["DenseCache", "DenseCLIP", "LeGrad", "LeGradCache", "naclip_neighbourhood", "vit_tokens"]
 
@@ -175,12 +175,12 @@ class _ViTMethod:
 
 class DenseCLIP(_ViTMethod):
     """Forward-only dense patch-text similarity for open_clip ViTs (``maskclip``, ``clearclip``, ``sclip``,
-    ``naclip``, ``gem``); see the module docstring and :mod:`traitloc.methods` for the equations.
+    ``naclip``, ``gem``); see the module docstring and :mod:`traitloc.engine.methods` for the equations.
 
     Parameters
     ----------
-    adapter : the model's :class:`~traitloc.adapters.OpenClipViT` adapter (CLS pooling).
-    method : one of :data:`traitloc.methods.DENSE_METHODS`.
+    adapter : the model's :class:`~traitloc.engine.adapters.OpenClipViT` adapter (CLS pooling).
+    method : one of :data:`traitloc.engine.methods.DENSE_METHODS`.
     naclip_sigma : NACLIP's Gaussian neighbourhood standard deviation in patches (authors: 5).
     gem_depth : GEM's ``depth`` (authors: 7, i.e. the last 6 blocks get the self-self attention path).
     gem_iterations : GEM's self-self attention iterations (authors: 1).
@@ -363,7 +363,7 @@ class LeGrad(_ViTMethod):
 
     Parameters
     ----------
-    adapter : the model's :class:`~traitloc.adapters.OpenClipViT` adapter.
+    adapter : the model's :class:`~traitloc.engine.adapters.OpenClipViT` adapter.
     layers : number of last layers whose attention maps are explained (authors: 2, ``layer_index=-2``).
     vector_chunk : explained vectors x images processed at once (bounds memory: about ``chunk x heads x tokens^2``
         and ``chunk x tokens x 4 x width`` floats).

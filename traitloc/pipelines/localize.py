@@ -1,9 +1,9 @@
 """``traitloc localize`` as a job of the pipeline runner: concept maps of many images into the results store.
 
-Each (image, concept) becomes one row of the run's Parquet store (:mod:`traitloc.resultstore`) with its scores
+Each (image, concept) becomes one row of the run's Parquet store (:mod:`traitloc.io.store`) with its scores
 and its signed grid map; ``results.csv`` summarizes the rows for spreadsheets. Full-size maps, masks and overlays
-are renderings of the grid (:func:`traitloc.resultstore.render_map`), written as files only with ``--save``.
-The runner (:func:`traitloc.pipeline.run_job`) brings prefetching, OOM splitting, per-image errors, resume and
+are renderings of the grid (:func:`traitloc.io.store.render_map`), written as files only with ``--save``.
+The runner (:func:`traitloc.pipelines.runner.run_job`) brings prefetching, OOM splitting, per-image errors, resume and
 run.json.
 """
 
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .export import map_to_unit, mask_from_map, save_map_tiff, save_mask_png, save_overlay_png, slugify
-from .imageio import find_images, image_keys
-from .localize import ConceptLocalizer, ConceptMaps
-from .pipeline import Job, SettingsMismatchError, run_job, split_on_oom
-from .resultstore import INTERPOLATION, render_map
+from traitloc import __version__
+from traitloc.data.images import find_images, image_keys
+from traitloc.io.files import map_to_unit, mask_from_map, save_map_tiff, save_mask_png, save_overlay_png, slugify
+from traitloc.io.store import INTERPOLATION, render_map
+from traitloc.models.localize import ConceptLocalizer, ConceptMaps
+from traitloc.pipelines.runner import Job, SettingsMismatchError, run_job, split_on_oom
 
 __all__ = [
     "LOCALIZE_COLUMNS",

@@ -1,7 +1,7 @@
 """The plain full-autograd definition of (Finer-)Grad-CAM and Layer-CAM (DESIGN.md §1).
 
 Slow and simple on purpose: one full forward and one backward through the whole network per query, with a
-forward hook on the target layer. Every fast path of :mod:`traitloc.cam` is tested against this.
+forward hook on the target layer. Every fast path of :mod:`traitloc.engine.cam` is tested against this.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import resize_pos_embed
+from traitloc.engine.adapters import resize_pos_embed
 
 __all__ = ["capture_activation", "vit_input_grid", "reference_cam"]
 

@@ -12,7 +12,7 @@ Full-size pictures are renderings of the grid:
 .. math:: M = \mathrm{ReLU}(\mathrm{up}_{H \times W}(G)), \qquad
           \text{map01} = M / \max M, \qquad \text{mask} = \text{map01} > t
 
-with :math:`\mathrm{up}` the bilinear upsampling of :func:`traitloc.cam.upsample_maps`, the very function the engine
+with :math:`\mathrm{up}` the bilinear upsampling of :func:`traitloc.engine.cam.upsample_maps`, the very function the engine
 uses, so a float32 grid renders bit for bit what the engine returns (``ReLU`` commutes with a bilinear upsampling only
 approximately, so the engine's order, upsample then ReLU for signed maps and ReLU then upsample for ReLU maps, is
 kept: see :func:`render_map`).
@@ -23,7 +23,7 @@ killed at any moment leaves only whole parts; readers (pandas, pyarrow, DuckDB, 
 files. Read a run in one call::
 
     import pandas as pd
-    df = pd.read_parquet("OUT/results")              # or traitloc.resultstore.read_results("OUT")
+    df = pd.read_parquet("OUT/results")              # or traitloc.io.store.read_results("OUT")
     # duckdb.sql("SELECT concept, avg(score) FROM 'OUT/results/*.parquet' GROUP BY concept")
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .export import atomic_path, map_to_unit, mask_from_map, overlay_array
+from traitloc.io.files import atomic_path, map_to_unit, mask_from_map, overlay_array
 
 __all__ = [
     "GRID_DTYPES",
@@ -355,7 +355,7 @@ def result_id(row: Mapping[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=65536)
 def _slug(label: str) -> str:
-    from .export import slugify
+    from traitloc.io.files import slugify
 
     return slugify(label)
 
@@ -392,11 +392,11 @@ def render_map(row: Mapping[str, Any], size: tuple[int, int] | None = None, sign
     """Render a row's map at ``size`` = (H, W) (default: the original image), float32, raw units.
 
     The ReLU map is ``up(ReLU(G))`` and the signed map ``up(G)``: exactly what the engine returns for the image
-    (:meth:`traitloc.localize.ConceptMaps.map`), bit for bit from a float32 grid.
+    (:meth:`traitloc.models.localize.ConceptMaps.map`), bit for bit from a float32 grid.
     """
     import torch
 
-    from .cam import upsample_maps
+    from traitloc.engine.cam import upsample_maps
 
     interpolation = row.get("interpolation")
     if interpolation is not None and interpolation == interpolation and interpolation != INTERPOLATION:  # NaN: unset

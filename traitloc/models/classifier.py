@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import Prefix, TargetAdapter, _check_vectors, batched_vjp
-from .cam import METHODS, CamOutput, FinerCAM
+from traitloc.engine.adapters import Prefix, TargetAdapter, _check_vectors, batched_vjp
+from traitloc.engine.cam import METHODS, CamOutput, FinerCAM
 
 __all__ = [
     "HookAdapter",
@@ -1001,12 +1001,12 @@ class ClassifierExplainer:
 
     Parameters
     ----------
-    adapter : a :class:`~traitloc.adapters.TargetAdapter` (e.g. :class:`HookAdapter`, ``clip_adapter``).
+    adapter : a :class:`~traitloc.engine.adapters.TargetAdapter` (e.g. :class:`HookAdapter`, ``clip_adapter``).
     weight : (K, D) head weight (``torch.eye(K)`` for a model that outputs logits).
     bias : (K,) head bias or ``None`` (only used to report logits and choose references).
     class_names : K names (``"--target NAME"`` lookups).
     method : ``"gradcam"``, ``"layercam"`` or ``"scorecam"``.
-    **cam_kwargs : passed to :class:`~traitloc.cam.FinerCAM` (``amp_dtype``, ``scorecam_channels``...).
+    **cam_kwargs : passed to :class:`~traitloc.engine.cam.FinerCAM` (``amp_dtype``, ``scorecam_channels``...).
 
     Examples
     --------
@@ -1059,7 +1059,7 @@ class ClassifierExplainer:
         **kwargs: Any,
     ) -> ClassifierExplainer:
         """Explainer for a model that outputs logits (``weight = I``); ``kwargs`` go to :class:`HookAdapter` (layout
-        options) or :class:`~traitloc.cam.FinerCAM`."""
+        options) or :class:`~traitloc.engine.cam.FinerCAM`."""
         adapter_keys = {"n_prefix_tokens", "grid", "patch_size"}
         adapter = HookAdapter(model, target_layer, **{k: v for k, v in kwargs.items() if k in adapter_keys})
         K = len(class_names)

@@ -1,0 +1,3 @@
+from traitloc.cli.commands import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Command-line options shared by the commands, and the error type for bad input.
+
+Argument types (:func:`gamma_arg`, :func:`threshold_arg`, :func:`positive_int`, :func:`save_kinds_arg`) and
+option groups (:func:`add_model_arguments`, :func:`add_store_arguments`) used by every command's
+``add_parser``; :class:`CliError` is raised for bad input and printed by ``traitloc`` as one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = [
+    "CliError",
+    "Parser",
+    "add_model_arguments",
+    "add_store_arguments",
+    "gamma_arg",
+    "positive_int",
+    "save_kinds_arg",
+    "threshold_arg",
+]
+
+
+class CliError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def gamma_arg(text: str) -> float:
+    """A finite float (the Finer-CAM comparison strength)."""
+    try:
+        g = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"gamma must be a number, got {text!r}") from err
+    if g != g or g in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"gamma must be finite, got {text!r}")
+    return g
+
+
+def threshold_arg(text: str) -> float | str:
+    """A mask threshold in [0, 1) or ``'otsu'``."""
+    if text == "otsu":
+        return text
+    try:
+        t = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"threshold must be a number in [0, 1) or 'otsu', got {text!r}") from err
+    if not 0 <= t < 1:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1), got {t}")
+    return t
+
+
+def save_kinds_arg(text: str) -> tuple[str, ...]:
+    """Comma-separated kinds of per-result files (maps, masks, overlays, signed)."""
+    from traitloc.pipelines.localize import SAVE_KINDS
+
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in SAVE_KINDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(bad)}; choose from {', '.join(SAVE_KINDS)}")
+    return kinds
+
+
+def add_store_arguments(p: argparse.ArgumentParser, per: str) -> None:
+    """``--save KINDS`` and ``--grid-dtype`` of the commands that write a results store (localize, explain)."""
+    p.add_argument(
+        "--save",
+        type=save_kinds_arg,
+        default=(),
+        metavar="KINDS",
+        help=f"also write files per {per}, comma-separated: maps (float32 TIFF, map / max), masks (PNG), overlays "
+        "(PNG), signed (pre-ReLU TIFF); for small runs: the store holds every map already (render on demand with "
+        "traitloc export)",
+    )
+    p.add_argument(
+        "--grid-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="how grid maps are stored: float32 renders exactly (default), float16 halves the store",
+    )
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model option group: --model, --pretrained, --device, --dtype, --batch-size, --seed."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default="ViT-B-16",
+        help="open_clip model name (ViT-B-16, RN50, ViT-B-16-quickgelu for OpenAI weights), "
+        "hf-hub:imageomics/bioclip, or a path to an open_clip model config .json (default: ViT-B-16)",
+    )
+    g.add_argument(
+        "--pretrained",
+        default="laion400m_e32",
+        help="pretrained tag (laion400m_e32, needs network) or a local weights file "
+        ".safetensors/.bin/.pt (loaded without pickle); 'none' for random weights "
+        "(default: laion400m_e32)",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 autocast on CUDA (ignored on CPU) (default: fp32)",
+    )
+    g.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")  # fmt: skip

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image, ImageOps
+from PIL import Image
 
 from traitloc.io import reviewkit as rk
 from traitloc.io.decisions import STATUSES, PathSafetyError, ReviewStore, resolve_inside
@@ -66,7 +66,6 @@ THUMB_SIDE = 128
 DETAIL_SIDE = 720
 PAGE_SIZES = (24, 48, 96)
 DEFAULT_PAGE_SIZE = 48
-GRID_COLUMNS = 6
 #: formats of an export by default (traitloc.pipelines.export)
 DEFAULT_FORMATS = ("png", "tiff", "csv")
 QUERY_CACHE_IMAGES = 4
@@ -202,11 +201,11 @@ def _file_sig(path: Path) -> tuple[str, int, int]:
 # the store, decisions, thumbnails (shared by all sessions, bounded)
 # ----------------------------------------------------------------------------------------------------------------
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _table_cached(out: str, sig: tuple[Any, ...]) -> rk.ResultsTable:
+def _table_cached(out: str, sig: tuple[Any, ...]) -> rk.ReviewTable:
     return rk.load_table(out)
 
 
-def load_table(cfg: AppConfig) -> rk.ResultsTable:
+def load_table(cfg: AppConfig) -> rk.ReviewTable:
     """The run's results table (re-read when a part is added)."""
     assert cfg.results_dir is not None
     return _table_cached(str(cfg.results_dir), rk.store_signature(cfg.results_dir))
@@ -245,7 +244,7 @@ def current_decisions(cfg: AppConfig) -> dict[str, Any]:
     return _decisions_cached(str(cfg.results_dir), _db_sig(cfg))
 
 
-def photo_path(cfg: AppConfig, table: rk.ResultsTable, image: Any) -> Path | None:
+def photo_path(cfg: AppConfig, table: rk.ReviewTable, image: Any) -> Path | None:
     """A row's photo: where the run recorded it (read-only, anywhere on this disk), else under ``--images``."""
     cwd = table.run_info.get("cwd") if isinstance(table.run_info.get("cwd"), str) else None
     return rk.find_photo(str(image) if isinstance(image, str) else "", cfg.results_dir, cfg.images_dir, cwd)
@@ -278,7 +277,7 @@ class View:
     threshold: float = 0.5
 
 
-def tile_bytes(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], view: View) -> tuple[bytes | None, str]:
+def tile_bytes(cfg: AppConfig, table: rk.ReviewTable, row: dict[str, Any], view: View) -> tuple[bytes | None, str]:
     """JPEG bytes of a row's thumbnail tile and a problem ('' when none); cached per row, store and view."""
     caches = _caches()
     photo = photo_path(cfg, table, row.get("image"))
@@ -300,7 +299,7 @@ def tile_bytes(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], view
 # ----------------------------------------------------------------------------------------------------------------
 # filters and the frozen list
 # ----------------------------------------------------------------------------------------------------------------
-def pairs_of(table: rk.ResultsTable) -> pd.Series:
+def pairs_of(table: rk.ReviewTable) -> pd.Series:
     """Per row, its class pairs ``"target vs reference"`` (explain) or ``"concept vs base"`` (localize)."""
     rows = table.rows
     if rows.empty:
@@ -325,7 +324,7 @@ def status_of(rows: pd.DataFrame, decisions: dict[str, Any]) -> pd.Series:
 
 
 def filter_rows(
-    table: rk.ResultsTable,
+    table: rk.ReviewTable,
     *,
     labels: Sequence[str] = (),
     pair: str = ALL,
@@ -367,12 +366,6 @@ class Frozen:
 
     def __post_init__(self) -> None:
         self.pos = {r: i for i, r in enumerate(self.ids)}
-
-
-def _state(key: str, default: Any) -> Any:
-    if key not in st.session_state:
-        st.session_state[key] = default
-    return st.session_state[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,11 +439,8 @@ def move(key: str, step: int, page_size: int | None = None) -> None:
     st.session_state[f"{key}_cursor"] = max(0, min(cur, len(fr.ids) - 1))
 
 
-def goto(key: str, pos: int) -> None:
-    st.session_state[f"{key}_cursor"] = int(pos)
-
-
 def toggle_select(key: str) -> None:
+    """Add the current item to the selection of bulk decisions, or take it out (button/shortcut callback)."""
     fr: Frozen | None = st.session_state.get(f"{key}_frozen")
     if fr is None or not fr.ids:
         return
@@ -489,7 +479,7 @@ def bulk_apply(cfg: AppConfig) -> None:
 # export
 # ----------------------------------------------------------------------------------------------------------------
 def export_formats() -> tuple[str, ...]:
-    """Formats of :mod:`traitloc.pipelines.export` this installation can write (Parquet only with pyarrow/fastparquet)."""
+    """Formats of :mod:`traitloc.pipelines.export` this installation writes (Parquet only with pyarrow/fastparquet)."""
     from traitloc.pipelines.export import FORMATS
 
     has_parquet = any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
@@ -589,7 +579,7 @@ def _no_folder(cfg: AppConfig) -> bool:
     return False
 
 
-def _filters(table: rk.ResultsTable, key: str, decisions: dict[str, Any]) -> tuple[pd.DataFrame, tuple[Any, ...]]:
+def _filters(table: rk.ReviewTable, key: str, decisions: dict[str, Any]) -> tuple[pd.DataFrame, tuple[Any, ...]]:
     """Filter widgets (in the sidebar) and the rows that pass them, with a signature of the filter values."""
     rows = table.rows
     labels = sorted(rows["label"].unique().tolist()) if not rows.empty else []
@@ -632,7 +622,7 @@ def _orders() -> rk.LRU:
     return rk.LRU(32)
 
 
-def _frozen(cfg: AppConfig, table: rk.ResultsTable, key: str, rows: pd.DataFrame, sig: tuple[Any, ...],
+def _frozen(cfg: AppConfig, table: rk.ReviewTable, key: str, rows: pd.DataFrame, sig: tuple[Any, ...],
             refresh: bool) -> Frozen:  # fmt: skip
     fr: Frozen | None = st.session_state.get(f"{key}_frozen")
     full_sig = (str(table.out), len(table.parts), *sig)
@@ -669,7 +659,7 @@ def _goto_number(key: str) -> None:
     st.session_state[f"{key}_cursor"] = max(0, int(st.session_state.get(f"{key}_goto", 1)) - 1)
 
 
-def _grid(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: View, page_size: int,
+def _grid(cfg: AppConfig, table: rk.ReviewTable, key: str, fr: Frozen, view: View, page_size: int,
           decisions: dict[str, Any], group: str) -> None:  # fmt: skip
     """One page of thumbnails: one image list per group (cheap to draw), the current item framed by CSS."""
     n = len(fr.ids)
@@ -718,7 +708,7 @@ def _grid(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: Vi
                     unsafe_allow_html=True)  # fmt: skip
 
 
-def _describe(row: dict[str, Any], table: rk.ResultsTable, decision: Any) -> list[str]:
+def _describe(row: dict[str, Any], table: rk.ReviewTable, decision: Any) -> list[str]:
     """Plain-text lines describing a result (shown with ``st.text``: no Markdown, no links)."""
     lines = [f"{row['label']}  ·  image {row['image_key']}"]
     if table.kind == "explain":
@@ -735,7 +725,7 @@ def _describe(row: dict[str, Any], table: rk.ResultsTable, decision: Any) -> lis
     return lines
 
 
-def _detail(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: View, decisions: dict[str, Any],
+def _detail(cfg: AppConfig, table: rk.ReviewTable, key: str, fr: Frozen, view: View, decisions: dict[str, Any],
             review: bool) -> None:  # fmt: skip
     n = len(fr.ids)
     cur = min(int(st.session_state.get(f"{key}_cursor", 0)), n - 1)
@@ -774,7 +764,7 @@ def _detail(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: 
             st.caption(ns[1])
 
 
-def detail_image(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], photo: Path | None, view: View,
+def detail_image(cfg: AppConfig, table: rk.ReviewTable, row: dict[str, Any], photo: Path | None, view: View,
                  zoom: int, cx: float, cy: float) -> np.ndarray:  # fmt: skip
     """The detail view: the map rendered at the photo's full size over the full-size photo, cropped by the zoom."""
     from traitloc.data.images import load_image
@@ -788,7 +778,7 @@ def detail_image(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], ph
         img = None
         if photo is not None:
             try:
-                im = load_image(photo).image.convert("RGB")
+                im = load_image(photo).image  # upright RGB
                 img = np.asarray(im) if im.size == (W, H) else np.asarray(im.resize((W, H), Image.Resampling.BILINEAR))
             except Exception:  # noqa: BLE001 - drawn on grey
                 img = None
@@ -807,7 +797,7 @@ def detail_image(cfg: AppConfig, table: rk.ResultsTable, row: dict[str, Any], ph
     return np.asarray(out)
 
 
-def _bad_rows(table: rk.ResultsTable, key: str) -> None:
+def _bad_rows(table: rk.ReviewTable, key: str) -> None:
     problems: dict[str, str] = st.session_state.get(f"{key}_tile_problems", {})
     unreadable = {r: p for r, p in problems.items() if p.startswith("map unreadable")}
     n_bad = len(table.bad) + len(unreadable)
@@ -821,7 +811,7 @@ def _bad_rows(table: rk.ResultsTable, key: str) -> None:
                      hide_index=True, key=f"{key}_bad_table")  # fmt: skip
 
 
-def _progress(cfg: AppConfig, table: rk.ResultsTable, decisions: dict[str, Any]) -> None:
+def _progress(cfg: AppConfig, table: rk.ReviewTable, decisions: dict[str, Any]) -> None:
     rows = table.rows
     n = len(rows)
     status = status_of(rows, decisions)
@@ -898,7 +888,7 @@ def _bulk(cfg: AppConfig, key: str, fr: Frozen) -> None:
             d2.button("Cancel", key="rv_bulk_cancel", on_click=lambda: st.session_state.pop("rv_bulk", None))
 
 
-def _export(cfg: AppConfig, table: rk.ResultsTable, fr: Frozen, decisions: dict[str, Any]) -> None:
+def _export(cfg: AppConfig, table: rk.ReviewTable, fr: Frozen, decisions: dict[str, Any]) -> None:
     assert cfg.results_dir is not None
     with st.expander("Export", expanded="rv_export_path" in st.session_state):
         known = table.index_of()
@@ -998,7 +988,7 @@ def page_grid(cfg: AppConfig, review: bool) -> None:
 
 
 @st.fragment
-def _work_area(cfg: AppConfig, table: rk.ResultsTable, key: str, fr: Frozen, view: View, page_size: int, group: str,
+def _work_area(cfg: AppConfig, table: rk.ReviewTable, key: str, fr: Frozen, view: View, page_size: int, group: str,
                review: bool) -> None:  # fmt: skip
     """Progress, grid, detail, decisions: a fragment, so a key press reruns only this part of the page."""
     decisions = current_decisions(cfg)
@@ -1054,12 +1044,9 @@ def _audit(cfg: AppConfig) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 def query_methods() -> tuple[str, ...]:
     """Methods the Query page offers: those of :mod:`traitloc.engine.methods` that :func:`run_query` can compute."""
-    supported = tuple(GAMMA_COST)
-    try:
-        from traitloc.engine.methods import REGISTRY
-    except ImportError:  # pragma: no cover - older tree
-        return supported
-    return tuple(m for m in REGISTRY if m in supported) or supported
+    from traitloc.engine.methods import REGISTRY
+
+    return tuple(m for m in REGISTRY if m in GAMMA_COST)
 
 
 @st.cache_resource(show_spinner="Loading the model (once per server)...")
@@ -1163,17 +1150,8 @@ class QueryEntry:
     features: Any = None  # (1, D)
     alphas: dict[str, Any] = field(default_factory=dict)  # prompt -> (C,) Grad-CAM weights
     cells: dict[str, Any] = field(default_factory=dict)  # prompt -> (N, C) per-cell gradients (Layer-CAM)
-    masked: dict[Any, Any] = field(default_factory=dict)  # channels -> (chans, sel, (K, D) masked features)
+    masked: dict[Any, Any] = field(default_factory=dict)  # channels -> ((N, K) masks' channels, (K, D) features)
     dense: dict[str, Any] = field(default_factory=dict)  # dense method -> DenseCache; "legrad" -> per-prompt grads
-
-
-@dataclass
-class QueryResult:
-    map01: np.ndarray  # (H, W) in [0, 1] at the image's size
-    raw_max: float
-    score: float  # s_concept - gamma * s_base
-    concept_score: float
-    base_score: float | None
 
 
 def _bump(counter: str, n: int = 1) -> None:
@@ -1196,46 +1174,22 @@ def _entry(loc: Any, image: Image.Image, image_id: str) -> QueryEntry:
 
 
 def scorecam_features(loc: Any, entry: QueryEntry, channels: int | None,
-                      progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
-    """Score-CAM's masked forward passes for one image, independent of the prompts: ``(chans, sel, feats)``.
+                      progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any]:  # fmt: skip
+    """Score-CAM's masked forward passes for one image, independent of the prompts: ``(sel, feats)``, cached.
 
-    The same masks and passes as :meth:`traitloc.engine.cam.FinerCAM._scorecam` (the ``channels`` activation maps of
-    largest spatial variance, min-max normalized, upsampled to the input, multiplied with it). The Finer score
+    The engine's passes (:meth:`traitloc.engine.cam.FinerCAM.scorecam_features`, ``channels`` masks). The Finer score
     ``feats @ u`` is linear in the query vector ``u = v_c - gamma v_b``, so these features serve every gamma and
     base prompt. ``progress(done, total)`` after each batch of passes (a Streamlit rerun stops there: cancel).
     """
-    import torch
+    from traitloc.engine.cam import FinerCAM
 
-    from traitloc.engine.cam import upsample_maps
-
-    if channels in entry.masked:
-        return entry.masked[channels]
-    pre = entry.prefix
-    acts = pre.acts.float()
-    _, N, C = acts.shape
-    h, w = pre.grid
-    if channels is not None and channels < C:
-        chans = acts.var(1).topk(channels, dim=-1).indices
-    else:
-        chans = torch.arange(C, device=acts.device).unsqueeze(0)
-    K = chans.shape[1]
-    sel = torch.gather(acts, 2, chans.unsqueeze(1).expand(-1, N, -1))[0]  # (N, K)
-    masks = upsample_maps(sel.t().reshape(K, h, w), pre.input_size)
-    lo = masks.flatten(1).min(1).values[:, None, None]
-    hi = masks.flatten(1).max(1).values[:, None, None]
-    masks = torch.where(hi > lo, (masks - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(masks))
-    batch = int(getattr(loc.cam, "scorecam_batch", 32) or 32)
-    feats = []
-    for i in range(0, K, batch):
-        xm = entry.x * masks[i : i + batch].unsqueeze(1).to(entry.x.dtype)
-        with torch.no_grad():
-            feats.append(loc.adapter.score_features(loc.adapter.embed(xm)).float())
-        if progress is not None:
-            progress(min(i + batch, K), K)
-    out = (chans, sel, torch.cat(feats))
-    entry.masked[channels] = out
-    _bump(MASKED_COUNTER)
-    return out
+    if channels not in entry.masked:
+        cam = FinerCAM(loc.adapter, "scorecam", scorecam_channels=channels, scorecam_batch=loc.cam.scorecam_batch,
+                       amp_dtype=loc.cam.amp_dtype)  # fmt: skip
+        sel, feats = cam.scorecam_features(entry.x, entry.prefix, progress)
+        entry.masked[channels] = (sel[0], feats[0])
+        _bump(MASKED_COUNTER)
+    return entry.masked[channels]
 
 
 def _dense_query(loc: Any, entry: QueryEntry, method: str, prompts: list[str], V: Any, W: Any) -> Any:
@@ -1264,8 +1218,9 @@ def _dense_query(loc: Any, entry: QueryEntry, method: str, prompts: list[str], V
 def run_query(
     loc: Any, image: Image.Image, image_id: str, concept: str, base: str | None, gamma: float, method: str,
     scorecam_channels: int | None = 64, progress: Callable[[int, int], None] | None = None,
-) -> QueryResult:  # fmt: skip
-    """Map of ``concept`` vs ``base`` at ``gamma``: cached forward pass and gradients, recombined.
+) -> Any:  # fmt: skip
+    """Map of ``concept`` vs ``base`` at ``gamma`` (a :class:`~traitloc.models.localize.ConceptMaps` of one query):
+    cached forward pass and gradients, recombined.
 
     Grad-CAM and Layer-CAM gradients are linear in the explained vector, so per-prompt gradients are cached and
     ``s_concept - gamma * s_base`` is their linear combination (the engine's :meth:`GradCache.combine`); a new
@@ -1275,8 +1230,8 @@ def run_query(
     """
     import torch
 
-    from traitloc.engine.cam import GradCache, finer_coefficients, upsample_maps
-    from traitloc.io.files import map_to_unit
+    from traitloc.engine.cam import GradCache, finer_coefficients, layercam_maps
+    from traitloc.models.localize import ConceptMaps
 
     entry = _entry(loc, image, image_id)
     prompts = list(dict.fromkeys([concept, *([base] if base else [])]))
@@ -1302,12 +1257,10 @@ def run_query(
             _bump(GRADIENT_COUNTER)
             for i, p in enumerate(missing):
                 entry.cells[p] = cells[0, i].float()
-        if entry.features is None:
-            entry.features = loc.adapter.features(pre).float()
         gsum = torch.einsum("p,pnc->nc", W[0].to(pre.acts.device), torch.stack([entry.cells[p] for p in prompts]))
-        signed = (gsum.clamp_min(0) * pre.acts[0].float()).sum(-1).reshape(pre.grid)
+        signed = layercam_maps(gsum[None, None], pre.acts)[0, 0].reshape(pre.grid)  # the engine's Layer-CAM
     elif method == "scorecam":
-        _chans, sel, feats = scorecam_features(loc, entry, scorecam_channels, progress)
+        sel, feats = scorecam_features(loc, entry, scorecam_channels, progress)
         U = W.to(V.device).float() @ V.float()  # (1, D): the explained query vector
         S = feats @ U.t().to(feats.device)  # (K, 1)
         wts = (loc.cam.score_temperature * S).softmax(0)
@@ -1319,41 +1272,12 @@ def run_query(
     if entry.features is None:
         entry.features = loc.adapter.features(pre).float()
     per_prompt = (entry.features.float() @ V.t().to(entry.features.device))[0]
-    score = float((W[0].to(per_prompt.device) * per_prompt).sum())
-    raw = upsample_maps(signed.clamp_min(0), (image.height, image.width)).cpu().numpy().astype(np.float32)
-    return QueryResult(
-        map01=map_to_unit(raw),
-        raw_max=float(raw.max()) if raw.size else 0.0,
-        score=score,
-        concept_score=float(per_prompt[0]),
-        base_score=float(per_prompt[1]) if len(prompts) == 2 else None,
-    )
-
-
-def decode_upload(data: bytes, max_side: int = WORK_MAX_SIDE) -> Image.Image:
-    """Uploaded bytes -> upright 8-bit RGB image, in memory (transparency on white, first frame, bounded size)."""
-    old = Image.MAX_IMAGE_PIXELS
-    try:
-        Image.MAX_IMAGE_PIXELS = UPLOAD_MAX_PIXELS  # decompression bombs raise instead of eating memory
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (max_side, max_side))
-            im.seek(0)
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba)
-            if im.mode in ("I;16", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
-                im = Image.fromarray(arr.astype(np.uint8))
-            im = im.convert("RGB")
-            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            im.load()
-            return im
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+    return ConceptMaps(
+        signed=signed[None].detach(), concepts=[concept], base=base if len(prompts) == 2 else None, gamma=g,
+        method=method, scores=(W[0].to(per_prompt.device) * per_prompt).sum()[None].cpu(),
+        concept_scores=per_prompt[:1].cpu(), base_score=float(per_prompt[1]) if len(prompts) == 2 else None,
+        size=(image.height, image.width),
+    )  # fmt: skip
 
 
 def candidate_images(cfg: AppConfig, limit: int = 500) -> list[tuple[str, Path]]:
@@ -1401,6 +1325,7 @@ def _cancel_query(token: str) -> None:
 
 
 def page_query(cfg: AppConfig) -> None:
+    """The Query page: an image (picked or uploaded), a concept, a base prompt and gamma -> map, mask and scores."""
     st.header("Query: where is this trait?")
     st.caption("Finer-CAM of a text concept against a base prompt: s = s_concept - gamma * s_base.")
     choices = candidate_images(cfg)
@@ -1412,9 +1337,11 @@ def page_query(cfg: AppConfig) -> None:
         up = st.file_uploader("Upload an image (kept in memory)", type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
                               key="q_upload")  # fmt: skip
         if up is not None:
+            from traitloc.data.images import load_image
+
             data = up.getvalue()
-            try:
-                image = decode_upload(data)
+            try:  # decoded in memory, never written
+                image = load_image(data, max_side=WORK_MAX_SIDE, max_pixels=UPLOAD_MAX_PIXELS).image
             except Exception as err:  # noqa: BLE001 - any decode failure is the user's file
                 st.error(f"Cannot read the uploaded file: {type(err).__name__}: {err}")
                 st.text(f"file name: {up.name}")
@@ -1484,21 +1411,23 @@ def page_query(cfg: AppConfig) -> None:
         res = run_query(loc, image, image_id, concept, base_p, gamma, method, progress=progress_cb)
     if progress_cb is not None:
         working.empty()  # done: no stale Cancel button
-    from traitloc.io.files import mask_from_map
+    from traitloc.io.files import map_to_unit, mask_from_map, overlay_array
 
-    st.session_state[LAST_QUERY] = {"map01": res.map01, "score": res.score, "method": method, "gamma": gamma}
+    raw = res.map(0)
+    map01, score = map_to_unit(raw), float(res.scores[0])
+    st.session_state[LAST_QUERY] = {"map01": map01, "score": score, "method": method, "gamma": gamma}
     work = np.asarray(image)
-    mask = mask_from_map(res.map01, threshold)
     i1, i2, i3 = st.columns(3)
     i1.image(work, caption="image", width="stretch")
-    i2.image(rk.draw(work, res.map01, "overlay", 0.5), caption="overlay", width="stretch")
-    i3.image((mask.astype(np.uint8) * 255), caption=f"mask (map > {threshold:g})", width="stretch")
+    i2.image(overlay_array(work, map01, 0.5), caption="overlay", width="stretch")
+    i3.image(mask_from_map(map01, threshold).astype(np.uint8) * 255, caption=f"mask (map > {threshold:g})",
+             width="stretch")  # fmt: skip
     m1, m2, m3 = st.columns(3)
-    m1.metric("objective s", f"{res.score:.4f}")
-    m2.metric("cos(concept)", f"{res.concept_score:.4f}")
+    m1.metric("objective s", f"{score:.4f}")
+    m2.metric("cos(concept)", f"{float(res.concept_scores[0]):.4f}")
     m3.metric("cos(base)", "-" if res.base_score is None else f"{res.base_score:.4f}")
     st.caption(
-        f"method {method} · gamma {gamma if base_p else 0:g} · raw max {res.raw_max:.4g} · "
+        f"method {method} · gamma {gamma if base_p else 0:g} · raw max {float(raw.max()) if raw.size else 0.0:.4g} · "
         f"image forward passes this session: {st.session_state.get(FORWARD_COUNTER, 0)} · "
         f"gradient passes: {st.session_state.get(GRADIENT_COUNTER, 0)} · "
         f"Score-CAM masked runs: {st.session_state.get(MASKED_COUNTER, 0)}"

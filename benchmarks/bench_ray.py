@@ -83,7 +83,7 @@ def loadavg() -> list[float]:
 def run_one(name: str, photos: list[Path], out: Path, common: list[str], env: dict[str, str]) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    argv = [sys.executable, "-m", "traitloc.cli.commands", "localize", *map(str, photos), *common, "--out", str(out)]
+    argv = [sys.executable, "-m", "traitloc.cli", "localize", *map(str, photos), *common, "--out", str(out)]
     argv += CONFIGS[name]
     before = loadavg()
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from traitloc.io import reviewkit as rk  # noqa: E402
 from traitloc.io.decisions import ReviewStore  # noqa: E402
-from traitloc.io.store import ResultStore, read_results, render_mask, render_unit_map  # noqa: E402
+from traitloc.io.store import ResultStore, grid_of, read_results, render_map, render_mask, render_unit_map  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "review.py"
@@ -179,17 +179,24 @@ def test_table_reads_the_store_without_grids_and_renders_on_demand(results: Path
 
 
 def test_numpy_rendering_matches_the_library_renderer(results: Path) -> None:
-    """Thumbnails are rendered in NumPy (no torch import for the grid): the same maps as render_unit_map."""
+    """Thumbnails are rendered in NumPy (no torch import for the grid): the same maps as render_map/render_unit_map."""
     rng = np.random.default_rng(0)
     table, cache = rk.load_table(results), rk.GridCache()
+
+    def same(row: dict[str, Any], size: tuple[int, int]) -> None:
+        np.testing.assert_allclose(rk.unit_map(row, size), render_unit_map(row, size), atol=1e-5)
+        for signed in (False, True):  # the raw interpolation, ReLU'd and signed, in the grid's units
+            grid = grid_of(row) if signed else np.maximum(grid_of(row), 0)
+            ref = render_map(row, size, signed=signed)
+            np.testing.assert_allclose(rk.upsample_bilinear(grid, size), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
     for rec in table.rows.to_dict("records")[:2]:
         row = cache.row_with_grid(table, rec)
         for size in [(row["height"], row["width"]), (48, 36), (7, 5), (3, 2), (200, 90)]:
-            np.testing.assert_allclose(rk.unit_map(row, size), render_unit_map(row, size), atol=1e-5)
+            same(row, size)
     for (h, w), size in [((7, 7), (160, 120)), ((14, 14), (375, 500)), ((1, 1), (5, 5)), ((7, 5), (3, 2))]:
         g = rng.standard_normal((h, w)).astype(np.float32)
-        row = {"grid": g.ravel(), "grid_h": h, "grid_w": w}
-        np.testing.assert_allclose(rk.unit_map(row, size), render_unit_map(row, size), atol=1e-5)
+        same({"grid": g.ravel(), "grid_h": h, "grid_w": w}, size)
 
 
 def test_outline_is_the_mask_border() -> None:

@@ -23,22 +23,21 @@ from cubfake import COLOR_RGB, WING_COLORS, fake_class_attributes, fake_class_na
 from torch import nn
 
 from traitloc.data.cub import CUB
+from traitloc.engine.hooks import HookAdapter
 from traitloc.metrics import maps as metrics
+from traitloc.metrics.attributes import attribute_differences, parts_attribute_map, parts_sigma
+from traitloc.metrics.maps import ScoredMap, overlap_scores
 from traitloc.models.backbones import ImagePreprocess
-from traitloc.models.classifier import ClassifierExplainer, HookAdapter, LinearProbe, save_probe
+from traitloc.models.classifier import ClassifierExplainer
+from traitloc.models.probes import LinearProbe, save_probe
 from traitloc.pipelines.audit import (
     AUDIT_COLUMNS,
     SUMMARY_COLUMNS,
     AuditSettings,
     ProbeClassifier,
-    ScoredMap,
     add_parser,
-    attribute_differences,
     classifier_maps,
     load_probe_classifier,
-    overlap_scores,
-    parts_attribute_map,
-    parts_sigma,
     run,
     run_audit,
     shuffled_partner,
@@ -254,6 +253,13 @@ def test_scored_map_top_mask_matches_the_metric(seed: int) -> None:
     rng = np.random.default_rng(seed)
     a = np.round(np.maximum(rng.normal(size=(37, 23)), 0), 1)  # many ties, at the minimum and above
     for f in (0.0, 0.01, 0.1, 0.37, 1.0):
+        # the rule of the ranking (stable sort, ties in raster order, the minimum never selected), as the audit
+        # always computed it: top_fraction_mask finds the same pixels with a partition
+        flat = a.ravel()
+        k = min(int(math.floor(f * flat.size + 0.5)), int((flat > flat.min()).sum()))
+        ref = np.zeros(flat.size, bool)
+        ref[np.argsort(-flat, kind="stable")[:k]] = True
+        np.testing.assert_array_equal(metrics.top_fraction_mask(a, f), ref.reshape(a.shape))
         np.testing.assert_array_equal(ScoredMap(a, f).top, metrics.top_fraction_mask(a, f))
     np.testing.assert_array_equal(ScoredMap(np.ones((5, 5))).top, np.zeros((5, 5), bool))
 

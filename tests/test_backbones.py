@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from traitloc.engine.cam import FinerCAM, finer_coefficients
+from traitloc.engine.hooks import HookAdapter
 from traitloc.engine.reference import reference_cam
 from traitloc.models.backbones import (
     IMAGENET_MEAN,
@@ -27,7 +28,7 @@ from traitloc.models.backbones import (
     make_adapter,
     validate_mapping,
 )
-from traitloc.models.classifier import ClassifierExplainer, HookAdapter
+from traitloc.models.classifier import ClassifierExplainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CUB_ROOT = Path(os.environ.get("TRAITLOC_CUB_ROOT", Path(__file__).resolve().parents[2] / "shared" / "cub"))
@@ -157,6 +158,26 @@ def test_load_callable_backbone(tmp_path, user_module):
     d = load_callable(f"{user_module}:backbone", "backbone", cwd=tmp_path)
     assert d["feature_dim"] == 8
     assert isinstance(make_adapter(d), HookAdapter)
+
+
+def test_old_module_names_still_load(tmp_path, user_module, monkeypatch):
+    """``MODULE:FUNCTION`` specs from before the split into subpackages (documented, and recorded in old run.json and
+    probe.json files) load from the new modules; the spec is recorded as given."""
+    import importlib
+
+    from traitloc.models import backbones
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = importlib.import_module(user_module)
+    monkeypatch.setattr(backbones, "tl_test_classifier", user.classifier, raising=False)
+    monkeypatch.setattr(backbones, "tl_test_backbone", user.backbone, raising=False)
+    d = load_callable("traitloc.backbones:tl_test_classifier")
+    assert d["callable"] == "traitloc.backbones:tl_test_classifier" and d["num_classes"] == 4
+    bb = backbones.rebuild_backbone({"kind": "callable", "callable": "traitloc.backbones:tl_test_backbone"})
+    assert bb["feature_dim"] == 8 and bb["callable"] == "traitloc.backbones:tl_test_backbone"
+    assert backbones.MOVED_MODULES["traitloc.classify"] == "traitloc.models.classifier"
+    for new in backbones.MOVED_MODULES.values():
+        importlib.import_module(new)
 
 
 @pytest.mark.parametrize(
@@ -298,7 +319,7 @@ def test_cub_probe_on_lite0_features(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     from traitloc.data.cub import CUB
     from traitloc.models.backbones import efficientnet_lite0
-    from traitloc.models.classifier import extract_features, load_probe, save_probe, train_probe
+    from traitloc.models.probes import extract_features, load_probe, save_probe, train_probe
 
     cub = CUB(CUB_ROOT)
     rows = cub.split("all", classes=[1, 2, 3]).groupby("class_id").head(4).reset_index(drop=True)

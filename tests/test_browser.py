@@ -65,7 +65,7 @@ def _app_command() -> list[str]:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     if "app" in (sub.choices or {}):
         exe = Path(sys.executable).with_name("traitloc")
-        return [str(exe), "app"] if exe.is_file() else [sys.executable, "-m", "traitloc.cli.commands", "app"]
+        return [str(exe), "app"] if exe.is_file() else [sys.executable, "-m", "traitloc.cli", "app"]
     return [sys.executable, "-m", "traitloc.cli.app"]
 
 
@@ -149,7 +149,7 @@ def relative_run(tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Pat
     (work / "images").mkdir()
     for i in range(N_PHOTOS):
         Image.fromarray(make_image_array((96, 72), seed=i)).save(work / "images" / f"photo{i}.png")
-    cmd = [sys.executable, "-m", "traitloc.cli.commands", "localize", "images", *[a for c in CONCEPTS for a in ("--concept", c)],
+    cmd = [sys.executable, "-m", "traitloc.cli", "localize", "images", *[a for c in CONCEPTS for a in ("--concept", c)],
            "--base", "bird", "--model", str(tiny_clip_config), "--pretrained", str(tiny_clip_weights),
            "--device", "cpu", "--out", "results", "--quiet"]  # fmt: skip
     env = dict(
@@ -351,7 +351,7 @@ def test_readme_screenshot_of_the_grid(tmp_path: Path) -> None:
         os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
     out = tmp_path / "explained"
-    cmd = [sys.executable, "-m", "traitloc.cli.commands", "explain", str(photos), "--classifier",
+    cmd = [sys.executable, "-m", "traitloc.cli", "explain", str(photos), "--classifier",
            "traitloc.models.backbones:efficientnet_lite0_classifier", "--out", str(out), "--quiet"]  # fmt: skip
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=600)
     shot = tmp_path / "review_app.png"

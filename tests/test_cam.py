@@ -1,4 +1,5 @@
-"""The engine against the plain full-autograd definition (DESIGN.md §1), for ViT and ResNet open_clip towers."""
+"""The engine against the plain full-autograd definition (docs/engine.md, "Reference definition"), for ViT and
+ResNet open_clip towers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from traitloc.engine.adapters import OpenClipResNet, OpenClipViT, TargetAdapter, clip_adapter
+from traitloc.engine.adapters import Adapter, OpenClipResNet, OpenClipViT, TargetAdapter, batched_vjp, clip_adapter
 from traitloc.engine.cam import FinerCAM, finer_coefficients, upsample_maps
 from traitloc.engine.reference import capture_activation, reference_cam, vit_input_grid
 
@@ -80,8 +81,80 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_clip_adapter_picks_the_right_adapter(vit, rn):
     assert isinstance(clip_adapter(vit.visual), OpenClipViT)
     assert isinstance(clip_adapter(rn.visual), OpenClipResNet)
+    assert isinstance(clip_adapter(vit.visual), Adapter) and isinstance(clip_adapter(rn.visual), Adapter)
     with pytest.raises(TypeError, match="no Finer-CAM adapter"):
         clip_adapter(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="Adapter"):
+        FinerCAM(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+# -- batched vector-Jacobian products -------------------------------------------------------------------------------
+
+
+class _ItemInBackward(torch.autograd.Function):
+    """Doubles its input; its backward calls ``.item()``, which vmap has no batching rule for."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return 2 * t
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (2.0 + 0.0 * g.sum().item())
+
+
+def _vjp_case(item_in_backward: bool = False):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 5, generator=g).requires_grad_(True)
+    h = _ItemInBackward.apply(w) if item_in_backward else 2 * w
+    out = torch.tanh(h @ torch.randn(5, 4, generator=g))
+    V = torch.randn(2, 3, 4, generator=g)
+    loop = torch.stack(
+        [torch.autograd.grad(out, w, grad_outputs=V[:, p], retain_graph=True)[0] for p in range(3)], 1
+    )  # one plain backward per cotangent
+    return out, w, V, loop
+
+
+def test_batched_vjp_equals_one_backward_per_vector():
+    out, w, V, loop = _vjp_case()
+    torch.testing.assert_close(batched_vjp(out, w, V), loop)
+    torch.testing.assert_close(batched_vjp(out, w, V, chunk=2), loop)
+
+
+def test_batched_vjp_falls_back_for_an_op_without_a_batching_rule():
+    out, w, V, loop = _vjp_case(item_in_backward=True)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):  # what torch raises here
+        torch.autograd.grad(out, w, grad_outputs=V.transpose(0, 1), retain_graph=True, is_grads_batched=True)
+    torch.testing.assert_close(batched_vjp(out, w, V), loop)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("Expected all tensors to be on the same device"),
+        ValueError("not a RuntimeError"),
+    ],
+    ids=["OutOfMemoryError", "cuda-error-oom", "other-runtime-error", "value-error"],
+)
+def test_batched_vjp_lets_out_of_memory_and_other_errors_through(monkeypatch, error):
+    """Only vmap's no-batching-rule error falls back: out of memory must reach the runner's batch splitter."""
+    out, w, V, loop = _vjp_case()
+    plain_grad = torch.autograd.grad
+
+    def grad(*args, raise_=error, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise raise_
+        return plain_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    with pytest.raises(type(error)) as info:
+        batched_vjp(out, w, V)
+    assert info.value is error
+    no_rule = RuntimeError("Batching rule not implemented for aten::item. We could not generate a fallback.")
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grad(*a, raise_=no_rule, **k))
+    torch.testing.assert_close(batched_vjp(out, w, V), loop)
 
 
 @pytest.mark.parametrize("which", ["vit", "rn"])

@@ -10,22 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from traitloc.engine.cam import FinerCAM, finer_coefficients
+from traitloc.engine.hooks import HookAdapter, forward_hook, frozen_parameters, resolve_module
 from traitloc.engine.reference import reference_cam
-from traitloc.models.classifier import (
-    ClassifierExplainer,
+from traitloc.models.classifier import ClassifierExplainer, similar_by_weights, similar_classes
+from traitloc.models.probes import (
     FeatureCacheError,
-    HookAdapter,
     LinearProbe,
     ProbeError,
     extract_features,
-    forward_hook,
-    frozen_parameters,
     load_probe,
     probe_accuracy,
-    resolve_module,
     save_probe,
-    similar_by_weights,
-    similar_classes,
     train_probe,
 )
 
@@ -641,6 +636,44 @@ def test_explain_other_methods(cnn, method):
     assert res.signed.shape == (2, 8, 8) and res.method == method
 
 
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "scorecam"])
+def test_explain_one_forward_per_batch(cnn, method):
+    """Every method reuses the batch's one forward pass (Layer-CAM and Score-CAM used to run the model again), with
+    the maps of the engine on a fresh prefix (the explainer's output before) and, for the gradient methods, of the
+    full-autograd reference."""
+    torch.manual_seed(16)
+    ex = ClassifierExplainer.from_model(cnn, "features.4", NAMES, method=method, scorecam_channels=4, scorecam_batch=2)
+    x = torch.randn(3, 3, 16, 16)
+    calls: list[int] = []
+    with forward_hook(cnn, lambda _m, inp, _out: calls.append(int(inp[0].shape[0]))):
+        res = ex.explain(x, gamma=0.6)
+    masked = [2] * (3 * 2) if method == "scorecam" else []  # Score-CAM: 4 masked images per image, 2 per pass
+    assert calls == [3, *masked]
+    calls.clear()
+    with forward_hook(cnn, lambda _m, inp, _out: calls.append(int(inp[0].shape[0]))):
+        pre = ex.cam.prefix(x)  # a prefix run by the caller (traitloc explain: the logits first) is reused too
+        again = ex.explain(x, gamma=0.6, prefix=pre)
+        torch.testing.assert_close(ex.logits(pre), again.logits)
+    assert calls == [3, *masked]
+    torch.testing.assert_close(again.signed, res.signed, rtol=0, atol=0)
+    V = torch.stack([torch.eye(K)[[t, *r]] for t, r in zip(res.targets, res.references, strict=True)])
+    W = finer_coefficients(4, [0], [[1, 2, 3]], 0.6)
+    before = FinerCAM(HookAdapter(cnn, "features.4"), method, scorecam_channels=4, scorecam_batch=2)(x, V, W)
+    torch.testing.assert_close(res.signed, before.signed[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(res.cam.scores, before.scores, rtol=0, atol=0)
+    if method != "scorecam":
+        for b in range(3):
+            ref = reference_cam(cnn, cnn.features[4], x[b : b + 1], V[b], W, normalize=False, layout="cnn",
+                                method=method)  # fmt: skip
+            assert _rel(res.signed[b], ref[0, 0]) < 1e-5
+
+
+def test_with_method(explainer):
+    other = explainer.with_method("layercam", scorecam_channels=2)
+    assert other.method == "layercam" and other.adapter is explainer.adapter and other.class_names == NAMES
+    assert torch.equal(other.weight, explainer.weight) and other.cam.scorecam_channels == 2
+
+
 def test_explain_probe_on_features(cnn):
     """A probe on a backbone's features: HookAdapter on the backbone + the probe's weight and bias."""
     torch.manual_seed(14)
@@ -708,7 +741,7 @@ def test_explainer_constructor_errors(cnn):
         ClassifierExplainer(ad, torch.eye(K), torch.zeros(3), NAMES)
     with pytest.raises(ValueError, match="unknown method"):
         ClassifierExplainer(ad, torch.eye(K), None, NAMES, method="cam")
-    with pytest.raises(TypeError, match="TargetAdapter"):
+    with pytest.raises(TypeError, match="Adapter"):
         ClassifierExplainer(cnn, torch.eye(K), None, NAMES)  # type: ignore[arg-type]
     ex = ClassifierExplainer(ad, torch.eye(12), None, [str(i) for i in range(12)])
     with pytest.raises(ValueError, match="10-d outputs but the head expects 12"):

@@ -1,4 +1,5 @@
-"""The parts of :mod:`traitloc.pipelines.distributed` that need no Ray: part names, duplicate compaction, item encoding, errors.
+"""The parts of :mod:`traitloc.pipelines.distributed` that need no Ray: part names, duplicate compaction, item
+encoding, errors.
 
 The runs on a Ray instance are in ``test_ray.py``.
 """

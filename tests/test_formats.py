@@ -1,4 +1,4 @@
-"""Tests of the export formats and ``traitloc export`` (traitloc/pipelines/export.py).
+"""Tests of the export formats (traitloc/io/formats.py) and ``traitloc export`` (traitloc/pipelines/export.py).
 
 Round trips: TIFF values and ImageJ metadata, COCO RLE (against pycocotools when installed), polygons back to
 masks, figures (SVG parsed as XML, PDF text, PNG dpi). Exports render from the run's results store: hand-made
@@ -28,29 +28,25 @@ import tifffile
 from conftest import make_image_array
 from PIL import Image
 
-from traitloc.io.files import read_map_tiff
-from traitloc.io.store import ResultStore, read_results, render_mask, render_unit_map, rows_of
-from traitloc.pipelines import export as formats
-from traitloc.pipelines.export import (
+from traitloc.io.files import map_tiff_bytes, read_map_tiff
+from traitloc.io.formats import (
     COLORBAR_GID,
     COLORBAR_LABEL,
     FormatError,
-    export_results,
-    export_zip_bytes,
+    bbox_area,
     figure_bytes,
     figure_panel,
-    list_results,
-    map_tiff_bytes,
     mask_png_bytes,
     mask_to_polygons,
     polygons_to_mask,
-    read_decisions,
-    read_export_tiff,
     rle_decode,
     rle_encode,
     rle_from_string,
     rle_to_string,
 )
+from traitloc.io.store import ResultStore, read_results, render_mask, render_unit_map, rows_of
+from traitloc.pipelines import export as formats
+from traitloc.pipelines.export import export_results, export_zip_bytes, list_results, read_decisions
 
 SVG = "{http://www.w3.org/2000/svg}"
 #: Parquet is optional (pyarrow comes with streamlit in the app extra); its checks are skipped without an engine
@@ -272,7 +268,7 @@ def test_rle_matches_pycocotools() -> None:
         np.testing.assert_array_equal(mask_api.decode(again).astype(bool), mask)
         assert int(mask_api.area(theirs)) == int(mask.sum())
         if mask.any():
-            assert formats._bbox_area(mask)[0] == [int(v) for v in mask_api.toBbox(theirs)]
+            assert bbox_area(mask)[0] == [int(v) for v in mask_api.toBbox(theirs)]
 
 
 def test_rle_errors() -> None:
@@ -373,7 +369,7 @@ def test_tiff_round_trip_values_and_imagej_metadata() -> None:
     unit[0, 0] = 0.0
     unit[-1, -1] = 1.0
     settings = {"concept": "rote Flügel", "gamma": 0.6, "base": "bird", "method": "gradcam"}
-    data = map_tiff_bytes(unit, settings, label="rote Flügel")
+    data = map_tiff_bytes(unit, settings, imagej=True, label="rote Flügel")
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         assert tif.is_imagej
         assert len(tif.pages) == 1
@@ -386,11 +382,11 @@ def test_tiff_round_trip_values_and_imagej_metadata() -> None:
         assert ij["Labels"] in ("rote Flügel", ["rote Flügel"])
         assert json.loads(ij["Info"]) == settings
         assert page.description.startswith("ImageJ=")
-    array, meta = read_export_tiff(data)
+    array, meta = read_map_tiff(data)
     np.testing.assert_array_equal(array, unit)
     assert meta == settings
     with pytest.raises(ValueError, match="2-D"):
-        map_tiff_bytes(np.zeros((2, 2, 2)))
+        map_tiff_bytes(np.zeros((2, 2, 2)), imagej=True)
 
 
 def test_mask_png_is_binary_with_settings() -> None:
@@ -533,7 +529,7 @@ def test_export_matches_localize_save_files(localized: Path, tmp_path: Path) -> 
         saved_map, saved_meta = read_map_tiff(localized / row["map"])
         saved_mask = np.asarray(Image.open(localized / row["mask"])) > 127
         # TIFF maps: bit for bit what localize --save wrote, settings in ImageJ Info
-        values, settings = read_export_tiff(out / "maps" / f"{rid}.tif")
+        values, settings = read_map_tiff(out / "maps" / f"{rid}.tif")
         assert values.dtype == np.float32 and values.shape == (row["height"], row["width"])
         np.testing.assert_array_equal(values, saved_map)
         np.testing.assert_array_equal(values, render_unit_map(row))
@@ -624,7 +620,7 @@ def test_export_of_an_explain_run_matches_its_save_files(tmp_path: Path, image_f
     assert {c["name"] for c in coco["categories"]} == {r["target"] for r in rows.values()}
     assert {c["supercategory"] for c in coco["categories"]} == {"target"}
     for rid, row in rows.items():
-        values, settings = read_export_tiff(tmp_path / "export" / "maps" / f"{rid}.tif")
+        values, settings = read_map_tiff(tmp_path / "export" / "maps" / f"{rid}.tif")
         np.testing.assert_array_equal(values, read_map_tiff(out / row["map"])[0])
         assert settings["target"] == row["target"] and settings["references"] == row["references"]
         saved_mask = np.asarray(Image.open(out / row["mask"])) > 127
@@ -663,7 +659,7 @@ def test_list_results_last_written_row_wins(tmp_path: Path) -> None:
     results, _ = list_results(root)
     assert [r.row["score"] for r in results] == [7.0]
     manifest = export_results(root, "tiff", tmp_path / "o")
-    values, _ = read_export_tiff(tmp_path / "o" / "maps" / "img0" / "red-wing.tif")
+    values, _ = read_map_tiff(tmp_path / "o" / "maps" / "img0" / "red-wing.tif")
     np.testing.assert_array_equal(values, render_unit_map({**again, "grid": blob_grid(99)}))
     assert manifest["counts"]["exported"] == 1
 
@@ -678,12 +674,7 @@ def test_a_folder_without_a_store_names_localize(tmp_path: Path, capsys: pytest.
     assert len(err.splitlines()) == 1 and "traitloc localize" in err and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("use_store", [True, False])
-def test_status_accepted(handmade: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_store: bool) -> None:
-    if not use_store:
-        monkeypatch.setitem(sys.modules, "traitloc.io.decisions", None)  # the direct SQLite reader
-    elif importlib_missing("traitloc.io.decisions"):
-        pytest.skip("traitloc.io.decisions is not there yet")
+def test_status_accepted(handmade: Path, tmp_path: Path) -> None:
     write_decisions(handmade, {"img0/red-wing": "accepted", "img1/blue-tail": "accepted", "img0/blue-tail": "rejected",
                                "img1/red-wing": "needs-work"})  # fmt: skip
     decisions = read_decisions(handmade)
@@ -702,13 +693,6 @@ def test_status_accepted(handmade: Path, tmp_path: Path, monkeypatch: pytest.Mon
     rc = export_cli([str(handmade), "--status", "needs-work", "--format", "png", "--out", str(tmp_path / "nw"),
                      "--quiet"])  # fmt: skip
     assert rc == 0 and [p.name for p in (tmp_path / "nw" / "masks").rglob("*.png")] == ["red-wing.png"]
-
-
-def importlib_missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
 
 
 def test_select_by_concept_and_score(handmade: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -802,7 +786,7 @@ def test_float16_grids_render_close(tmp_path: Path) -> None:
            "grid_h": 6, "grid_w": 8, "raw_max": 1.0}  # fmt: skip
     store.write([row])
     export_results(root, "tiff", tmp_path / "o")
-    values, _ = read_export_tiff(tmp_path / "o" / "maps" / "a" / "red-wing.tif")
+    values, _ = read_map_tiff(tmp_path / "o" / "maps" / "a" / "red-wing.tif")
     assert np.abs(values - render_unit_map(row)).max() <= 1e-3
 
 

@@ -24,22 +24,23 @@ pytorch-grad-cam 1.5.7
     input size, and min-max again across layers. We compare the signed grid maps (exact) and the final output
     against traitloc's ReLU maps put through the same min-max and a torch bilinear resize.
   - LayerCAM: ``sum_k ReLU(dS/dA_k) A_k`` (signed, before the final ReLU), same post-processing.
-  - Its own ``FinerCAM`` / ``FinerWeightedTarget`` is *not* the DESIGN.md §1 objective: references are weighted by
-    the model's softmax probabilities, ``sum_t p_t (s_c - alpha s_t) / sum_t p_t``, with gradients flowing
-    through the weights too; the default target is the argmax class and ``comparison_categories`` are ranks in the
-    order of ``|logit - target logit|`` (rank 0 is the target), not class ids. With one reference the weights
-    cancel (up to its ``1e-9``) and it equals §1 (tested). With several references it differs (tested to differ).
-    Measured on the tiny ViT, 3 references, alpha 1: with raw cosine logits (near-uniform softmax) Pearson with
-    §1 0.997-0.998 and a max difference of 7 % of the map scale; with CLIP's logit scale 100 applied to the
-    logits (peaked softmax) Pearson 0.90-0.94 and a 42 % max difference. Its objective also depends on the logit
-    scale; §1's maps only scale with it.
+  - Its own ``FinerCAM`` / ``FinerWeightedTarget`` is *not* the reference objective (``docs/engine.md``,
+    "Reference definition"; "the reference" below): references are weighted by the model's softmax probabilities,
+    ``sum_t p_t (s_c - alpha s_t) / sum_t p_t``, with gradients flowing through the weights too; the default target
+    is the argmax class and ``comparison_categories`` are ranks in the order of ``|logit - target logit|`` (rank 0
+    is the target), not class ids. With one reference the weights cancel (up to its ``1e-9``) and it equals the
+    reference (tested). With several references it differs (tested to differ). Measured on the tiny ViT,
+    3 references, alpha 1: with raw cosine logits (near-uniform softmax) Pearson with the reference 0.997-0.998 and
+    a max difference of 7 % of the map scale; with CLIP's logit scale 100 applied to the logits (peaked softmax)
+    Pearson 0.90-0.94 and a 42 % max difference. Its objective also depends on the logit scale; the reference maps
+    only scale with it.
 torchcam 0.5.0
   - Gradients by ``torch.autograd.grad(loss, hooked_output)``; ``reshape_transform`` on both.
   - GradCAM: weights = spatial mean of gradients; map = ``nansum(w * A, 1)``, then ReLU, then (``normalized=True``)
     min-max ``(m - min) / (max + eps)``; no upsampling. We call ``normalized=False`` and compare the ReLU grid maps.
   - ``FinerCAM(model, layer, base_method=GradCAM|LayerCAM, gamma=..)`` with ``class_idx=`` and explicit
     ``comparison_idx=`` (class ids) builds ``s_c - gamma * mean_t s_t`` from the scores *before* the base method's
-    ReLU: exactly §1. It rejects ``gamma < 0`` (traitloc accepts any finite gamma).
+    ReLU: exactly the reference. It rejects ``gamma < 0`` (traitloc accepts any finite gamma).
   - LayerCAM: ``ReLU(grad) * A`` summed over channels, then ReLU (its ``fuse_cams`` tanh scaling is not used).
 
 Both libraries return only ReLU maps from their public calls; traitloc also returns the signed maps.
@@ -278,18 +279,18 @@ def pgc_finer_weighted(s: Setup, refs: list[int], alpha: float) -> np.ndarray:
 
 
 def test_vit_pytorch_grad_cam_finer_target_one_reference_is_finer(tiny_vit: Setup):
-    """pytorch-grad-cam's FinerWeightedTarget with one reference: its softmax weight cancels, §1 holds."""
+    """pytorch-grad-cam's FinerWeightedTarget with one reference: its softmax weight cancels, the reference holds."""
     out, _ = tiny_vit.ours([3], gammas=(0.6, 1.0))
     for q, alpha in enumerate((0.6, 1.0)):
         assert_maps_equal(out.signed[:, q], pgc_finer_weighted(tiny_vit, [3], alpha))
 
 
 def test_vit_pytorch_grad_cam_finer_target_several_references_differs(tiny_vit: Setup):
-    """With several references it is a softmax-weighted objective (gradients through the weights): not §1."""
+    """With several references it is a softmax-weighted objective (gradients through the weights): not the reference."""
     out, _ = tiny_vit.ours([1, 2, 3], gammas=(1.0,))
     theirs = pgc_finer_weighted(tiny_vit, [1, 2, 3], 1.0)
     diff = (out.signed[:, 0] - torch.as_tensor(theirs)).abs().max() / out.signed.abs().max()
-    assert diff > 1e-3, "pytorch-grad-cam's multi-reference FinerWeightedTarget unexpectedly equals §1"
+    assert diff > 1e-3, "pytorch-grad-cam's multi-reference FinerWeightedTarget unexpectedly equals the reference"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Review decisions in SQLite (traitloc.io.decisions): schema, validation, concurrent writers, crash safety, path safety."""
+"""Review decisions in SQLite (traitloc.io.decisions): schema, validation, concurrent writers, crash and path safety."""
 
 from __future__ import annotations
 

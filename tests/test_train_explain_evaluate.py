@@ -1,4 +1,4 @@
-"""End-to-end tests of ``traitloc train-probe``, ``traitloc explain`` and ``traitloc evaluate`` (DESIGN.md §6).
+"""End-to-end tests of ``traitloc train-probe``, ``traitloc explain`` and ``traitloc evaluate``.
 
 Everything runs on the synthetic CUB of ``cubfake.py`` with the tiny seeded models of ``tiny_backbones.py``, given
 as ``MODULE:FUNCTION`` exactly as a user would (``tests/`` is on ``sys.path``). Also: exactness against torchcam's
@@ -26,6 +26,7 @@ from tiny_backbones import CLASS_NAMES, tiny_cnn_classifier, tiny_vit_classifier
 
 from traitloc.io.files import read_map_tiff
 from traitloc.io.store import read_results, render_map, render_unit_map, rows_of
+from traitloc.models.probes import load_probe_classifier
 from traitloc.pipelines import evaluate, explain, train
 from traitloc.pipelines.options import CliError
 
@@ -232,7 +233,7 @@ def test_train_probe_open_clip_backbone_round_trip(fake_cub: Path, tmp_path: Pat
     assert bb["kind"] == "open_clip" and bb["model"] == str(tiny_clip_config.resolve())
     assert bb["pretrained"] == str(tiny_clip_weights.resolve()) and len(bb["pretrained_sha256"]) == 64
     assert meta["feature_normalization"] == "l2" and bb["target_layer"] == "visual.transformer.resblocks[-1].ln_1"
-    clf = train.load_probe_model(out, "cpu")
+    clf = load_probe_classifier(out, device="cpu")
     assert type(clf.adapter).__name__ == "OpenClipViT"
     rc, err = cli(["explain", str(_images(fake_cub)[0]), "--probe", str(out), "--device", "cpu", "--quiet", "--out",
                    str(tmp_path / "ex")])  # fmt: skip
@@ -328,9 +329,9 @@ def test_explain_probe_maps_are_the_engines(probe_dir: Path, fake_cub: Path, tmp
     (stored,) = store_rows(out)
     assert stored["target_spec"] == "002.Red_winged_Testbird" and stored["reference_spec"] == row["references"]
     assert stored["target_index"] == 1 and stored["reference_indices"] == "0"
-    clf = train.load_probe_model(probe_dir, "cpu")
+    clf = load_probe_classifier(probe_dir, device="cpu")
     x = clf.preprocess(load_image(image).image)[None]
-    res = clf.explainer("layercam").explain(x, target=1, references=[0], gamma=1.5)
+    res = clf.explainer.with_method("layercam").explain(x, target=1, references=[0], gamma=1.5)
     want = upsample_maps(res.maps[0], (48, 64)).numpy()
     np.testing.assert_allclose(render_map(stored), want, rtol=1e-6, atol=1e-7)
     want_signed = upsample_maps(res.signed[0], (48, 64)).numpy()
@@ -388,9 +389,8 @@ def test_explain_matches_torchcam_finercam(factory: str, layer: str, vit: bool, 
         assert row["target"] == row["predicted"] == CLASS_NAMES[target]
         assert tc_grid.max() > 0
         # at the grid: the engine against torchcam
-        ours = train.ProbeModel  # noqa: F841 - the CLI's own explainer is rebuilt below for the grid comparison
         clf = explain.load_classifier(classifier=f"tiny_backbones:{factory}", device="cpu")
-        grid = clf.explainer("gradcam").explain(x, gamma=0.6, num_references=3).maps[0]
+        grid = clf.explainer.explain(x, gamma=0.6, num_references=3).maps[0]
         r_grid = float(torch.corrcoef(torch.stack([grid.reshape(-1), tc_grid.reshape(-1).float()]))[0, 1])
         assert r_grid > 0.999
         # on the saved map
@@ -681,7 +681,8 @@ def test_evaluate_end_to_end_and_resume(probe_dir: Path, fake_cub: Path, tmp_pat
     assert rc == 0, err
     assert json.loads((out / "run.json").read_text())["n_items_todo"] == 0
     n = {m["method"]: int(m["n_images"]) for m in read_csv(out / "metrics.csv")}
-    assert n == dict.fromkeys(evaluate.GRADIENT_METHODS, 3) | {"scorecam": 1, "finer-scorecam": 1}
+    gradient_methods = ["gradcam", "finer-gradcam", "layercam", "finer-layercam"]
+    assert n == dict.fromkeys(gradient_methods, 3) | {"scorecam": 1, "finer-scorecam": 1}
 
 
 def test_evaluate_maps_are_the_explainers(probe_dir: Path, fake_cub: Path):
@@ -690,7 +691,7 @@ def test_evaluate_maps_are_the_explainers(probe_dir: Path, fake_cub: Path):
     from traitloc.engine.cam import FinerCAM
     from traitloc.models.classifier import similar_classes
 
-    clf = train.load_probe_model(probe_dir, "cpu")
+    clf = load_probe_classifier(probe_dir, device="cpu")
     x = torch.stack([clf.preprocess(load_image(p).image) for p in _images(fake_cub)[:4]])
     true = torch.tensor([0, 0, 0, 0])
     logits = clf.model(x)
@@ -701,7 +702,7 @@ def test_evaluate_maps_are_the_explainers(probe_dir: Path, fake_cub: Path):
     for base in ("gradcam", "layercam"):
         cam = FinerCAM(clf.adapter, base)
         got = evaluate._explain_maps(cam, x, None, V, finer, [base, f"finer-{base}"])
-        ex = clf.explainer(base)
+        ex = clf.explainer.with_method(base)
         want_f = ex.explain(x, target=0, gamma=0.6).upsampled()
         want_p = ex.explain(x, target=0, gamma=0.0).upsampled()
         torch.testing.assert_close(got[f"finer-{base}"], want_f, atol=1e-6, rtol=1e-5)

@@ -1,3 +1,6 @@
+"""``python -m traitloc.cli``: the ``traitloc`` command."""
+
 from traitloc.cli.commands import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

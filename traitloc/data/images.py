@@ -410,7 +410,7 @@ def _decode_reason(exc: BaseException, fmt: str | None) -> str:
 
 
 def load_image(
-    path: PathLike,
+    path: PathLike | bytes,
     *,
     max_side: int = 4096,
     min_side: int = 1,
@@ -432,8 +432,9 @@ def load_image(
 
     Parameters
     ----------
-    path : path
-        The image file.
+    path : path or bytes
+        The image file, or its bytes (an upload, decoded in memory and never written; messages call it
+        ``<upload>``).
     max_side : int, default 4096
         Longest side of the working image; larger images are downscaled (aspect ratio kept).
     min_side : int, default 1
@@ -453,23 +454,30 @@ def load_image(
     max_side = _check_positive_int("max_side", max_side)
     min_side = _check_positive_int("min_side", min_side)
     max_pixels = _check_positive_int("max_pixels", max_pixels)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
-    if not path.exists():
-        raise ImageLoadError(path, "file not found")
-    if not path.is_file():
-        raise ImageLoadError(path, "not a file")
-    try:
-        if path.stat().st_size == 0:
+    if isinstance(path, (bytes, bytearray)):
+        upload = BytesIO(path)
+        source: Path | BytesIO = upload
+        path = Path("<upload>")
+        if not upload.getbuffer().nbytes:
             raise ImageLoadError(path, "empty file")
-    except OSError as exc:
-        raise ImageLoadError(path, f"cannot read file ({exc})") from exc
+    elif not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str, os.PathLike or bytes, got {type(path).__name__}")
+    else:
+        path = source = Path(path)
+        if not path.exists():
+            raise ImageLoadError(path, "file not found")
+        if not path.is_file():
+            raise ImageLoadError(path, "not a file")
+        try:
+            if path.stat().st_size == 0:
+                raise ImageLoadError(path, "empty file")
+        except OSError as exc:
+            raise ImageLoadError(path, f"cannot read file ({exc})") from exc
 
     notes: list[str] = []
     with _pillow_pixel_limit(max_pixels):
         try:
-            im_file = Image.open(path)
+            im_file = Image.open(source)
         except UnidentifiedImageError:
             raise ImageLoadError(path, "not an image file (format not recognized)") from None
         except Image.DecompressionBombError as exc:
@@ -488,8 +496,9 @@ def load_image(
                     path,
                     f"image too large ({width}x{height} = {width * height / 1e6:.0f} MP > {max_pixels / 1e6:g} MP)",
                 )
-            if getattr(im_file, "n_frames", 1) > 1:
-                notes.append(f"{im_file.n_frames} frames: only the first is used")
+            n_frames = int(getattr(im_file, "n_frames", 1))
+            if n_frames > 1:
+                notes.append(f"{n_frames} frames: only the first is used")
             try:
                 orientation = int(im_file.getexif().get(_EXIF_ORIENTATION, 1))
             except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image

@@ -26,8 +26,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import traitloc
-
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
         from importlib.resources.abc import Traversable
@@ -192,7 +190,7 @@ def attribute_parts(attribute_name: str) -> tuple[str, ...]:
 
 def _repo_trait_dir() -> Path | None:
     """The repository's top-level ``trait_lists/`` (a source checkout or editable install), if present."""
-    folder = Path(traitloc.__file__).resolve().parent.parent / "trait_lists"
+    folder = Path(__file__).resolve().parents[2] / "trait_lists"  # traitloc/data/traits.py -> the checkout
     return folder if folder.is_dir() else None
 
 

@@ -1,6 +1,6 @@
-"""Target-layer adapters: split a model at its target layer into a prefix (run once, no gradients) and a
-differentiable suffix, and give the gradients of linear scores ``s_v = <f(e), v>`` with respect to the
-target-layer activations.
+r"""Target-layer adapters: split a model at its target layer into a prefix (run once, no gradients) and a
+differentiable suffix, and give the gradients of linear scores :math:`s_v = \langle f(e), v\rangle` with respect to
+the target-layer activations.
 
 Every adapter presents the target-layer activations as ``acts`` of shape ``(B, N, C)``: ``N = h * w`` grid cells
 in raster order and ``C`` channels. ``f`` is L2 normalization for CLIP embeddings (cosine similarity with a
@@ -12,23 +12,26 @@ Two gradient queries are served, both batched over many explained vectors ``V`` 
 ``grad_cells``  ``(B, P, N, C)`` ``d s / d A_k[cell]``                             (Layer-CAM weights)
 
 The generic implementation differentiates the suffix with autograd, vectorized over the explained vectors
-(``torch.autograd.grad(..., is_grads_batched=True)``); Grad-CAM differentiates with respect to one shift vector
-added to every cell (``d s / d shift = sum_cells d s / d A``). :class:`OpenClipViT` adds an exact closed form for
-CLS-pooled open_clip ViTs (DESIGN.md §1.5): after the last block's ``ln_1`` only the CLS token's path reaches
-the embedding, so the backward is a handful of ``(P, C) x (C, C)`` products per image.
+(:func:`batched_vjp`); Grad-CAM differentiates with respect to one shift vector added to every cell
+(``d s / d shift = sum_cells d s / d A``). :class:`OpenClipViT` adds an exact closed form for CLS-pooled open_clip
+ViTs: after the last block's ``ln_1`` only the CLS token's path reaches the embedding, so the backward is a handful
+of ``(P, C) x (C, C)`` products per image. The derivations are in ``docs/engine.md`` ("Closed-form head
+derivative").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "Adapter",
     "Prefix",
     "TargetAdapter",
     "batched_vjp",
@@ -36,61 +39,176 @@ __all__ = [
     "OpenClipResNet",
     "clip_adapter",
     "resize_pos_embed",
+    "vit_tokens",
 ]
 
 
 @dataclass
 class Prefix:
-    """Target-layer activations of a batch and what the suffix needs to go on from there."""
+    """Target-layer activations of a batch and what the suffix needs to go on from there.
 
-    acts: Tensor  # (B, N, C)
+    Attributes
+    ----------
+    acts : Tensor
+        ``(B, N, C)`` target-layer activations, ``N = h * w`` grid cells in raster order.
+    grid : tuple of int
+        The activation grid ``(h, w)``.
+    input_size : tuple of int
+        The model input size ``(H, W)`` the grid covers.
+    extra : dict
+        Adapter-specific tensors the suffix needs (e.g. a ViT's CLS token), and caches of the fast paths.
+    """
+
+    acts: Tensor
     grid: tuple[int, int]
     input_size: tuple[int, int]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
+        """The number of images ``B``."""
         return int(self.acts.shape[0])
 
 
-class TargetAdapter:
-    """Base class: subclasses implement :meth:`prefix` and :meth:`suffix`; fast paths override the gradients."""
+@runtime_checkable
+class Adapter(Protocol):
+    """What the engine needs from a model split at its target layer (:class:`TargetAdapter` implements it).
 
-    normalize: bool = True
-    target_layer: str = ""
-    #: chunk of explained vectors differentiated at once (bounds memory)
-    vector_chunk: int = 512
+    Attributes
+    ----------
+    normalize : bool
+        Whether scores use the L2-normalized embedding (CLIP cosine) or the raw one (classifier logits).
+    target_layer : str
+        A readable name of the target layer (recorded in ``run.json``).
+    """
 
-    def prefix(self, x: Tensor) -> Prefix:  # pragma: no cover - abstract
-        raise NotImplementedError
+    normalize: bool
+    target_layer: str
+
+    def prefix(self, x: Tensor) -> Prefix:
+        """Run the model up to the target layer (no gradients)."""
 
     def suffix(self, pre: Prefix, acts: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-        """Embedding ``e`` (B, D) from target-layer activations (``acts`` replaces ``pre.acts``; ``shift`` (B, C)
-        is added to every cell)."""
-        raise NotImplementedError  # pragma: no cover
+        """Embedding ``(B, D)`` from the target layer on (differentiable)."""
 
-    # -- helpers -------------------------------------------------------------------------------------------------
     def score_features(self, e: Tensor) -> Tensor:
-        return F.normalize(e, dim=-1) if self.normalize else e
+        """``f(e)``: the features whose dot product with a vector is its score."""
 
     def embed(self, x: Tensor) -> Tensor:
         """Plain forward to the embedding (no gradients)."""
+
+    def features(self, pre: Prefix) -> Tensor:
+        """``f(e)`` ``(B, D)`` for a prefix (no gradients)."""
+
+    def grad_mean(self, pre: Prefix, vectors: Tensor) -> Tensor:
+        """Grad-CAM channel weights ``(B, P, C)``."""
+
+    def grad_cells(self, pre: Prefix, vectors: Tensor) -> Tensor:
+        """Per-cell gradients ``(B, P, N, C)``."""
+
+
+class TargetAdapter(Adapter):
+    """Base class of the adapters: subclasses implement :meth:`prefix` and :meth:`suffix`; fast paths override
+    :meth:`grad_mean` and :meth:`grad_cells`.
+
+    The gradients default to batched autograd through :meth:`suffix` (exact for any suffix).
+
+    Attributes
+    ----------
+    normalize : bool
+        ``f`` is L2 normalization (``True``, CLIP) or the identity (``False``, classifier features).
+    target_layer : str
+        A readable name of the target layer.
+    vector_chunk : int
+        Explained vectors differentiated at once (bounds memory).
+    """
+
+    normalize: bool = True
+    target_layer: str = ""
+    vector_chunk: int = 512
+
+    def prefix(self, x: Tensor) -> Prefix:  # pragma: no cover - abstract
+        """Run the model up to the target layer under ``no_grad``.
+
+        Parameters
+        ----------
+        x : Tensor
+            Normalized image batch ``(B, 3, H, W)``.
+
+        Returns
+        -------
+        Prefix
+            The target-layer activations ``(B, N, C)`` and what :meth:`suffix` needs.
+        """
+        raise NotImplementedError
+
+    def suffix(self, pre: Prefix, acts: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """The model from the target layer to the embedding (differentiable).
+
+        Parameters
+        ----------
+        pre : Prefix
+            The batch's prefix.
+        acts : Tensor, optional
+            ``(B, N, C)`` activations replacing ``pre.acts`` (e.g. a leaf that requires grad).
+        shift : Tensor, optional
+            ``(B, C)`` vector added to every cell's activation (its gradient is the sum over cells).
+
+        Returns
+        -------
+        Tensor
+            The embedding ``e`` ``(B, D)``.
+        """
+        raise NotImplementedError  # pragma: no cover
+
+    def score_features(self, e: Tensor) -> Tensor:
+        """``f(e)``: L2-normalized if :attr:`normalize`, else ``e`` itself; scores are ``f(e) @ v``."""
+        return F.normalize(e, dim=-1) if self.normalize else e
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Plain forward to the embedding ``(B, D)`` (no gradients)."""
         with torch.no_grad():
             return self.suffix(self.prefix(x))
 
     def features(self, pre: Prefix) -> Tensor:
-        """``f(e)`` for a prefix (no gradients): scores are ``features @ v``."""
+        """``f(e)`` ``(B, D)`` for a prefix (no gradients): scores are ``features @ v``."""
         with torch.no_grad():
             return self.score_features(self.suffix(pre))
 
-    # -- gradients -------------------------------------------------------------------------------------------------
     def grad_mean(self, pre: Prefix, vectors: Tensor) -> Tensor:
-        """Grad-CAM channel weights ``(B, P, C)``: mean over cells of ``d <f(e), v_p> / d A``."""
+        r"""Grad-CAM channel weights :math:`\alpha_{pk} = \frac1N \sum_i \partial \langle f(e), v_p\rangle /
+        \partial A_{ik}`.
+
+        Parameters
+        ----------
+        pre : Prefix
+            The batch's prefix.
+        vectors : Tensor
+            Explained vectors ``(P, D)`` (shared by the batch) or ``(B, P, D)``.
+
+        Returns
+        -------
+        Tensor
+            ``(B, P, C)``.
+        """
         g = self._autograd(pre, vectors, wrt="shift")
         return g / pre.acts.shape[1]
 
     def grad_cells(self, pre: Prefix, vectors: Tensor) -> Tensor:
-        """Per-cell gradients ``(B, P, N, C)`` of ``<f(e), v_p>`` with respect to the activations."""
+        r"""Per-cell gradients :math:`\partial \langle f(e), v_p\rangle / \partial A_{ik}` (Layer-CAM).
+
+        Parameters
+        ----------
+        pre : Prefix
+            The batch's prefix.
+        vectors : Tensor
+            Explained vectors ``(P, D)`` or ``(B, P, D)``.
+
+        Returns
+        -------
+        Tensor
+            ``(B, P, N, C)``.
+        """
         return self._autograd(pre, vectors, wrt="acts")
 
     def _autograd(self, pre: Prefix, vectors: Tensor, wrt: str) -> Tensor:
@@ -107,11 +225,49 @@ class TargetAdapter:
             return batched_vjp(out, t, vectors, self.vector_chunk)
 
 
-def batched_vjp(out: Tensor, wrt: Tensor, vectors: Tensor, chunk: int = 512) -> Tensor:
-    """Vector-Jacobian products of ``out`` (B, D) for cotangents ``vectors`` (B, P, D): ``(B, P, *wrt.shape[1:])``.
+#: How torch's vmap (behind ``is_grads_batched=True``) reports an op it cannot vectorize: an op without a batching
+#: rule ("Batching rule not implemented for aten::item. We could not generate a fallback.", "... for aten::mul.out;
+#: the fallback path doesn't work on out= or view ops."), a limit of its fallback ("The fallback path does not
+#: support ...") or an in-place op on an unbatched tensor ("vmap: aten::mul_(self, *extra_args) is not possible ...").
+_NO_BATCHING_RULE = ("Batching rule not implemented for ", "The fallback path does not support", "vmap: ")
 
-    Vectorized over the P cotangents (``is_grads_batched``), ``chunk`` at a time; the graph is kept so that an op
-    without a batching rule can fall back to a plain loop with the same result.
+
+def _no_batching_rule(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap's "cannot vectorize this op" error (never out-of-memory or any other error)."""
+    return type(err) is RuntimeError and any(m in str(err) for m in _NO_BATCHING_RULE)
+
+
+def batched_vjp(out: Tensor, wrt: Tensor, vectors: Tensor, chunk: int = 512) -> Tensor:
+    """Vector-Jacobian products of ``out`` for many cotangents at once.
+
+    Vectorized over the cotangents (``torch.autograd.grad(..., is_grads_batched=True)``), ``chunk`` at a time. The
+    graph is kept, so that when an op of the graph has no batching rule the chunk falls back to a plain loop with
+    the same result. Every other error (out of memory included) propagates.
+
+    Parameters
+    ----------
+    out : Tensor
+        ``(B, D)`` outputs, on the autograd tape.
+    wrt : Tensor
+        The tensor differentiated against, ``(B, ...)``.
+    vectors : Tensor
+        ``(B, P, D)`` cotangents.
+    chunk : int
+        Cotangents per vectorized call (bounds memory).
+
+    Returns
+    -------
+    Tensor
+        ``(B, P, *wrt.shape[1:])``: ``result[b, p] = d <out[b], vectors[b, p]> / d wrt[b]`` (images are independent).
+
+    Examples
+    --------
+    >>> w = torch.ones(2, 3, requires_grad=True)
+    >>> out = w * torch.tensor([1.0, 2.0, 3.0])
+    >>> batched_vjp(out, w, torch.eye(3).expand(2, 3, 3))[0]
+    tensor([[1., 0., 0.],
+            [0., 2., 0.],
+            [0., 0., 3.]])
     """
     cot = vectors.to(out.dtype).transpose(0, 1)  # (P, B, D)
     chunks = []
@@ -119,13 +275,16 @@ def batched_vjp(out: Tensor, wrt: Tensor, vectors: Tensor, chunk: int = 512) -> 
         c = cot[i : i + chunk]
         try:
             (g,) = torch.autograd.grad(out, wrt, grad_outputs=c, retain_graph=True, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: plain loop, same result
+        except RuntimeError as err:
+            if not _no_batching_rule(err):
+                raise
             g = torch.stack([torch.autograd.grad(out, wrt, grad_outputs=cj, retain_graph=True)[0] for cj in c])
         chunks.append(g)
     return torch.cat(chunks, 0).transpose(0, 1).contiguous()
 
 
 def _check_vectors(vectors: Tensor, batch: int) -> Tensor:
+    """Explained vectors as ``(B, P, D)`` (a ``(P, D)`` tensor is shared by the batch), with a clear error."""
     if not isinstance(vectors, Tensor):
         raise TypeError(f"explained vectors must be a tensor, got {type(vectors).__name__}")
     if vectors.ndim == 2:
@@ -135,13 +294,40 @@ def _check_vectors(vectors: Tensor, batch: int) -> Tensor:
     return vectors
 
 
-def _chunked(fn: Any, pre: Prefix, vectors: Tensor, chunk: int) -> Tensor:
+def _chunked(fn: Callable[[Prefix, Tensor], Tensor], pre: Prefix, vectors: Tensor, chunk: int) -> Tensor:
     """``fn(pre, vectors[:, i:i+chunk])`` over chunks of the explained vectors, concatenated (bounds memory)."""
     return torch.cat([fn(pre, vectors[:, i : i + chunk]) for i in range(0, vectors.shape[1], chunk)], 1)
 
 
+def _check_images(x: Tensor) -> tuple[int, int]:
+    """``(H, W)`` of an image batch ``(B, 3, H, W)``, with a clear error for anything else."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected an image batch (B, 3, H, W), got {tuple(x.shape)}")
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
 def resize_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], n_prefix: int = 1) -> Tensor:
-    """Bicubic interpolation of a ViT positional embedding ``(n_prefix + h*w, C)`` to a new grid."""
+    """Bicubic interpolation of a ViT positional embedding to a new patch grid.
+
+    Parameters
+    ----------
+    pos : Tensor
+        ``(n_prefix + h * w, C)`` positional embedding, prefix tokens (CLS) first.
+    old_grid, new_grid : tuple of int
+        The embedding's grid ``(h, w)`` and the wanted one.
+    n_prefix : int
+        Leading tokens that are not on the grid (kept as they are).
+
+    Returns
+    -------
+    Tensor
+        ``(n_prefix + h' * w', C)``; ``pos`` itself when the grids are equal.
+
+    Examples
+    --------
+    >>> resize_pos_embed(torch.zeros(1 + 4, 8), (2, 2), (3, 4)).shape
+    torch.Size([13, 8])
+    """
     if tuple(old_grid) == tuple(new_grid):
         return pos
     prefix, grid_pos = pos[:n_prefix], pos[n_prefix:]
@@ -152,9 +338,44 @@ def resize_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int
     return torch.cat([prefix, g], 0)
 
 
+def vit_tokens(visual: nn.Module, x: Tensor, patch: tuple[int, int], native_grid: tuple[int, int]) -> Tensor:
+    """Tokens of an open_clip ViT after ``ln_pre``: patch embedding, CLS, positional embedding (bicubic to the grid).
+
+    Parameters
+    ----------
+    visual : nn.Module
+        An open_clip ``VisionTransformer``.
+    x : Tensor
+        ``(B, 3, H, W)``, sides multiples of ``patch``.
+    patch, native_grid : tuple of int
+        The patch size and the grid of the model's positional embedding.
+
+    Returns
+    -------
+    Tensor
+        ``(B, 1 + h * w, C)``, CLS first.
+    """
+    H, W = int(x.shape[-2]), int(x.shape[-1])
+    grid = (H // patch[0], W // patch[1])
+    t = visual.conv1(x)
+    t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(t.shape[0], -1, -1).to(t.dtype)
+    t = torch.cat([cls, t], 1)
+    t = t + resize_pos_embed(visual.positional_embedding, native_grid, grid).to(t.dtype)
+    return visual.ln_pre(t)
+
+
 def activation_and_derivative(act: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
-    """``act(h)`` and its exact elementwise derivative ``act'(h)`` (any elementwise activation: GELU, QuickGELU...),
-    both detached; autograd on one elementwise op, so no closed form per activation is needed."""
+    """``act(h)`` and its exact elementwise derivative ``act'(h)``, both detached.
+
+    Autograd on one elementwise op (GELU, QuickGELU, ...), so no closed form per activation is needed.
+
+    Examples
+    --------
+    >>> g, d = activation_and_derivative(nn.ReLU(), torch.tensor([-1.0, 2.0]))
+    >>> g, d
+    (tensor([0., 2.]), tensor([0., 1.]))
+    """
     with torch.enable_grad():
         hh = h.detach().requires_grad_(True)
         g = act(hh)
@@ -174,21 +395,40 @@ def _layer_norm_parts(ln: nn.LayerNorm, z: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def _layer_norm_backward(gy: Tensor, ln: nn.LayerNorm, xhat: Tensor, rstd: Tensor) -> Tensor:
-    """Backward of LayerNorm for a batch of cotangents ``gy`` (B, P, C); ``xhat``, ``rstd`` are (B, C), (B, 1)."""
+    """Backward of LayerNorm for a batch of cotangents ``gy`` (B, P, ..., C); ``xhat``, ``rstd`` are (B, ..., C),
+    (B, ..., 1)."""
     gx = gy * ln.weight if ln.weight is not None else gy
     xh = xhat.unsqueeze(1)
     return (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True)) * rstd.unsqueeze(1)
 
 
+def _normalize_backward(g: Tensor, e: Tensor) -> Tensor:
+    """Backward of ``e / |e|`` for cotangents ``g`` (B, P, D) at ``e`` (B, D): ``(I - e^ e^T) g / |e|``."""
+    n = e.norm(dim=-1, keepdim=True)
+    eh = (e / n).unsqueeze(1)
+    return (g - (g * eh).sum(-1, keepdim=True) * eh) / n.unsqueeze(1)
+
+
 def _layer_scale(m: nn.Module) -> Tensor | float:
+    """The factor of an open_clip ``LayerScale`` (1 for ``nn.Identity``)."""
     return m.gamma if hasattr(m, "gamma") else 1.0
 
 
 class OpenClipViT(TargetAdapter):
-    """open_clip ``VisionTransformer``; target layer ``transformer.resblocks[-1].ln_1`` (patch tokens, CLS dropped).
+    """Adapter of an open_clip ``VisionTransformer``; target layer ``transformer.resblocks[-1].ln_1`` (patch
+    tokens, CLS dropped).
 
     Any input size whose sides are multiples of the patch size works: the positional embedding is interpolated
-    (bicubic) to the input's patch grid, so the map covers the whole input.
+    (bicubic) to the input's patch grid, so the map covers the whole input. For CLS-pooled towers with a
+    projection (:attr:`fast`), :meth:`grad_mean` and :meth:`grad_cells` are exact closed forms of the last block's
+    backward (``docs/engine.md``, "Closed-form head derivative"); otherwise batched autograd.
+
+    Parameters
+    ----------
+    visual : nn.Module
+        ``model.visual`` of an open_clip ViT model.
+    normalize : bool
+        Score with the L2-normalized embedding (cosine similarity, CLIP's own score).
     """
 
     def __init__(self, visual: nn.Module, normalize: bool = True):
@@ -216,28 +456,32 @@ class OpenClipViT(TargetAdapter):
             and v.proj is not None
         )
 
-    # -- forward ----------------------------------------------------------------------------------------------------
-    def prefix(self, x: Tensor) -> Prefix:
-        v = self.visual
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected an image batch (B, 3, H, W), got {tuple(x.shape)}")
-        H, W = int(x.shape[-2]), int(x.shape[-1])
+    def input_grid(self, x: Tensor) -> tuple[int, int]:
+        """The patch grid ``(h, w)`` of an image batch ``(B, 3, H, W)``; a clear error unless the sides are
+        multiples of the patch size."""
+        H, W = _check_images(x)
         if H % self.patch[0] or W % self.patch[1]:
             raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {self.patch[0]}x{self.patch[1]}")
-        grid = (H // self.patch[0], W // self.patch[1])
+        return (H // self.patch[0], W // self.patch[1])
+
+    def tokens_until(self, x: Tensor, n_last: int) -> Tensor:
+        """The input tokens ``(B, 1 + h*w, C)`` of the last ``n_last`` blocks (call under ``no_grad``)."""
+        t = vit_tokens(self.visual, x, self.patch, self.native_grid)
+        for blk in self.visual.transformer.resblocks[:-n_last]:
+            t = blk(t)
+        return t
+
+    def prefix(self, x: Tensor) -> Prefix:
+        """Tokens through all blocks but the last, then the last block's ``ln_1`` (no gradients)."""
+        grid = self.input_grid(x)
         with torch.no_grad():
-            t = v.conv1(x)
-            t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
-            cls = v.class_embedding.view(1, 1, -1).expand(t.shape[0], -1, -1).to(t.dtype)
-            t = torch.cat([cls, t], 1)
-            t = t + resize_pos_embed(v.positional_embedding, self.native_grid, grid).to(t.dtype)
-            t = v.ln_pre(t)
-            for blk in v.transformer.resblocks[:-1]:
-                t = blk(t)
+            t = self.tokens_until(x, 1)
             a = self.block.ln_1(t)
-        return Prefix(acts=a[:, 1:], grid=grid, input_size=(H, W), extra={"x_in": t, "a_cls": a[:, :1]})
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        return Prefix(acts=a[:, 1:], grid=grid, input_size=size, extra={"x_in": t, "a_cls": a[:, :1]})
 
     def suffix(self, pre: Prefix, acts: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """The last block after ``ln_1``, CLS pooling and the projection (see :meth:`TargetAdapter.suffix`)."""
         v, b = self.visual, self.block
         ap = pre.acts if acts is None else acts
         if shift is not None:
@@ -248,7 +492,7 @@ class OpenClipViT(TargetAdapter):
         pooled, _ = v._pool(x)
         return pooled @ v.proj
 
-    # -- exact closed-form gradients of the CLS path (DESIGN.md §1.5) --------------------------------------------------
+    # -- exact closed-form gradients of the CLS path (docs/engine.md, "Closed-form head derivative") ---------------
     def _cls_path(self, pre: Prefix) -> dict[str, Tensor]:
         """Forward of the CLS token through the last block, keeping what the closed-form backward needs."""
         cache = pre.extra.get("_cls")
@@ -296,20 +540,18 @@ class OpenClipViT(TargetAdapter):
         return cache
 
     def features(self, pre: Prefix) -> Tensor:
+        """``f(e)`` ``(B, D)`` from the CLS path alone (the fast path), else the full suffix."""
         if not self.fast:
             return super().features(pre)
         return self.score_features(self._cls_path(pre)["e"])
 
     def _grad_cls_out(self, pre: Prefix, vectors: Tensor) -> Tensor:
-        """Cotangent of the attention's CLS output before ``out_proj`` ... i.e. ``d s / d o`` (B, P, C)."""
+        """Cotangent of the attention's CLS output before ``out_proj``, i.e. ``d s / d o`` (B, P, C)."""
         v, b = self.visual, self.block
         c = self._cls_path(pre)
-        e = c["e"]
-        g = vectors.to(e.dtype)
+        g = vectors.to(c["e"].dtype)
         if self.normalize:
-            n = e.norm(dim=-1, keepdim=True)
-            eh = e / n
-            g = (g - (g * eh.unsqueeze(1)).sum(-1, keepdim=True) * eh.unsqueeze(1)) / n.unsqueeze(1)
+            g = _normalize_backward(g, c["e"])
         gp = g @ v.proj.t()  # (B, P, C)
         gz2 = _layer_norm_backward(gp, v.ln_post, c["xhatp"], c["rstdp"])
         gy = gz2 * _layer_scale(b.ls_2)
@@ -320,6 +562,10 @@ class OpenClipViT(TargetAdapter):
         return ga @ b.attn.out_proj.weight  # (B, P, C)
 
     def grad_mean(self, pre: Prefix, vectors: Tensor) -> Tensor:
+        """Grad-CAM weights ``(B, P, C)`` in closed form (see :meth:`TargetAdapter.grad_mean`).
+
+        For more vectors than embedding dimensions the whole ``(D, C)`` Jacobian is computed once and multiplied.
+        """
         if not self.fast:
             return super().grad_mean(pre, vectors)
         vectors = _check_vectors(vectors, pre.batch)
@@ -331,42 +577,39 @@ class OpenClipViT(TargetAdapter):
             return vectors.to(jac.dtype) @ jac
         return _chunked(self._grad_mean_chunk, pre, vectors, self.vector_chunk)
 
+    def _grad_heads(self, pre: Prefix, vectors: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The CLS path's cache and ``d s / d o`` per head, ``(B, P, heads, head width)``."""
+        nh = self.block.attn.num_heads
+        go = self._grad_cls_out(pre, vectors)
+        return self._cls_path(pre), go.view(*go.shape[:2], nh, go.shape[-1] // nh)
+
     def _grad_mean_chunk(self, pre: Prefix, vectors: Tensor) -> Tensor:
-        c = self._cls_path(pre)
-        attn = self.block.attn
-        B, P = vectors.shape[:2]
-        C = pre.acts.shape[-1]
-        nh = attn.num_heads
-        dh = C // nh
         with torch.no_grad():
-            go = self._grad_cls_out(pre, vectors).view(B, P, nh, dh)
+            c, go = self._grad_heads(pre, vectors)
+            B, P, nh, dh = go.shape
+            C = nh * dh
             # value path: every patch value moves by the projected shift; CLS output moves by P_patch times it
             dwv = go * c["p_patch"][:, None, :, None]
             # key path: patch logits move by scale * q0_h . (shift W_k)_h; softmax backward restricted to patches
             r = (go * (c["c_patch"] - c["p_patch"][..., None] * c["o"]).unsqueeze(1)).sum(-1)  # (B, P, nh)
             dwk = (dh**-0.5) * r.unsqueeze(-1) * c["q0"].view(B, 1, nh, dh)
-            w = attn.in_proj_weight
+            w = self.block.attn.in_proj_weight
             g = dwk.reshape(B, P, C) @ w[C : 2 * C] + dwv.reshape(B, P, C) @ w[2 * C :]
         return g / pre.acts.shape[1]
 
     def grad_cells(self, pre: Prefix, vectors: Tensor) -> Tensor:
+        """Per-cell gradients ``(B, P, N, C)`` in closed form (see :meth:`TargetAdapter.grad_cells`)."""
         if not self.fast:
             return super().grad_cells(pre, vectors)
         vectors = _check_vectors(vectors, pre.batch)
         return _chunked(self._grad_cells_chunk, pre, vectors, max(1, self.vector_chunk // 8))
 
     def _grad_cells_chunk(self, pre: Prefix, vectors: Tensor) -> Tensor:
-        c = self._cls_path(pre)
-        attn = self.block.attn
-        B, P = vectors.shape[:2]
-        C = pre.acts.shape[-1]
-        nh = attn.num_heads
-        dh = C // nh
-        w = attn.in_proj_weight
-        wk = w[C : 2 * C].view(nh, dh, C)
-        wv = w[2 * C :].view(nh, dh, C)
         with torch.no_grad():
-            go = self._grad_cls_out(pre, vectors).view(B, P, nh, dh)
+            c, go = self._grad_heads(pre, vectors)
+            B, P, nh, dh = go.shape
+            w = self.block.attn.in_proj_weight
+            wk, wv = w[nh * dh :].view(2, nh, dh, nh * dh).unbind(0)
             pp = c["p"][:, :, 1:]  # (B, nh, N)
             vp = c["v"][:, 1:]  # (B, N, nh, dh)
             # value path: d s / d V_i,h = p_h,i * go_h
@@ -382,10 +625,17 @@ class OpenClipViT(TargetAdapter):
 
 
 class OpenClipResNet(TargetAdapter):
-    """open_clip ``ModifiedResNet`` (RN50, ...); target layer ``layer4`` (before the attention pool).
+    """Adapter of an open_clip ``ModifiedResNet`` (RN50, ...); target layer ``layer4`` (before the attention pool).
 
     The suffix is the attention pool with the mean-token query only (the only output used); its positional
     embedding is interpolated for non-native grids. Grad-CAM projects the shift through q/k/v once per vector.
+
+    Parameters
+    ----------
+    visual : nn.Module
+        ``model.visual`` of an open_clip ResNet model.
+    normalize : bool
+        Score with the L2-normalized embedding (cosine similarity).
     """
 
     def __init__(self, visual: nn.Module, normalize: bool = True):
@@ -398,16 +648,16 @@ class OpenClipResNet(TargetAdapter):
         self.native_grid = (s, s)
 
     def prefix(self, x: Tensor) -> Prefix:
+        """Stem and ``layer1`` to ``layer4`` (no gradients); ``acts`` are ``layer4``'s cells."""
         v = self.visual
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected an image batch (B, 3, H, W), got {tuple(x.shape)}")
+        size = _check_images(x)
         with torch.no_grad():
             t = v.stem(x)
             t = v.layer4(v.layer3(v.layer2(v.layer1(t))))
-        B, C, h, w = t.shape
-        return Prefix(acts=t.flatten(2).transpose(1, 2), grid=(h, w), input_size=tuple(x.shape[-2:]))  # type: ignore[arg-type]
+        return Prefix(acts=t.flatten(2).transpose(1, 2), grid=(int(t.shape[-2]), int(t.shape[-1])), input_size=size)
 
     def suffix(self, pre: Prefix, acts: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        """The attention pool's mean-token output (see :meth:`TargetAdapter.suffix`)."""
         ap = self.visual.attnpool
         a = pre.acts if acts is None else acts
         B, N, C = a.shape
@@ -429,7 +679,25 @@ class OpenClipResNet(TargetAdapter):
 
 
 def clip_adapter(visual: nn.Module, normalize: bool = True) -> TargetAdapter:
-    """The adapter for an open_clip visual tower (ViT or ModifiedResNet)."""
+    """The adapter for an open_clip visual tower.
+
+    Parameters
+    ----------
+    visual : nn.Module
+        ``model.visual``: a ``VisionTransformer`` or a ``ModifiedResNet``.
+    normalize : bool
+        Score with the L2-normalized embedding (cosine similarity with a normalized text vector).
+
+    Returns
+    -------
+    TargetAdapter
+        An :class:`OpenClipViT` or :class:`OpenClipResNet`.
+
+    Raises
+    ------
+    TypeError
+        For any other module, naming the supported towers.
+    """
     if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
         return OpenClipViT(visual, normalize=normalize)
     if hasattr(visual, "attnpool") and hasattr(visual, "layer4"):

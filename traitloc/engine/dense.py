@@ -28,7 +28,8 @@ mean), so :math:`\partial s / \partial o_i = W_o^\top (I + J^{\mathrm{MLP}}_i)^\
 the MLP per token and prompt, and :math:`\partial s / \partial \mathrm{Attn}_{h,i,j} = \langle \partial s /
 \partial o_{i,h}, v_{j,h}\rangle`. The Finer contrast is formed on the gradient (linear in :math:`u_q`), before the
 ReLU; the per-vector gradients :math:`\partial s/\partial o` are what :class:`LeGradCache` keeps, so a new gamma or
-base needs no forward or backward pass, only the last (cheap) product and ReLU.
+base needs no forward or backward pass, only the last (cheap) product and ReLU. Derivations and the tests that
+prove each path exact: ``docs/engine.md`` ("Dense CLIP methods: one forward pass", "LeGrad: batched backward").
 """
 
 from __future__ import annotations
@@ -45,25 +46,15 @@ from traitloc.engine.adapters import (
     _check_vectors,
     _layer_norm_backward,
     _layer_norm_parts,
+    _layer_scale,
+    _normalize_backward,
     activation_and_derivative,
-    resize_pos_embed,
+    vit_tokens,
 )
-from traitloc.engine.cam import CamOutput, _coeffs
-from traitloc.engine.methods import DENSE_METHODS, get_method
+from traitloc.engine.cam import CamOutput, _autocast, _coeffs, _query_scores
+from traitloc.engine.methods import DENSE_METHODS
 
 __all__ = ["DenseCache", "DenseCLIP", "LeGrad", "LeGradCache", "naclip_neighbourhood", "vit_tokens"]
-
-
-def vit_tokens(visual: nn.Module, x: Tensor, patch: tuple[int, int], native_grid: tuple[int, int]) -> Tensor:
-    """Tokens after ``ln_pre`` (B, 1 + h*w, C): patch embedding, CLS, positional embedding (bicubic to the grid)."""
-    H, W = int(x.shape[-2]), int(x.shape[-1])
-    grid = (H // patch[0], W // patch[1])
-    t = visual.conv1(x)
-    t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
-    cls = visual.class_embedding.view(1, 1, -1).expand(t.shape[0], -1, -1).to(t.dtype)
-    t = torch.cat([cls, t], 1)
-    t = t + resize_pos_embed(visual.positional_embedding, native_grid, grid).to(t.dtype)
-    return visual.ln_pre(t)
 
 
 def _qkv(blk: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,7 +88,29 @@ def _head(visual: nn.Module, z: Tensor) -> Tensor:
 
 def naclip_neighbourhood(grid: tuple[int, int], sigma: float, device: torch.device | None = None) -> Tensor:
     r"""NACLIP's Gaussian neighbourhood :math:`\Omega_{ab} = \exp(-\|p_a - p_b\|^2 / (2\sigma^2))` over patch
-    positions, padded with a zero row and column for the CLS token: ``(1 + h*w, 1 + h*w)``."""
+    positions, padded with a zero row and column for the CLS token.
+
+    Parameters
+    ----------
+    grid : tuple of int
+        The patch grid ``(h, w)``.
+    sigma : float
+        Standard deviation in patches.
+    device : torch.device, optional
+        Where to put the result.
+
+    Returns
+    -------
+    Tensor
+        ``(1 + h*w, 1 + h*w)`` float32.
+
+    Examples
+    --------
+    >>> naclip_neighbourhood((1, 2), sigma=1.0)
+    tensor([[0.0000, 0.0000, 0.0000],
+            [0.0000, 1.0000, 0.6065],
+            [0.0000, 0.6065, 1.0000]])
+    """
     h, w = grid
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     pos = torch.stack([yy.flatten(), xx.flatten()], -1)
@@ -111,8 +124,14 @@ class DenseCache:
 
     Attributes
     ----------
-    patches : (B, N, D) L2-normalized patch embeddings :math:`\\hat f` in raster order.
-    features : (B, D) the model's own normalized CLS embedding (image-level scores).
+    patches : Tensor
+        ``(B, N, D)`` L2-normalized patch embeddings :math:`\\hat f` in raster order.
+    features : Tensor
+        ``(B, D)`` the model's own normalized CLS embedding (image-level scores).
+    grid, input_size : tuple of int
+        The patch grid ``(h, w)`` and the model input size ``(H, W)``.
+    method : str
+        The dense method that made the patch embeddings.
     """
 
     patches: Tensor
@@ -122,12 +141,25 @@ class DenseCache:
     method: str
 
     def similarities(self, vectors: Tensor) -> Tensor:
-        """Per-prompt patch similarities ``(B, P, h, w)`` (cosine) for vectors (P, D) or (B, P, D)."""
+        """Per-prompt patch similarities (cosine) ``(B, P, h, w)`` for vectors ``(P, D)`` or ``(B, P, D)``."""
         V = _check_vectors(vectors, self.patches.shape[0]).to(self.patches.dtype)
         return torch.einsum("bnd,bpd->bpn", self.patches, V).reshape(V.shape[0], V.shape[1], *self.grid)
 
     def combine(self, coeffs: Tensor, vectors: Tensor) -> CamOutput:
-        """Maps for queries ``coeffs`` (Q, P) or (B, Q, P) over ``vectors`` (P, D) or (B, P, D)."""
+        """Maps of queries from the cached patch embeddings (no forward pass).
+
+        Parameters
+        ----------
+        coeffs : Tensor
+            Query coefficients ``(Q, P)`` or ``(B, Q, P)`` (e.g. :func:`~traitloc.engine.cam.finer_coefficients`).
+        vectors : Tensor
+            The explained vectors ``(P, D)`` or ``(B, P, D)``.
+
+        Returns
+        -------
+        CamOutput
+            ``signed[b, q, i] = <f_i, u_q>`` with ``u_q = sum_p W_qp v_p``, and the CLS scores.
+        """
         B = self.patches.shape[0]
         V = _check_vectors(vectors, B).to(self.patches.dtype)
         W = _coeffs(coeffs, B, V.shape[1], V)
@@ -150,27 +182,6 @@ class _ViTMethod:
         self.visual = adapter.visual
         self.method = method
         self.amp_dtype = amp_dtype
-        self.info = get_method(method)
-
-    def _autocast(self, device: torch.device):
-        enabled = self.amp_dtype is not None and device.type == "cuda"
-        return torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=enabled)
-
-    def _check_input(self, x: Tensor) -> tuple[int, int]:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"x must be an image batch (B, 3, H, W), got {tuple(x.shape)}")
-        ph, pw = self.adapter.patch
-        H, W = int(x.shape[-2]), int(x.shape[-1])
-        if H % ph or W % pw:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
-        return (H // ph, W // pw)
-
-    def _tokens_until(self, x: Tensor, n_last: int) -> Tensor:
-        """Inputs of the last ``n_last`` blocks (no gradients)."""
-        t = vit_tokens(self.visual, x, self.adapter.patch, self.adapter.native_grid)
-        for blk in self.visual.transformer.resblocks[:-n_last]:
-            t = blk(t)
-        return t
 
 
 class DenseCLIP(_ViTMethod):
@@ -179,18 +190,34 @@ class DenseCLIP(_ViTMethod):
 
     Parameters
     ----------
-    adapter : the model's :class:`~traitloc.engine.adapters.OpenClipViT` adapter (CLS pooling).
-    method : one of :data:`traitloc.engine.methods.DENSE_METHODS`.
-    naclip_sigma : NACLIP's Gaussian neighbourhood standard deviation in patches (authors: 5).
-    gem_depth : GEM's ``depth`` (authors: 7, i.e. the last 6 blocks get the self-self attention path).
-    gem_iterations : GEM's self-self attention iterations (authors: 1).
-    amp_dtype : autocast dtype on CUDA (``torch.bfloat16``), or ``None``.
+    adapter : OpenClipViT
+        The model's adapter (CLS pooling, ``adapter.fast``).
+    method : str
+        One of :data:`traitloc.engine.methods.DENSE_METHODS`.
+    naclip_sigma : float
+        NACLIP's Gaussian neighbourhood standard deviation in patches (authors: 5).
+    gem_depth : int
+        GEM's ``depth`` (authors: 7, i.e. the last 6 blocks get the self-self attention path).
+    gem_iterations : int
+        GEM's self-self attention iterations (authors: 1).
+    amp_dtype : torch.dtype, optional
+        Autocast dtype on CUDA (``torch.bfloat16``), or ``None``.
 
     Examples
     --------
-    >>> dense = DenseCLIP(clip_adapter(model.visual), "clearclip")          # doctest: +SKIP
-    >>> cache = dense.features(x)                  # one forward pass for any number of prompts
-    >>> out = cache.combine(finer_coefficients(2, [0], [[1]], 1.0), torch.stack([v_concept, v_bird]))
+    A tiny random open_clip ViT; ``V`` stands for the text embeddings of a concept and a base prompt:
+
+    >>> from open_clip.transformer import VisionTransformer
+    >>> from traitloc.engine.adapters import clip_adapter
+    >>> from traitloc.engine.cam import finer_coefficients
+    >>> _ = torch.manual_seed(0)
+    >>> visual = VisionTransformer(32, 16, width=32, layers=1, heads=2, mlp_ratio=2, output_dim=8).eval()
+    >>> dense = DenseCLIP(clip_adapter(visual), "clearclip")
+    >>> V = F.normalize(torch.randn(2, 8), dim=-1)
+    >>> cache = dense.features(torch.randn(1, 3, 32, 32))  # one forward pass for any number of prompts
+    >>> maps = [cache.combine(finer_coefficients(2, [0], [[1]], g), V).signed for g in (0.0, 0.5, 1.0)]
+    >>> maps[0].shape, dense.forward_count
+    (torch.Size([1, 1, 2, 2]), 1)
     """
 
     def __init__(
@@ -220,30 +247,48 @@ class DenseCLIP(_ViTMethod):
         self.forward_count = 0
 
     def features(self, x: Tensor | Prefix) -> DenseCache:
-        """One forward pass: normalized patch embeddings and the CLS embedding of a batch."""
-        if isinstance(x, Prefix):
-            if self.method == "gem":
-                raise ValueError("gem needs the image, not a last-block prefix")
-            pre = x
-            grid, size = pre.grid, pre.input_size
-        else:
-            grid = self._check_input(x)
-            size = (int(x.shape[-2]), int(x.shape[-1]))
-            pre = None
+        """One forward pass: normalized patch embeddings and the CLS embedding of a batch.
+
+        Parameters
+        ----------
+        x : Tensor or Prefix
+            Image batch ``(B, 3, H, W)``, or (not for ``gem``) its :meth:`OpenClipViT.prefix
+            <traitloc.engine.adapters.OpenClipViT.prefix>`.
+
+        Returns
+        -------
+        DenseCache
+        """
+        is_pre = isinstance(x, Prefix)
+        if is_pre and self.method == "gem":
+            raise ValueError("gem needs the image, not a last-block prefix")
+        grid = x.grid if is_pre else self.adapter.input_grid(x)  # type: ignore[union-attr,arg-type]
+        size = x.input_size if is_pre else (int(x.shape[-2]), int(x.shape[-1]))  # type: ignore[union-attr]
         self.forward_count += 1
-        device = (pre.acts if pre is not None else x).device  # type: ignore[union-attr]
-        with torch.no_grad(), self._autocast(device):
+        with torch.no_grad(), _autocast((x.acts if is_pre else x).device, self.amp_dtype):  # type: ignore[union-attr]
             if self.method == "gem":
                 patches, e = self._gem(x)  # type: ignore[arg-type]
             else:
-                if pre is None:
-                    pre = self.adapter.prefix(x)  # type: ignore[arg-type]
-                patches, e = self._last_block(pre)
+                patches, e = self._last_block(x if is_pre else self.adapter.prefix(x))  # type: ignore[arg-type]
         patches = F.normalize(patches.float(), dim=-1)
         return DenseCache(patches, F.normalize(e.float(), dim=-1), grid, size, self.method)
 
     def __call__(self, x: Tensor, vectors: Tensor, coeffs: Tensor | None = None) -> CamOutput:
-        """Maps for queries ``coeffs`` (Q, P) over ``vectors`` (P, D) or (B, P, D); ``None``: each vector alone."""
+        """Maps of queries over explained vectors: :meth:`features` then :meth:`DenseCache.combine`.
+
+        Parameters
+        ----------
+        x : Tensor
+            Image batch ``(B, 3, H, W)``.
+        vectors : Tensor
+            Explained vectors ``(P, D)`` or ``(B, P, D)``.
+        coeffs : Tensor, optional
+            Query coefficients ``(Q, P)`` or ``(B, Q, P)``; ``None`` explains each vector alone.
+
+        Returns
+        -------
+        CamOutput
+        """
         cache = self.features(x)
         V = _check_vectors(vectors, cache.patches.shape[0])
         if V.shape[1] == 0:
@@ -288,7 +333,7 @@ class DenseCLIP(_ViTMethod):
         v = self.visual
         blocks = list(v.transformer.resblocks)
         n = self.gem_blocks
-        t = self._tokens_until(x, n)
+        t = self.adapter.tokens_until(x, n)
         x_gem = t
         for j, blk in enumerate(blocks[-n:]):
             a = blk.ln_1(t)
@@ -321,10 +366,15 @@ class LeGradCache:
 
     Attributes
     ----------
-    grads : (B, P, Lyr, L, C) per explained vector, layer and token, ``d s^(l) / d o`` (attention output, heads
+    grads : Tensor
+        ``(B, P, Lyr, L, C)`` per explained vector, layer and token, ``d s^(l) / d o`` (attention output, heads
         concatenated, before ``out_proj``).
-    values : (B, Lyr, H, L, dh) the layers' attention values.
-    features : (B, D) normalized CLS embedding (image-level scores).
+    values : Tensor
+        ``(B, Lyr, H, L, dh)`` the layers' attention values.
+    features : Tensor
+        ``(B, D)`` normalized CLS embedding (image-level scores).
+    grid, input_size : tuple of int
+        The patch grid ``(h, w)`` and the model input size ``(H, W)``.
     """
 
     grads: Tensor
@@ -334,14 +384,25 @@ class LeGradCache:
     input_size: tuple[int, int]
 
     def combine(self, coeffs: Tensor, vectors: Tensor | None = None) -> CamOutput:
+        """Maps of queries from the cached gradients (no forward or backward pass).
+
+        Parameters
+        ----------
+        coeffs : Tensor
+            Query coefficients ``(Q, P)`` or ``(B, Q, P)``.
+        vectors : Tensor, optional
+            The explained vectors ``(P, D)`` or ``(B, P, D)``, for the scores (NaN without them).
+
+        Returns
+        -------
+        CamOutput
+            Non-negative maps ``(B, Q, h, w)``.
+        """
         B, P = self.grads.shape[:2]
         W = _coeffs(coeffs, B, P, self.grads)
         g = torch.einsum("bqp,bp...->bq...", W, self.grads)  # (B, Q, Lyr, L, C)
         maps = sum(_relevance(g[:, :, i], self.values[:, i]) for i in range(g.shape[2]))
-        scores = torch.full(maps.shape[:2], float("nan"), device=maps.device)  # type: ignore[union-attr]
-        if vectors is not None:
-            V = _check_vectors(vectors, B).to(self.features.dtype)
-            scores = torch.einsum("bqp,bp->bq", W.float(), torch.einsum("bd,bpd->bp", self.features, V))
+        scores = _query_scores(W, self.features, vectors)
         signed = maps.reshape(B, -1, *self.grid)  # type: ignore[union-attr]
         return CamOutput(signed, scores, "legrad", self.grid, self.input_size, self.features)
 
@@ -363,11 +424,15 @@ class LeGrad(_ViTMethod):
 
     Parameters
     ----------
-    adapter : the model's :class:`~traitloc.engine.adapters.OpenClipViT` adapter.
-    layers : number of last layers whose attention maps are explained (authors: 2, ``layer_index=-2``).
-    vector_chunk : explained vectors x images processed at once (bounds memory: about ``chunk x heads x tokens^2``
-        and ``chunk x tokens x 4 x width`` floats).
-    amp_dtype : autocast dtype on CUDA, or ``None``.
+    adapter : OpenClipViT
+        The model's adapter (CLS pooling).
+    layers : int
+        Number of last layers whose attention maps are explained (authors: 2, ``layer_index=-2``).
+    vector_chunk : int
+        Explained vectors x images processed at once (bounds memory: about ``chunk x heads x tokens^2`` and
+        ``chunk x tokens x 4 x width`` floats).
+    amp_dtype : torch.dtype, optional
+        Autocast dtype on CUDA, or ``None``.
     """
 
     def __init__(
@@ -383,12 +448,12 @@ class LeGrad(_ViTMethod):
         self.vector_chunk = vector_chunk
         self.forward_count = 0
 
-    def _forward(self, x: Tensor) -> tuple[list[dict[str, Tensor]], Tensor, tuple[int, int]]:
+    def _forward(self, x: Tensor) -> tuple[list[dict], Tensor, tuple[int, int]]:
         """Forward through the last layers keeping what the closed-form backward needs."""
-        grid = self._check_input(x)
+        grid = self.adapter.input_grid(x)
         self.forward_count += 1
         v = self.visual
-        t = self._tokens_until(x, self.layers)
+        t = self.adapter.tokens_until(x, self.layers)
         saved = []
         for blk in list(v.transformer.resblocks)[-self.layers :]:
             a = blk.ln_1(t)
@@ -403,49 +468,65 @@ class LeGrad(_ViTMethod):
             pooled, xhatp, rstdp = _layer_norm_parts(v.ln_post, t.mean(1))
             e = pooled @ v.proj
             saved.append(
-                {"v": val, "xhat2": xhat2, "rstd2": rstd2, "dact": dact, "xhatp": xhatp, "rstdp": rstdp, "e": e}
-            )
+                {"blk": blk, "v": val, "xhat2": xhat2, "rstd2": rstd2, "dact": dact, "xhatp": xhatp, "rstdp": rstdp,
+                 "e": e}
+            )  # fmt: skip
         e_cls = _head(v, t[:, 0])
         return saved, F.normalize(e_cls.float(), dim=-1), grid
 
-    def _grad_out(self, blk: nn.Module, c: dict[str, Tensor], U: Tensor) -> Tensor:
+    def _grad_out(self, c: dict, U: Tensor) -> Tensor:
         """``d s / d o`` (B, Q, L, C) for query vectors U (B, Q, D): closed-form backward of one layer's score."""
-        v = self.visual
-        e = c["e"]
-        g = U.to(e.dtype)
-        n = e.norm(dim=-1, keepdim=True)
-        eh = e / n
-        g = (g - (g * eh.unsqueeze(1)).sum(-1, keepdim=True) * eh.unsqueeze(1)) / n.unsqueeze(1)  # normalization
+        v, blk = self.visual, c["blk"]
+        g = _normalize_backward(U.to(c["e"].dtype), c["e"])
         gp = _layer_norm_backward(g @ v.proj.t(), v.ln_post, c["xhatp"], c["rstdp"])  # (B, Q, C) wrt the mean
-        L = c["v"].shape[2]
-        gy = gp / L  # every token's output gets the same cotangent
-        ls2 = blk.ls_2.gamma if hasattr(blk.ls_2, "gamma") else 1.0
-        gh = (gy * ls2) @ blk.mlp[2].weight  # (B, Q, 4C)
+        gy = gp / c["v"].shape[2]  # every token's output gets the same cotangent
+        gh = (gy * _layer_scale(blk.ls_2)) @ blk.mlp[2].weight  # (B, Q, 4C)
         gm = (gh.unsqueeze(2) * c["dact"].unsqueeze(1)) @ blk.mlp[0].weight  # (B, Q, L, C)
-        ln = blk.ln_2
-        gx = gm * ln.weight if ln.weight is not None else gm
-        xh = c["xhat2"].unsqueeze(1)
-        gz = (gx - gx.mean(-1, keepdim=True) - xh * (gx * xh).mean(-1, keepdim=True)) * c["rstd2"].unsqueeze(1)
-        gz = gz + gy.unsqueeze(2)
-        ls1 = blk.ls_1.gamma if hasattr(blk.ls_1, "gamma") else 1.0
-        return (gz * ls1) @ blk.attn.out_proj.weight
+        gz = _layer_norm_backward(gm, blk.ln_2, c["xhat2"], c["rstd2"]) + gy.unsqueeze(2)
+        return (gz * _layer_scale(blk.ls_1)) @ blk.attn.out_proj.weight
 
     def gradients(self, x: Tensor, vectors: Tensor) -> LeGradCache:
-        """Per-vector gradients for a batch (cache them to try many gammas and bases without a backward pass)."""
-        with torch.no_grad(), self._autocast(x.device):
+        """Per-vector gradients of a batch: cache them to try many gammas and bases without a backward pass.
+
+        Parameters
+        ----------
+        x : Tensor
+            Image batch ``(B, 3, H, W)``.
+        vectors : Tensor
+            Explained vectors ``(P, D)`` or ``(B, P, D)``.
+
+        Returns
+        -------
+        LeGradCache
+        """
+        with torch.no_grad(), _autocast(x.device, self.amp_dtype):
             saved, feats, grid = self._forward(x)
             V = _check_vectors(vectors, x.shape[0]).to(saved[0]["e"].dtype)
-            blocks = list(self.visual.transformer.resblocks)[-self.layers :]
             step = max(1, self.vector_chunk // x.shape[0])
             grads = torch.stack(
-                [torch.cat([self._grad_out(b, c, V[:, i : i + step]) for i in range(0, V.shape[1], step)], 1)
-                 for b, c in zip(blocks, saved, strict=True)], 2
+                [torch.cat([self._grad_out(c, V[:, i : i + step]) for i in range(0, V.shape[1], step)], 1)
+                 for c in saved], 2
             )  # fmt: skip
             values = torch.stack([c["v"] for c in saved], 1)
         return LeGradCache(grads.float(), values.float(), feats, grid, (int(x.shape[-2]), int(x.shape[-1])))
 
     def __call__(self, x: Tensor, vectors: Tensor, coeffs: Tensor | None = None) -> CamOutput:
-        """Maps for queries ``coeffs`` (Q, P) over ``vectors`` (P, D) or (B, P, D); ``None``: each vector alone."""
+        """Maps of queries over explained vectors (the gradients of the query vectors only, not cached).
+
+        Parameters
+        ----------
+        x : Tensor
+            Image batch ``(B, 3, H, W)``.
+        vectors : Tensor
+            Explained vectors ``(P, D)`` or ``(B, P, D)``.
+        coeffs : Tensor, optional
+            Query coefficients ``(Q, P)`` or ``(B, Q, P)``; ``None`` explains each vector alone.
+
+        Returns
+        -------
+        CamOutput
+            Non-negative maps ``(B, Q, h, w)`` and the CLS scores.
+        """
         B = x.shape[0]
         V = _check_vectors(vectors, B)
         P = V.shape[1]
@@ -453,17 +534,14 @@ class LeGrad(_ViTMethod):
             raise ValueError("no explained vectors given")
         W = _coeffs(torch.eye(P) if coeffs is None else coeffs, B, P, V.float())
         U = torch.einsum("bqp,bpd->bqd", W, V.float())  # the explained query vectors
-        with torch.no_grad(), self._autocast(x.device):
+        with torch.no_grad(), _autocast(x.device, self.amp_dtype):
             saved, feats, grid = self._forward(x)
             U = U.to(saved[0]["e"].dtype)
-            blocks = list(self.visual.transformer.resblocks)[-self.layers :]
-            maps = []
             step = max(1, self.vector_chunk // B)  # bounds the (B, chunk, heads, tokens, patches) gradients
-            for i in range(0, U.shape[1], step):
-                u = U[:, i : i + step]
-                maps.append(
-                    sum(_relevance(self._grad_out(b, c, u), c["v"]) for b, c in zip(blocks, saved, strict=True))
-                )
+            maps = [
+                sum(_relevance(self._grad_out(c, U[:, i : i + step]), c["v"]) for c in saved)
+                for i in range(0, U.shape[1], step)
+            ]
             signed = torch.cat(maps, 1).float()  # type: ignore[arg-type]
         scores = torch.einsum("bd,bqd->bq", feats, U.float())
         return CamOutput(

@@ -45,15 +45,23 @@ class MethodInfo:
 
     Attributes
     ----------
-    name : the ``--method`` value.
-    family : ``cam`` (target-layer CAM, any model with an adapter), ``dense`` (forward-only patch-text similarity,
+    name : str
+        The ``--method`` value.
+    family : str
+        ``cam`` (target-layer CAM, any model with an adapter), ``dense`` (forward-only patch-text similarity,
         open_clip ViTs) or ``attention-gradient`` (LeGrad, open_clip ViTs).
-    title, equation, source, url : what to show the user and the docs.
-    signed : the map has a meaningful negative part (evidence for the base).
-    cached_regamma : a new gamma or base reuses cached per-prompt results with no new forward or backward pass.
-    resnet : works with open_clip ModifiedResNet (RN50 ...) as well as ViTs.
-    forward_only : needs no gradients at all.
-    classifier : usable by ``traitloc explain`` (classifier Finer-CAM), not only for text queries.
+    title, equation, source, url : str
+        What to show the user and the docs.
+    signed : bool
+        The map has a meaningful negative part (evidence for the base).
+    cached_regamma : bool
+        A new gamma or base reuses cached per-prompt results with no new forward or backward pass.
+    resnet : bool
+        Works with open_clip ModifiedResNet (RN50 ...) as well as ViTs.
+    forward_only : bool
+        Needs no gradients at all.
+    classifier : bool
+        Usable by ``traitloc explain`` (classifier Finer-CAM), not only for text queries.
     """
 
     name: str
@@ -133,7 +141,26 @@ REGISTRY: dict[str, MethodInfo] = {
 def method_names(
     *, family: str | None = None, classifier: bool | None = None, resnet: bool | None = None
 ) -> tuple[str, ...]:
-    """Method names in registry order, optionally filtered by family or capability."""
+    """Method names in registry order, optionally filtered by family or capability.
+
+    Parameters
+    ----------
+    family : str, optional
+        Keep one family (``cam``, ``dense``, ``attention-gradient``).
+    classifier, resnet : bool, optional
+        Keep the methods whose :class:`MethodInfo` flag has this value.
+
+    Returns
+    -------
+    tuple of str
+
+    Examples
+    --------
+    >>> method_names(family="cam")
+    ('gradcam', 'layercam', 'scorecam')
+    >>> method_names(resnet=False, family="attention-gradient")
+    ('legrad',)
+    """
     return tuple(
         m.name
         for m in REGISTRY.values()
@@ -144,7 +171,31 @@ def method_names(
 
 
 def get_method(name: str) -> MethodInfo:
-    """The registry entry of ``name``; a clear error lists the choices."""
+    """The registry entry of a method.
+
+    Parameters
+    ----------
+    name : str
+        A ``--method`` value.
+
+    Returns
+    -------
+    MethodInfo
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the choices.
+
+    Examples
+    --------
+    >>> get_method("naclip").forward_only
+    True
+    >>> get_method("gradcam++")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown method 'gradcam++'; choose one of gradcam, layercam, scorecam, ...
+    """
     try:
         return REGISTRY[name]
     except KeyError:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from traitloc.io.files import atomic_write
+from traitloc.io.files import atomic_write, fsync_dir
 
 __all__ = ["ResultsTable"]
 
@@ -292,7 +292,7 @@ class ResultsTable:
             handle.flush()
             os.fsync(handle.fileno())
         if created:
-            _fsync_parent(self.path)
+            fsync_dir(self.path.parent)
         for row in prepared:
             self._store(row)
 
@@ -304,16 +304,3 @@ class ResultsTable:
         atomic_write(self.path, self._encode(self._rows.values(), header=True))
         self.dropped_partial_line = False
         self.duplicates = 0
-
-
-def _fsync_parent(path: Path) -> None:
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

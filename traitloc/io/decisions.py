@@ -196,6 +196,18 @@ def _utc_now() -> str:
     return utc_now()
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _is_busy(err: sqlite3.OperationalError) -> bool:
     text = str(err).lower()
     return "locked" in text or "busy" in text
@@ -323,8 +335,7 @@ class ReviewStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch {self.path} to WAL mode (got {mode!r})")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(stmt)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -334,24 +345,14 @@ class ReviewStore:
                     raise sqlite3.DatabaseError(
                         f"{self.path} has review schema version {version}; this traitloc reads up to {SCHEMA_VERSION}"
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     def _write(self, fn: Callable[[sqlite3.Connection, str], None]) -> None:
         if self.readonly:
             raise PermissionError(f"{self.path} is open read-only")
 
         def tx() -> None:
-            with self._connect() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    fn(conn, _utc_now())
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+            with self._connect() as conn, _immediate(conn):
+                fn(conn, _utc_now())
 
         self._retry(tx)
 

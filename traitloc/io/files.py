@@ -29,18 +29,24 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "as_mask",
     "atomic_path",
     "atomic_write",
     "environment_info",
+    "fsync_dir",
+    "is_temp_name",
+    "map_tiff_bytes",
     "map_to_unit",
     "mask_from_map",
     "read_map_tiff",
     "save_map_tiff",
     "save_mask_png",
     "overlay_array",
+    "png_bytes",
     "save_overlay_png",
     "sha256_file",
     "slugify",
+    "to_json",
     "utc_now",
     "write_run_json",
 ]
@@ -66,14 +72,22 @@ def _as_path(name: str, value: object) -> Path:
     return path
 
 
+_TEMP_NAME = re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[^.]+)?$")
+
+
 def _temp_name(path: Path, keep_suffix: bool = True) -> Path:
     # Hidden (skipped by find_images), unique, and with the final suffix so that writers that infer the format
     # from the extension still work (``keep_suffix=False``: no suffix, for folders read by a ``*.ext`` glob).
     return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix if keep_suffix else ''}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_path`'s temporary names (``.{stem}.{12 hex}.tmp[.ext]``)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Make the creation or rename of a file in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -140,7 +154,7 @@ def atomic_path(path: PathLike, keep_suffix: bool = True) -> Iterator[Path]:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def atomic_write(path: PathLike, data: bytes | str) -> Path:
@@ -273,13 +287,9 @@ def map_to_unit(map2d: object) -> np.ndarray:
     """
     # no full-size float64 copy: a 12000 x 9000 map is 432 MB in float32 and twice that in float64
     array = np.asarray(_as_map("map2d", map2d))
-    peak = float(array.max())
-    if peak != peak:
-        raise ValueError("map2d contains NaN values")
-    if not np.isfinite(peak) or not np.isfinite(float(array.min())):
-        if np.isnan(array).any():
-            raise ValueError("map2d contains NaN values")
-        raise ValueError("map2d contains infinite values")
+    peak, low = float(array.max()), float(array.min())  # NaN propagates through max and min
+    if not (math.isfinite(peak) and math.isfinite(low)):
+        raise ValueError(f"map2d contains {'NaN' if math.isnan(peak) else 'infinite'} values")
     if peak <= 0.0:
         return np.zeros(array.shape, dtype=np.float32)
     out = np.empty(array.shape, dtype=np.float32)
@@ -324,101 +334,110 @@ def mask_from_map(map01: object, threshold: float | str = 0.5) -> np.ndarray:
     return array > cut
 
 
-def save_map_tiff(path: PathLike, map2d: object, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write a map as a float32, zlib-compressed, single-page TIFF with JSON metadata.
+def map_tiff_bytes(
+    map2d: object, metadata: Mapping[str, Any] | None = None, *, imagej: bool = False, label: str | None = None
+) -> bytes:
+    """A map as a float32 single-page TIFF with its settings as JSON (:func:`to_json`): the one TIFF writer.
 
-    The metadata is stored as a JSON object in the TIFF ImageDescription tag, which Fiji (Image > Show Info),
-    napari and tifffile display; the pixel data is plain float32 grayscale (deflate compression, no predictor)
-    so any TIFF reader opens it.
+    Two layouts, both plain float32 grayscale that any TIFF reader opens:
+
+    * default (``localize --save maps``): zlib (deflate) compressed, no predictor, the JSON object in the
+      ImageDescription tag (ASCII, non-ASCII text ``\\u``-escaped), which Fiji (Image > Show Info), napari and
+      tifffile display;
+    * ``imagej=True`` (``traitloc export``): an uncompressed ImageJ TIFF (ImageJ's own reader opens it without
+      Bio-Formats) with display range 0..1, ``label`` as the slice label and the JSON (indent 1) in ImageJ's
+      ``Info`` (tifffile: ``TiffFile.imagej_metadata["Info"]``).
 
     Parameters
     ----------
-    path : path
-        Output file (``.tif``); written atomically, folder created if needed.
     map2d : array_like, shape (H, W)
-        Real-valued map; stored as float32.
+        Real-valued map; stored as float32 (values are not changed).
     metadata : mapping, optional
-        JSON-serializable settings (numpy scalars and arrays, paths and datetimes are converted); NaN and
-        infinities are rejected.
+        JSON-serializable settings (see :func:`to_json`: NaN and infinities are rejected).
+    imagej : bool, default False
+    label : str, optional
+        Slice label (ImageJ layout only), e.g. the concept.
 
     Returns
     -------
-    pathlib.Path
-        ``path``.
+    bytes
     """
     import tifffile
 
     array = np.ascontiguousarray(_as_map("map2d", map2d), dtype=np.float32)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, Mapping | None):
         raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
-    # TIFF ASCII tags must be 7-bit: non-ASCII text is \u-escaped, which JSON readers undo.
-    description = _to_json(dict(metadata), "metadata", indent=None, ascii_only=True)
-    final = _as_path("path", path)
-    with atomic_path(final) as tmp:
-        tifffile.imwrite(
-            tmp,
-            array,
-            photometric="minisblack",
-            compression="zlib",
-            description=description,
-            metadata=None,
-            software="traitloc",
-        )
-    return final
+    buffer = BytesIO()
+    if imagej:
+        meta: dict[str, Any] = {"axes": "YX", "min": 0.0, "max": 1.0,
+                                "Info": to_json(dict(metadata or {}), indent=1, name="metadata")}  # fmt: skip
+        if label:
+            meta["Labels"] = [str(label)]
+        tifffile.imwrite(buffer, array, imagej=True, metadata=meta, photometric="minisblack")
+    else:
+        # TIFF ASCII tags must be 7-bit: non-ASCII text is \u-escaped, which JSON readers undo.
+        description = to_json(dict(metadata or {}), ascii_only=True, name="metadata")
+        tifffile.imwrite(buffer, array, photometric="minisblack", compression="zlib", description=description,
+                         metadata=None, software="traitloc")  # fmt: skip
+    return buffer.getvalue()
 
 
-def read_map_tiff(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a map written by :func:`save_map_tiff`.
+def save_map_tiff(path: PathLike, map2d: object, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write :func:`map_tiff_bytes` (the default, compressed layout) to ``path`` atomically; returns ``path``."""
+    return atomic_write(_as_path("path", path), map_tiff_bytes(map2d, metadata))
+
+
+def read_map_tiff(source: PathLike | bytes) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a map written by :func:`map_tiff_bytes` (either layout) or :func:`save_map_tiff`.
 
     Parameters
     ----------
-    path : path
+    source : path or bytes
 
     Returns
     -------
     array : numpy.ndarray
         float32, shape (H, W).
     metadata : dict
-        The JSON object of the ImageDescription (empty when the file has none).
+        The JSON object of the ImageDescription (ImageJ: of ``Info``); empty when the file has none.
 
     Raises
     ------
     ValueError
-        If the file holds more than one 2-D page or its description is not a JSON object.
+        If the file holds more than one 2-D page or its JSON is not an object.
     """
     import tifffile
 
-    source = _as_path("path", path)
-    with tifffile.TiffFile(source) as tif:
+    name = "TIFF bytes" if isinstance(source, bytes) else _as_path("source", source)
+    with tifffile.TiffFile(BytesIO(source) if isinstance(source, bytes) else name) as tif:
         if len(tif.pages) != 1:
-            raise ValueError(f"{source}: expected a single-page map TIFF, found {len(tif.pages)} pages")
+            raise ValueError(f"{name}: expected a single-page map TIFF, found {len(tif.pages)} pages")
         page = tif.pages[0]
         array = page.asarray()
-        description = page.description or ""
+        text = (tif.imagej_metadata or {}).get("Info", "") if tif.is_imagej else page.description
     if array.ndim != 2:
-        raise ValueError(f"{source}: expected a 2-D map, got shape {array.shape}")
-    if not description.strip():
-        return array.astype(np.float32, copy=False), {}
+        raise ValueError(f"{name}: expected a 2-D map, got shape {array.shape}")
     try:
-        meta = json.loads(description)
+        meta = json.loads(text) if (text or "").strip() else {}
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}: TIFF description is not JSON ({exc})") from None
+        raise ValueError(f"{name}: TIFF description is not JSON ({exc})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{source}: TIFF description is JSON but not an object")
+        raise ValueError(f"{name}: TIFF description is JSON but not an object")
     return array.astype(np.float32, copy=False), meta
 
 
 # --------------------------------------------------------------------------------------------------------------
 # PNGs
 # --------------------------------------------------------------------------------------------------------------
-def _save_png(path: PathLike, image: Image.Image) -> Path:
-    final = _as_path("path", path)
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """A PIL image or uint8 array as PNG bytes, compression level 1 (3x faster than the default, a few % larger)."""
     buffer = BytesIO()
-    # level 1: about 3x faster than the default for a few percent more bytes (writing was the CPU bottleneck)
-    image.save(buffer, format="PNG", compress_level=1)
-    return atomic_write(final, buffer.getvalue())
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _save_png(path: PathLike, image: Image.Image) -> Path:
+    return atomic_write(_as_path("path", path), png_bytes(image))
 
 
 def save_mask_png(path: PathLike, mask: object) -> Path:
@@ -436,16 +455,23 @@ def save_mask_png(path: PathLike, mask: object) -> Path:
     pathlib.Path
         ``path``.
     """
+    return _save_png(path, Image.fromarray(np.where(as_mask(mask), 255, 0).astype(np.uint8)))
+
+
+def as_mask(mask: object, name: str = "mask") -> np.ndarray:
+    """``mask`` as a boolean 2-D array; numbers must all be 0 or 1 (``ValueError``/``TypeError`` otherwise)."""
     array = np.asarray(mask)
-    if array.ndim != 2 or array.size == 0:
-        raise ValueError(f"mask must be a non-empty 2-D array (H, W), got shape {array.shape}")
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (H, W), got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
     if array.dtype != bool:
         if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-            raise TypeError(f"mask must be boolean (or 0/1 numbers), got dtype {array.dtype}")
+            raise TypeError(f"{name} must be boolean (or 0/1 numbers), got dtype {array.dtype}")
         if not np.isin(array, (0, 1)).all():
-            raise ValueError("mask must be boolean or hold only 0 and 1")
+            raise ValueError(f"{name} must be boolean or hold only 0 and 1")
         array = array.astype(bool)
-    return _save_png(path, Image.fromarray(np.where(array, 255, 0).astype(np.uint8)))
+    return array
 
 
 def _as_rgb_uint8(image: object) -> np.ndarray:
@@ -601,38 +627,40 @@ def _parse_utc(name: str, value: object) -> None:
         raise ValueError(f"{name} must be in UTC (ending in 'Z' or '+00:00'): {value!r}")
 
 
-def _json_default(value: object) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+def _jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        raise ValueError(f"{where} is {value}; NaN and infinities are not valid JSON (store None for a missing value)")
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _jsonable(value.tolist() if isinstance(value, np.ndarray) else value.item(), where)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(items)]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (datetime, date)):
         return value.isoformat()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    raise TypeError(f"value of type {type(value).__name__} is not JSON serializable: {value!r}")
+    raise TypeError(f"{where} is not JSON serializable: value of type {type(value).__name__}: {value!r}")
 
 
-def _check_finite(value: Any, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} is {value}; NaN and infinities are not valid JSON")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_finite(item, f"{where}[{index}]")
+def to_json(
+    obj: Any, *, indent: int | None = None, sort_keys: bool = False, ascii_only: bool = False, name: str = "value"
+) -> str:
+    """``obj`` as strict JSON text: traitloc's one JSON policy (run.json, TIFF metadata, export manifests, COCO...).
 
-
-def _to_json(obj: dict[str, Any], name: str, indent: int | None, ascii_only: bool = False) -> str:
-    try:
-        text = json.dumps(obj, default=_json_default, indent=indent, ensure_ascii=ascii_only)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} is not JSON serializable: {exc}") from None
-    _check_finite(json.loads(text), name)
-    return text
+    numpy scalars and arrays become numbers and lists, paths strings, datetimes ISO-8601 strings, sets sorted lists,
+    tuples lists, mapping keys ``str(key)``; any other type raises ``TypeError``. NaN and infinities raise
+    ``ValueError`` naming where they are: they are not JSON, and writing ``null`` would silently lose them (a caller
+    that means "missing" stores ``None``). ``indent`` and ``sort_keys`` are :func:`json.dumps`'s; ``ascii_only``
+    ``\\u``-escapes non-ASCII text (TIFF ASCII tags); ``name`` starts the location in error messages.
+    """
+    return json.dumps(_jsonable(obj, name), indent=indent, sort_keys=sort_keys, ensure_ascii=ascii_only,
+                      allow_nan=False)  # fmt: skip
 
 
 def write_run_json(path: PathLike, info: Mapping[str, Any]) -> Path:
@@ -659,4 +687,4 @@ def write_run_json(path: PathLike, info: Mapping[str, Any]) -> Path:
         if key in record and record[key] is not None:
             _parse_utc(key, record[key])
     record.setdefault("environment", environment_info())
-    return atomic_write(path, _to_json(record, "info", indent=2) + "\n")
+    return atomic_write(path, to_json(record, indent=2, name="info") + "\n")

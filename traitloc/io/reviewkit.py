@@ -38,9 +38,10 @@ __all__ = [
     "SORTS",
     "LRU",
     "GridCache",
-    "ResultsTable",
+    "ReviewTable",
     "UndoEntry",
     "apply_decision",
+    "draw",
     "find_photo",
     "load_table",
     "mask_outline",
@@ -129,7 +130,7 @@ def store_signature(out_dir: PathLike) -> tuple[tuple[str, int, int], ...]:
 
 
 @dataclass
-class ResultsTable:
+class ReviewTable:
     """A run's results as the review app sees them.
 
     Attributes
@@ -179,7 +180,7 @@ def _read_run_info(out: Path) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def load_table(out_dir: PathLike) -> ResultsTable:
+def load_table(out_dir: PathLike) -> ReviewTable:
     """Read a run's store without its grids: the rows that can be drawn and, set apart, those that cannot.
 
     Parameters
@@ -189,7 +190,7 @@ def load_table(out_dir: PathLike) -> ResultsTable:
 
     Returns
     -------
-    ResultsTable
+    ReviewTable
         ``kind == "empty"`` when the folder has no store.
 
     Raises
@@ -208,7 +209,7 @@ def load_table(out_dir: PathLike) -> ResultsTable:
     files = part_files(out)
     empty = pd.DataFrame(columns=[*_NEEDED, "label", "score_f", "_part", "_row"])
     if not files:
-        return ResultsTable(out, "empty", empty, pd.DataFrame(columns=["result_id", "image", "label", "reason"]))
+        return ReviewTable(out, "empty", empty, pd.DataFrame(columns=["result_id", "image", "label", "reason"]))
     frames = []
     keys: list[str] = []
     for i, f in enumerate(files):
@@ -277,7 +278,7 @@ def load_table(out_dir: PathLike) -> ResultsTable:
         rows[c] = rows[c].astype(object)
     for c in ("width", "height", "grid_h", "grid_w"):
         rows[c] = rows[c].astype(int)
-    return ResultsTable(out, kind, rows, bad, tuple(files), label_name, _read_run_info(out))
+    return ReviewTable(out, kind, rows, bad, tuple(files), label_name, _read_run_info(out))
 
 
 class GridCache:
@@ -305,7 +306,7 @@ class GridCache:
         st = path.stat()
         return self._parts.get((str(path), st.st_size, st.st_mtime_ns), read)
 
-    def grid(self, table: ResultsTable, row: Any) -> np.ndarray:
+    def grid(self, table: ReviewTable, row: Any) -> np.ndarray:
         """The signed grid ``(grid_h, grid_w)`` of ``row`` (a row of ``table.rows``, as a mapping).
 
         Raises
@@ -331,7 +332,7 @@ class GridCache:
             raise StoreError("the stored map has non-finite values")
         return a.reshape(h, w)
 
-    def row_with_grid(self, table: ResultsTable, row: Any) -> dict[str, Any]:
+    def row_with_grid(self, table: ReviewTable, row: Any) -> dict[str, Any]:
         """``row`` as a dict with its ``grid``: what :mod:`traitloc.io.store`'s render functions take."""
         return {**dict(row), "grid": self.grid(table, row)}
 
@@ -382,17 +383,13 @@ def find_photo(image: str, out_dir: PathLike | None = None, images_dir: PathLike
 def photo_thumbnail(path: Path, side: int) -> np.ndarray:
     """The photo decoded at most ``side`` pixels on its longer side (upright, RGB uint8, read-only array).
 
-    JPEGs are decoded in draft mode (DCT scaling), so a thumbnail of a 12-megapixel photo costs a fraction of a
-    full decode.
+    :func:`traitloc.data.images.load_image` with ``max_side=side``: JPEGs are decoded in draft mode (DCT scaling),
+    so a thumbnail of a 12-megapixel photo costs a fraction of a full decode, and odd photos (16-bit, transparent,
+    CMYK, rotated by EXIF) look as in the detail view and every export.
     """
-    from PIL import Image, ImageOps
+    from traitloc.data.images import load_image
 
-    with Image.open(path) as im:
-        im.draft("RGB", (side, side))
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        im.thumbnail((side, side), Image.Resampling.BILINEAR)
-        arr = np.asarray(im)
+    arr = np.asarray(load_image(path, max_side=side).image)
     arr.setflags(write=False)
     return arr
 
@@ -400,6 +397,11 @@ def photo_thumbnail(path: Path, side: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 # drawing
 # --------------------------------------------------------------------------------------------------------------
+# Why a NumPy bilinear resize next to traitloc.engine.cam.upsample_maps (the one the store's render_map uses): this
+# module must not import torch (the app's pages start in a fraction of a second without it, and a grid draws
+# thousands of thumbnails through it). It is the same interpolation (align_corners=False); tests/test_app.py checks
+# unit_map and upsample_bilinear against traitloc.io.store.render_unit_map / render_map to 1e-5. The colours come
+# from the library (overlay_array); the outline is the only drawing the app has of its own.
 def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
     """``(n_out, n_in)`` interpolation matrix of a bilinear resize with ``align_corners=False`` (PyTorch's rule)."""
     scale = n_in / n_out
@@ -524,7 +526,7 @@ def order_rows(rows: Any, group: str = "trait", sort: str = "score") -> tuple[li
 
     Parameters
     ----------
-    rows : a (filtered) ``ResultsTable.rows``.
+    rows : a (filtered) ``ReviewTable.rows``.
     group : ``"photo"`` (all traits of a photo side by side; photos by name, or by their best score),
         ``"trait"`` (one trait across photos; traits by name) or ``"none"``.
     sort : ``"score"`` (highest first, missing scores last) or ``"name"`` (photo, then trait).

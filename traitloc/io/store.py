@@ -12,9 +12,9 @@ Full-size pictures are renderings of the grid:
 .. math:: M = \mathrm{ReLU}(\mathrm{up}_{H \times W}(G)), \qquad
           \text{map01} = M / \max M, \qquad \text{mask} = \text{map01} > t
 
-with :math:`\mathrm{up}` the bilinear upsampling of :func:`traitloc.engine.cam.upsample_maps`, the very function the engine
-uses, so a float32 grid renders bit for bit what the engine returns (``ReLU`` commutes with a bilinear upsampling only
-approximately, so the engine's order, upsample then ReLU for signed maps and ReLU then upsample for ReLU maps, is
+with :math:`\mathrm{up}` the bilinear upsampling of :func:`traitloc.engine.cam.upsample_maps`, the very function the
+engine uses, so a float32 grid renders bit for bit what the engine returns (``ReLU`` commutes with a bilinear upsampling
+only approximately, so the engine's order, upsample then ReLU for signed maps and ReLU then upsample for ReLU maps, is
 kept: see :func:`render_map`).
 
 Parts are written atomically (a hidden temporary name, fsync, rename) with unique names
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from traitloc.io.files import atomic_path, map_to_unit, mask_from_map, overlay_array
+from traitloc.io.files import atomic_path, map_to_unit, mask_from_map, overlay_array, slugify
 
 __all__ = [
     "GRID_DTYPES",
@@ -95,16 +95,9 @@ def results_dir(out_dir: PathLike) -> Path:
     return Path(out_dir) / "results"
 
 
-def _pa() -> Any:
-    try:
-        import pyarrow as pa
-    except ImportError as err:  # pragma: no cover - pyarrow is a core dependency
-        raise StoreError("the results store needs pyarrow: pip install pyarrow") from err
-    return pa
-
-
 def _arrow_type(kind: str) -> Any:
-    pa = _pa()
+    import pyarrow as pa
+
     return {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}[kind]
 
 
@@ -116,8 +109,7 @@ def _cell(kind: str, value: Any) -> Any:
     if kind == "int":
         return int(value)
     if kind == "float":
-        v = float(value)
-        return v
+        return float(value)
     return bool(value)
 
 
@@ -169,7 +161,9 @@ class ResultStore:
 
     # ---- schema --------------------------------------------------------------------------------------------
     def schema(self) -> Any:
-        pa = _pa()
+        """The Arrow schema of a part: the declared columns, ``grid`` and the store's metadata (its keys)."""
+        import pyarrow as pa
+
         grid_t = pa.float32() if self.grid_dtype == "float32" else pa.float16()
         fields = [pa.field(n, _arrow_type(k)) for n, k in self.columns.items()]
         fields.append(pa.field("grid", pa.list_(grid_t)))
@@ -179,7 +173,8 @@ class ResultStore:
 
     def table(self, rows: Sequence[Mapping[str, Any]]) -> Any:
         """The Arrow table of ``rows`` (dicts with the columns; ``grid``: a 2-D array or None for an error row)."""
-        pa = _pa()
+        import pyarrow as pa
+
         schema = self.schema()
         if self.grid_dtype == "float16":
             rows = [_unit_scaled(r) for r in rows]
@@ -277,6 +272,7 @@ def read_results(
     *,
     filters: Any = None,
     dedupe: bool = True,
+    locate: bool = False,
 ) -> Any:
     """Read a run's store as a pandas DataFrame (an empty one when the run wrote nothing yet).
 
@@ -290,6 +286,9 @@ def read_results(
         pyarrow filters, e.g. ``[("concept", "=", "red crown"), ("score", ">", 0.1)]``.
     dedupe : bool, default True
         Keep one row per key (the last written) should two writers ever have written the same key.
+    locate : bool, default False
+        Add the columns ``_part`` (the row's part, in :func:`part_files` order) and ``_row`` (its row in that part),
+        to read its grid later one part at a time (``traitloc export``). Not with ``filters``.
     """
     import pandas as pd
     import pyarrow.dataset as ds
@@ -317,7 +316,15 @@ def read_results(
         table = dataset.to_table(columns=read_cols, filter=expr)
     except Exception as err:  # noqa: BLE001 - any part is opened only here: a damaged one fails here
         raise StoreError(_unreadable(root, files, err)) from err
-    pa = _pa()
+    import pyarrow as pa
+
+    if locate:
+        if expr is not None:
+            raise ValueError("read_results: locate cannot be combined with filters (rows would be miscounted)")
+        counts = [fragment.count_rows() for fragment in dataset.get_fragments()]
+        table = table.append_column("_part", pa.array(np.repeat(np.arange(len(counts), dtype=np.int64), counts)))
+        table = table.append_column("_row", pa.array(np.concatenate([np.arange(n, dtype=np.int64) for n in counts])))
+        want = None if want is None else [*want, "_part", "_row"]
     # integers stay integers where error rows leave them empty (pandas' nullable Int64, not float64)
     df = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     if dedupe and keys and len(df) and all(k in df.columns for k in keys):
@@ -353,11 +360,7 @@ def result_id(row: Mapping[str, Any]) -> str:
     return f"{row['image_key']}/{_slug(str(label))}"
 
 
-@functools.lru_cache(maxsize=65536)
-def _slug(label: str) -> str:
-    from traitloc.io.files import slugify
-
-    return slugify(label)
+_slug = functools.lru_cache(maxsize=65536)(slugify)  # a study has few labels; ids are made per row
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,13 +422,17 @@ def render_mask(
     return mask_from_map(render_unit_map(row, size), threshold)
 
 
-def render_overlay(row: Mapping[str, Any], image: Any, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
+def render_overlay(
+    row: Mapping[str, Any], image: Any, alpha: float = 0.5, cmap: str = "inferno", unit: np.ndarray | None = None
+) -> np.ndarray:
     """The unit map colour-mapped over ``image`` (PIL image or uint8 array), uint8 RGB at the image's size.
 
-    ``image`` may be a reduced copy of the photo (the map is rendered at its size, not the original's).
+    ``image`` may be a reduced copy of the photo (the map is rendered at its size, not the original's); ``unit``, a
+    unit map already rendered, is used as is when it has the image's size.
     """
     arr = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-    return overlay_array(arr, render_unit_map(row, arr.shape[:2]), alpha=alpha, cmap=cmap)
+    heat = unit if unit is not None and unit.shape == arr.shape[:2] else render_unit_map(row, arr.shape[:2])
+    return overlay_array(arr, heat, alpha=alpha, cmap=cmap)
 
 
 def rows_of(df: Any) -> Iterable[dict[str, Any]]:

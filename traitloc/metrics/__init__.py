@@ -1,7 +1,10 @@
 """Scores of saliency maps: overlap with regions and other maps, and faithfulness to a classifier.
 
 :mod:`~traitloc.metrics.maps` holds the plain functions (IoU/Dice of top fractions, Pearson, Spearman,
-energy inside a region, pointing game, relative confidence drop, deletion/insertion AUC).
+energy inside a region, pointing game, all of them at once with :func:`~traitloc.metrics.maps.overlap_scores`,
+relative confidence drop, deletion/insertion AUC). :mod:`~traitloc.metrics.attributes` builds the reference maps
+they are compared with in ``traitloc audit`` and ``traitloc evaluate-text``: CUB attribute differences and maps of
+the attributes from the part keypoints.
 
 Imports: torch and numpy only.
 """

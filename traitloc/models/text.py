@@ -148,7 +148,8 @@ class TextEncoder:
             log.warning("text cache: could not write to %s (%s)", self.cache_dir, err)
 
     def _encode_texts(self, texts: list[str]) -> Tensor:
-        model, tok = self.bundle.model, self.bundle.tokenizer
+        model: Any = self.bundle.model  # an open_clip CLIP (``encode_text``), typed as any nn.Module
+        tok = self.bundle.tokenizer
         out = []
         for i in range(0, len(texts), self.batch_size):
             chunk = texts[i : i + self.batch_size]

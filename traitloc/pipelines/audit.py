@@ -3,24 +3,25 @@ r"""Faithfulness audit: does a species classifier look at the traits that separa
 For every test image of a CUB-layout data set, the classifier's Finer-CAM map (true class :math:`c` against its
 most similar class :math:`d`, :math:`s = z_c - \gamma z_d`, default :math:`\gamma = 0.6`) is compared with maps
 of the attributes that really differ between :math:`c` and :math:`d` according to CUB's class-attribute matrix
-(DESIGN.md §1, §3, §6 ``audit``).
+(``docs/audit.md``).
 
 Protocol
 --------
 Similar class
     ``logits`` (default): the class whose logit on this image is closest to the true class's logit, true class
-    excluded (:func:`~traitloc.models.classifier.similar_classes`, Finer-CAM's reference rule); ``weights``: the class whose
-    head row is most cosine-similar to the true class's row (:func:`~traitloc.models.classifier.similar_by_weights`), the
-    same for every image of a class.
+    excluded (:func:`~traitloc.models.classifier.similar_classes`, Finer-CAM's reference rule); ``weights``: the
+    class whose head row is most cosine-similar to the true class's row
+    (:func:`~traitloc.models.classifier.similar_by_weights`), the same for every image of a class.
 Attribute differences
-    :func:`attribute_differences`: the top-k attributes by ``|a_c - a_d|`` (percent of images showing the
-    attribute, CUB's ``class_attribute_labels_continuous.txt``), ties broken by attribute order; zero differences
-    are never selected. The sign is ``+1`` when the true class has the attribute more often, ``-1`` when the
-    similar class does (the map of "red wings" on a blue-winged bird is the wing region all the same).
+    :func:`~traitloc.metrics.attributes.attribute_differences`: the top-k attributes by ``|a_c - a_d|`` (percent of
+    images showing the attribute, CUB's ``class_attribute_labels_continuous.txt``), ties broken by attribute
+    order; zero differences are never selected. The sign is ``+1`` when the true class has the attribute more
+    often, ``-1`` when the similar class does (the map of "red wings" on a blue-winged bird is the wing region all
+    the same).
 Classifier map
     Grad-CAM Finer map of the true class against the similar class (one reference), computed on the classifier's
     input and brought to the original image size by bilinear interpolation (ReLU map, raw units).
-Attribute maps, ``parts`` source
+Attribute maps, ``parts`` source (:mod:`traitloc.metrics.attributes`)
     The attribute's parts come from the CUB attribute -> part mapping of ``trait_lists/`` (:mod:`traitloc.data.traits`).
     The map is the maximum over the *visible* keypoints of those parts of an isotropic Gaussian
     :math:`\exp(-\lVert p - k\rVert^2 / 2\sigma^2)` with :math:`\sigma = 0.1 \sqrt{w h}` of the bird's bounding box
@@ -80,20 +81,28 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from traitloc.data.traits import attribute_parts, load_trait_list, parse_attribute
+from traitloc.metrics.attributes import (
+    AttributeDifference,
+    AttributeMap,
+    attribute_differences,
+    box_attribute_map,
+    parts_attribute_map,
+)
+from traitloc.metrics.maps import ScoredMap, box_mask, energy_inside, overlap_scores, top_fraction_mask
+from traitloc.models.probes import ProbeClassifier, load_probe_classifier  # the classifier (re-exported)
 from traitloc.pipelines.runner import CsvSpec, Job, load_or_error, run_job
 
 if TYPE_CHECKING:  # torch, pandas and PIL load on first use: `traitloc --help` stays fast
     import pandas as pd
-    import torch
     from PIL import Image
     from torch import Tensor
 
@@ -102,20 +111,12 @@ __all__ = [
     "CONTROL_COLUMNS",
     "SOURCES",
     "SUMMARY_COLUMNS",
-    "AttributeDifference",
-    "AttributeMap",
     "AuditSettings",
     "ProbeClassifier",
-    "ScoredMap",
     "add_parser",
-    "attribute_differences",
-    "box_attribute_map",
     "clip_attribute_maps",
     "classifier_maps",
     "load_probe_classifier",
-    "overlap_scores",
-    "parts_attribute_map",
-    "parts_sigma",
     "random_head_rows",
     "run",
     "run_audit",
@@ -151,211 +152,11 @@ SUMMARY_COLUMNS = [
 NO_VISIBLE = "no visible part"
 EMPTY_CLASSIFIER = "empty classifier map"
 EMPTY_ATTRIBUTE = "empty attribute map"
-_DONE = frozenset({"ok", NO_VISIBLE, EMPTY_CLASSIFIER, EMPTY_ATTRIBUTE})
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# attribute differences
+# attribute maps of the clip source (those of the parts source: traitloc.metrics.attributes)
 # ------------------------------------------------------------------------------------------------------------------
-class AttributeDifference(NamedTuple):
-    """One attribute that separates two classes.
-
-    Attributes
-    ----------
-    index : 0-based column of the class-attribute matrix (CUB ``attribute_id - 1``).
-    difference : ``a[target] - a[similar]`` in the matrix's units (percent for CUB).
-    sign : ``+1`` when the target has the attribute more, ``-1`` when the similar class does.
-    """
-
-    index: int
-    difference: float
-    sign: int
-
-
-def attribute_differences(
-    class_attributes: NDArray[np.floating] | Tensor, target: int, similar: int, k: int = 3
-) -> list[AttributeDifference]:
-    """The ``k`` attributes whose values differ most between two classes, signed.
-
-    Parameters
-    ----------
-    class_attributes : (n_classes, n_attributes) array, e.g. :attr:`traitloc.data.cub.CUB.class_attributes` (percent).
-    target, similar : 0-based row indices (:meth:`traitloc.data.cub.CUB.class_index`).
-    k : how many attributes, >= 1. Fewer come back when fewer attributes differ at all.
-
-    Returns
-    -------
-    list of AttributeDifference
-        By decreasing ``|difference|``; ties in attribute order (stable).
-    """
-    a = np.asarray(class_attributes.detach().cpu() if hasattr(class_attributes, "detach") else class_attributes)
-    if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
-        raise ValueError(f"class_attributes must be a numeric (n_classes, n_attributes) array, got shape {a.shape}")
-    for name, v in (("target", target), ("similar", similar)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < a.shape[0]:
-            raise ValueError(f"{name} must be a class row index in [0, {a.shape[0]}), got {v!r}")
-    if int(target) == int(similar):
-        raise ValueError(f"target and similar are the same class ({int(target)})")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    diff = a[int(target)].astype(np.float64) - a[int(similar)].astype(np.float64)
-    if not np.isfinite(diff).all():
-        raise ValueError("class_attributes contains NaN or infinite values for these classes")
-    order = np.argsort(-np.abs(diff), kind="stable")
-    out = []
-    for j in order[: int(k)]:
-        if diff[j] == 0:
-            break
-        out.append(AttributeDifference(int(j), float(diff[j]), 1 if diff[j] > 0 else -1))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# attribute maps
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class AttributeMap:
-    """An attribute map on the original image, with the region its energy is measured in.
-
-    Attributes
-    ----------
-    values : (H, W) float64 map.
-    region : (H, W) bool attribute region (discs around the keypoints, the box, or the map's top-10%).
-    source : ``"parts"`` or ``"clip"``.
-    info : ``visible_parts`` (names), ``sigma_px`` for parts maps; ``prompt`` for clip maps.
-    """
-
-    values: NDArray[np.float64]
-    region: NDArray[np.bool_]
-    source: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
-    if (
-        not isinstance(shape, (tuple, list))
-        or len(shape) != 2
-        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)
-    ):
-        raise ValueError(f"shape must be a pair of positive integers (H, W), got {shape!r}")
-    return int(shape[0]), int(shape[1])
-
-
-def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
-    if len(box) != 4 or not all(isinstance(v, (int, float, np.integer, np.floating)) for v in box):
-        raise ValueError(f"box must be (x, y, width, height), got {box!r}")
-    x, y, w, h = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        raise ValueError(f"box must be finite with positive width and height, got {box!r}")
-    return x, y, w, h
-
-
-def parts_sigma(box: Sequence[float], scale: float = 0.1) -> float:
-    r"""Gaussian width of a parts map: :math:`\sigma = \mathrm{scale}\cdot\sqrt{w h}` of the bounding box (pixels)."""
-    _, _, w, h = _check_box(box)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"sigma scale must be a positive number, got {scale!r}")
-    return float(scale) * math.sqrt(w * h)
-
-
-def box_attribute_map(shape: tuple[int, int], box: Sequence[float]) -> AttributeMap:
-    """Map of a whole-bird attribute: a Gaussian bump centred on the box (sigmas w/4, h/4), zero outside it.
-
-    The region is the box (:func:`~traitloc.metrics.maps.box_mask`).
-    """
-    from traitloc.metrics.maps import box_mask
-
-    H, W = _check_shape(shape)
-    x, y, w, h = _check_box(box)
-    region = box_mask((H, W), x, y, w, h)
-    cx, cy = x + w / 2.0, y + h / 2.0
-    gx = np.exp(-0.5 * ((np.arange(W) - cx) / (w / 4.0)) ** 2)  # pixel (i, j) at (x, y) = (j, i), as keypoints
-    gy = np.exp(-0.5 * ((np.arange(H) - cy) / (h / 4.0)) ** 2)
-    values = np.where(region, gy[:, None] * gx[None, :], 0.0)
-    return AttributeMap(values, region, "parts", {"visible_parts": [], "sigma_px": None, "whole_bird": True})
-
-
-def _keypoints(part_locs: Any) -> dict[str, tuple[float, float, bool]]:
-    """``part -> (x, y, visible)`` from a :meth:`CUB.part_locs` frame or a mapping."""
-    import pandas as pd
-
-    if isinstance(part_locs, pd.DataFrame):
-        missing = {"part", "x", "y", "visible"} - set(part_locs.columns)
-        if missing:
-            raise ValueError(f"part_locs lacks columns {sorted(missing)}")
-        return {
-            str(p): (float(x), float(y), bool(v))
-            for p, x, y, v in zip(part_locs["part"], part_locs["x"], part_locs["y"], part_locs["visible"], strict=True)
-        }
-    if isinstance(part_locs, Mapping):
-        out = {}
-        for p, t in part_locs.items():
-            if len(t) != 3:
-                raise ValueError(f"keypoint {p!r} must be (x, y, visible), got {t!r}")
-            out[str(p)] = (float(t[0]), float(t[1]), bool(t[2]))
-        return out
-    raise TypeError(f"part_locs must be a DataFrame (CUB.part_locs) or a mapping, got {type(part_locs).__name__}")
-
-
-def parts_attribute_map(
-    shape: tuple[int, int],
-    part_locs: Any,
-    parts: Sequence[str],
-    box: Sequence[float],
-    *,
-    sigma_scale: float = 0.1,
-    region_radius: float = 1.0,
-) -> AttributeMap | None:
-    r"""Expert-grounded attribute map from CUB part keypoints.
-
-    .. math:: M(p) = \max_{k \in K_{vis}} \exp\!\Big(-\frac{\lVert p - k\rVert^2}{2\sigma^2}\Big),
-              \qquad \sigma = \mathrm{sigma\_scale}\,\sqrt{w_{box} h_{box}}
-
-    over the visible keypoints :math:`K_{vis}` of ``parts``; pixel ``(row i, column j)`` sits at ``(x, y) = (j, i)``
-    in CUB's keypoint coordinates. The region is the union of the discs of radius ``region_radius * sigma``
-    around those keypoints. ``parts == ()`` (a whole-bird attribute) gives :func:`box_attribute_map`.
-
-    Parameters
-    ----------
-    shape : (H, W) of the original image.
-    part_locs : :meth:`traitloc.data.cub.CUB.part_locs` of the image, or a mapping ``part -> (x, y, visible)``.
-    parts : the attribute's parts (:func:`traitloc.data.traits.attribute_parts`).
-    box : the bird's bounding box ``(x, y, width, height)``.
-    sigma_scale : sigma as a fraction of ``sqrt(box area)``.
-    region_radius : radius of the region's discs, in sigmas.
-
-    Returns
-    -------
-    AttributeMap, or None when no keypoint of ``parts`` is visible.
-    """
-    H, W = _check_shape(shape)
-    if isinstance(parts, str):
-        parts = (parts,)
-    if not parts:
-        return box_attribute_map((H, W), box)
-    if not (isinstance(region_radius, (int, float)) and math.isfinite(region_radius) and region_radius > 0):
-        raise ValueError(f"region_radius must be a positive number, got {region_radius!r}")
-    sigma = parts_sigma(box, sigma_scale)
-    kp = _keypoints(part_locs)
-    unknown = [p for p in parts if p not in kp]
-    if unknown:
-        raise ValueError(f"no keypoint for part(s) {unknown}; known parts: {', '.join(sorted(kp))}")
-    visible = [p for p in parts if kp[p][2]]
-    if not visible:
-        return None
-    xs = np.arange(W, dtype=np.float64)
-    ys = np.arange(H, dtype=np.float64)
-    d2 = np.full((H, W), np.inf)
-    for p in visible:
-        x, y, _ = kp[p]
-        d2 = np.minimum(d2, (ys[:, None] - y) ** 2 + (xs[None, :] - x) ** 2)
-    values = np.exp(-d2 / (2.0 * sigma**2))
-    region = d2 <= (region_radius * sigma) ** 2
-    if not region.any():  # keypoint(s) far outside the image: keep the nearest pixel so the region is defined
-        region = d2 <= d2.min()
-    return AttributeMap(values, region, "parts", {"visible_parts": visible, "sigma_px": sigma, "whole_bird": False})
-
-
 def clip_attribute_maps(
     localizer: Any,
     image: Image.Image,
@@ -377,8 +178,6 @@ def clip_attribute_maps(
     base, gamma : the base prompt and the comparison strength of the concept query.
     fraction : the region is the map's top ``fraction`` (:func:`~traitloc.metrics.maps.top_fraction_mask`).
     """
-    from traitloc.metrics.maps import top_fraction_mask
-
     if not prompts:
         return []
     size = size or (image.size[1], image.size[0])
@@ -389,170 +188,6 @@ def clip_attribute_maps(
         values = res.map(q, size).astype(np.float64)
         maps[p] = AttributeMap(values, top_fraction_mask(values, fraction), "clip", {"prompt": p})
     return [maps[p] for p in prompts]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# overlap scores
-# ------------------------------------------------------------------------------------------------------------------
-def _top_mask(values: NDArray[np.float64], fraction: float) -> NDArray[np.bool_]:
-    """:func:`~traitloc.metrics.maps.top_fraction_mask` in O(n): a partition finds the k-th value; ties in raster order."""
-    flat = values.ravel()
-    k = min(int(math.floor(fraction * flat.size + 0.5)), int(np.count_nonzero(flat > flat.min())))
-    mask = np.zeros(flat.size, dtype=bool)
-    if k > 0:
-        thr = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest value, > the minimum
-        mask = flat > thr
-        mask[np.flatnonzero(flat == thr)[: k - int(np.count_nonzero(mask))]] = True
-    return mask.reshape(values.shape)
-
-
-class ScoredMap:
-    """A map prepared once for many comparisons: top-fraction mask and centred, normalized values and ranks.
-
-    Comparisons give exactly :func:`~traitloc.metrics.maps.iou_top`, :func:`~traitloc.metrics.maps.dice_top`,
-    :func:`~traitloc.metrics.maps.pearson` and :func:`~traitloc.metrics.maps.spearman` (up to float rounding), without
-    sorting a map again for every pair it takes part in.
-    """
-
-    def __init__(self, values: NDArray[np.floating] | Tensor, fraction: float = 0.10):
-        from traitloc.metrics.maps import _rank_average
-
-        v = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
-        if v.ndim != 2 or v.size == 0:
-            raise ValueError(f"a map must be a non-empty 2-D array, got shape {v.shape}")
-        self.values = v.astype(np.float64, copy=False)
-        if not np.isfinite(self.values).all():
-            raise ValueError("map contains NaN or infinite values")
-        self.top = _top_mask(self.values, fraction)
-        self.constant = bool(self.values.max() == self.values.min())
-        self._v = self._unit(self.values.ravel())
-        self._r = None if self.constant else self._unit(_rank_average(self.values.ravel()))
-
-    @staticmethod
-    def _unit(a: NDArray[np.float64]) -> NDArray[np.float64] | None:
-        d = a - a.mean()
-        n = math.sqrt(float(np.dot(d, d)))
-        return None if n == 0.0 else d / n
-
-    @staticmethod
-    def _corr(a: NDArray[np.float64] | None, b: NDArray[np.float64] | None) -> float:
-        if a is None or b is None:
-            return float("nan")
-        return max(-1.0, min(1.0, float(np.dot(a, b))))
-
-    def pearson(self, other: ScoredMap) -> float:
-        return self._corr(self._v, other._v)
-
-    def spearman(self, other: ScoredMap) -> float:
-        return self._corr(self._r, other._r)
-
-
-def overlap_scores(
-    classifier_map: ScoredMap | NDArray[np.floating],
-    attribute_map: ScoredMap | NDArray[np.floating],
-    region: NDArray[np.bool_],
-    *,
-    fraction: float = 0.10,
-    pointing_tolerance: float = 15.0,
-) -> dict[str, float]:
-    """All overlap scores of a classifier map against one attribute map and its region.
-
-    Parameters
-    ----------
-    classifier_map, attribute_map : (H, W) maps (or :class:`ScoredMap` prepared with the same ``fraction``).
-    region : (H, W) bool attribute region (for ``energy_inside`` and ``pointing_hit``).
-    fraction : top fraction for ``iou_top10`` / ``dice_top10``.
-    pointing_tolerance : pointing-game tolerance in pixels.
-
-    Returns
-    -------
-    dict
-        ``iou_top10, dice_top10, pearson, spearman, energy_inside, pointing_hit`` (1.0 / 0.0; NaN for an empty
-        region), ``area_share`` (region pixels / image pixels) and ``lift`` (``energy_inside / area_share``).
-        Undefined values (a constant map, an empty region) are NaN.
-    """
-    from traitloc.metrics.maps import dice, energy_inside, iou, pointing_hit
-
-    c = classifier_map if isinstance(classifier_map, ScoredMap) else ScoredMap(classifier_map, fraction)
-    a = attribute_map if isinstance(attribute_map, ScoredMap) else ScoredMap(attribute_map, fraction)
-    r = np.asarray(region)
-    if r.dtype != np.bool_ or r.shape != c.values.shape or a.values.shape != c.values.shape:
-        raise ValueError(
-            f"maps and region must share one (H, W) shape (region boolean): classifier {c.values.shape}, "
-            f"attribute {a.values.shape}, region {r.shape} {r.dtype}"
-        )
-    area = float(r.mean())
-    e = energy_inside(c.values, r) if r.any() else float("nan")
-    hit = float(pointing_hit(c.values, r, pointing_tolerance)) if r.any() else float("nan")
-    return {
-        "iou_top10": iou(c.top, a.top),
-        "dice_top10": dice(c.top, a.top),
-        "pearson": c.pearson(a),
-        "spearman": c.spearman(a),
-        "energy_inside": e,
-        "pointing_hit": hit,
-        "area_share": area,
-        "lift": e / area if area > 0 and math.isfinite(e) else float("nan"),
-    }
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# the classifier
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class ProbeClassifier:
-    """A linear probe on a frozen backbone, ready to explain.
-
-    Attributes
-    ----------
-    explainer : :class:`~traitloc.models.classifier.ClassifierExplainer` over the backbone's target layer and the probe head.
-    preprocess : PIL image -> normalized (3, H, W) tensor.
-    class_names : the probe's K class names.
-    meta : the probe's JSON metadata (empty for a classifier built in code).
-    describe : what ``run.json`` records (backbone spec, target layer, probe file hash...).
-    """
-
-    explainer: Any
-    preprocess: Callable[[Image.Image], Tensor]
-    class_names: list[str]
-    meta: dict[str, Any] = field(default_factory=dict)
-    describe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.explainer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.explainer.bias
-
-    @property
-    def device(self) -> torch.device:
-        return self.explainer.weight.device
-
-
-def load_probe_classifier(
-    probe_dir: str | Path, backbone: str | None = None, device: str | torch.device = "cpu"
-) -> ProbeClassifier:
-    """Load a probe written by ``traitloc train-probe`` and the backbone it was trained on.
-
-    A thin wrapper of :func:`traitloc.pipelines.train.load_probe_model`.
-
-    Parameters
-    ----------
-    probe_dir : folder with ``probe.safetensors`` and ``probe.json``.
-    backbone : override the backbone recorded in the probe: ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``.
-    device : where to run.
-
-    Raises
-    ------
-    traitloc.models.classifier.ProbeError, ValueError
-        One line: missing or corrupt probe files, or a backbone that cannot be rebuilt.
-    """
-    from traitloc.pipelines.train import load_probe_model
-
-    pm = load_probe_model(probe_dir, device, backbone)
-    return ProbeClassifier(pm.explainer(), pm.preprocess, list(pm.class_names), dict(pm.meta), dict(pm.describe))
 
 
 def random_head_rows(weight: Tensor, n: int, seed: int) -> Tensor:
@@ -715,7 +350,7 @@ class AuditSettings:
     similar : ``"logits"`` or ``"weights"``.
     gamma : classifier Finer gamma.
     clip_gamma, base : the concept query of clip maps (prompt vs ``base``).
-    sigma_scale, region_radius : parts maps (see :func:`parts_attribute_map`).
+    sigma_scale, region_radius : parts maps (see :func:`~traitloc.metrics.attributes.parts_attribute_map`).
     fraction : top fraction for IoU/Dice and clip regions.
     pointing_tolerance : pointing-game tolerance in pixels.
     verdict_lift : a pair "looks at" an attribute when its mean bird_lift (whole-bird attributes: lift) exceeds this.
@@ -835,7 +470,6 @@ class _Auditor:
         self, job: AuditItem, image: Image.Image, size: tuple[int, int], cmap: Tensor, rmap: Tensor | None, info: dict
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         from traitloc.engine.cam import upsample_maps
-        from traitloc.metrics.maps import box_mask
 
         s = self.s
         H, W = size
@@ -974,7 +608,6 @@ class _Auditor:
 
 def _box_lift(m: ScoredMap, bird: NDArray[np.bool_]) -> float:
     """Energy share of the bird's box over its area share (how much the map favours the bird over the image)."""
-    from traitloc.metrics.maps import energy_inside
 
     if not bird.any() or m.constant:
         return math.nan
@@ -1039,6 +672,7 @@ class AuditJob(Job):
         self.headline: dict[str, Any] = {}
 
     def csv_specs(self) -> list[CsvSpec]:
+        """``audit.csv`` (the audit rows) and ``controls.csv`` (the control rows)."""
         return [
             CsvSpec("audit.csv", tuple(AUDIT_COLUMNS), tuple(AUDIT_KEY), {"kind": "audit"}),
             CsvSpec("controls.csv", tuple(CONTROL_COLUMNS), tuple(CONTROL_KEY), {"kind": "control"}),
@@ -1046,9 +680,11 @@ class AuditJob(Job):
 
     # -- items ----------------------------------------------------------------------------------------------------
     def item_keys(self, item: AuditItem) -> list[tuple[Any, ...]]:
+        """An image is done per source when its first audit row is stored."""
         return [(item.image_id, src, 1, "") for src in item.sources]
 
     def load(self, item: AuditItem) -> Any:
+        """The decoded image and the classifier's input (prefetch thread), or the :class:`ImageLoadError`."""
         from traitloc.data.images import ImageLoadError
 
         im = load_or_error(item.path)
@@ -1075,6 +711,7 @@ class AuditJob(Job):
         }  # fmt: skip
 
     def error_rows(self, item: AuditItem, reason: str) -> list[dict[str, Any]]:
+        """One error row per source not done yet (keyed as the first attribute row: a rerun replaces it)."""
         label = self.auditor.class_label[item.true_cub]
         srcs = self._wanted(item) or item.sources
         return [self._stored(item, _error_row(item, src, label, reason), "audit") for src in srcs]
@@ -1118,12 +755,14 @@ class AuditJob(Job):
 
     # -- summaries ------------------------------------------------------------------------------------------------
     def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A store row as a line of ``audit.csv``/``controls.csv`` (no grid; ``image`` as in CUB's images.txt)."""
         scored = _is_scored(row.get("status"))
         out = {k: _csv_text(self._kind(k), k, row.get(k), scored) for k in row if k != "grid"}
         out["image"] = row.get("cub_image", "")
         return out
 
     def csv_frame(self, df: pd.DataFrame) -> pd.DataFrame:
+        """:meth:`csv_row` for a frame of store rows (rewriting the summaries from the store)."""
         import pandas as pd
 
         scored = [_is_scored(s) for s in df["status"]]
@@ -1141,6 +780,7 @@ class AuditJob(Job):
         return self.columns.get(column) or BASE_COLUMNS.get(column, "str")
 
     def run_info(self) -> dict[str, Any]:
+        """What ``run.json`` records of the audit: settings, method and the headline figures."""
         return {"settings": self.fingerprint, "method": "gradcam", "headline": self.headline}
 
     def summarize(self, out: Path, info: dict[str, Any]) -> None:
@@ -1443,19 +1083,9 @@ def _sources(text: str) -> tuple[str, ...]:
     return items
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``) and return it."""
-    from traitloc.pipelines.options import positive_int
+    from traitloc.pipelines.options import nonneg_float, positive_int
 
     p = subparsers.add_parser(
         "audit",
@@ -1483,7 +1113,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="most similar class: closest logit to the true class's on each image, or most cosine-similar "
         "classifier weights (default: logits)",
     )  # fmt: skip
-    p.add_argument("--gamma", type=_nonneg_float, default=0.6, help="classifier Finer-CAM gamma (default: 0.6)")
+    p.add_argument("--gamma", type=nonneg_float, default=0.6, help="classifier Finer-CAM gamma (default: 0.6)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="audit only the first N images")
     p.add_argument(
         "--backbone", metavar="MODULE:FUNCTION", default=None,
@@ -1501,15 +1131,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(default: laion400m_e32)",
     )  # fmt: skip
     g.add_argument("--base", default="bird", help="base prompt of the clip maps (default: bird)")
-    g.add_argument("--clip-gamma", type=_nonneg_float, default=1.0, help="gamma of the clip maps (default: 1.0)")
+    g.add_argument("--clip-gamma", type=nonneg_float, default=1.0, help="gamma of the clip maps (default: 1.0)")
     g = p.add_argument_group("protocol")
     g.add_argument(
-        "--sigma-scale", type=_nonneg_float, default=0.1,
+        "--sigma-scale", type=nonneg_float, default=0.1,
         help="parts maps: Gaussian sigma = this x sqrt(bounding-box area); the region is the discs of radius "
         "sigma (default: 0.1)",
     )  # fmt: skip
     g.add_argument(
-        "--pointing-tolerance", type=_nonneg_float, default=15.0, help="pointing-game tolerance in pixels (default: 15)"
+        "--pointing-tolerance", type=nonneg_float, default=15.0, help="pointing-game tolerance in pixels (default: 15)"
     )
     g.add_argument("--no-controls", action="store_true", help="skip the randomized-classifier and shuffled controls")
     g.add_argument("--seed", type=int, default=0, help="seed of the controls (default: 0)")
@@ -1529,7 +1159,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from traitloc.data.cub import CUB
     from traitloc.io.files import utc_now
     from traitloc.models.backbones import CallableError
-    from traitloc.models.classifier import ProbeError
+    from traitloc.models.probes import ProbeError
     from traitloc.pipelines.options import CliError
 
     start = utc_now()

@@ -1,8 +1,8 @@
 """Run a pipeline job on a Ray cluster: the same store, the same resume, many machines.
 
-:func:`run_job_ray` is the scale-out twin of :func:`traitloc.pipelines.runner.run_job`. The driver (the machine that runs
-``traitloc localize ... --ray``) does what the local runner does before and after its loop: it makes the run folder,
-refuses other map settings, reads the keys already in the store and keeps the items with work left to do, writes
+:func:`run_job_ray` is the scale-out twin of :func:`traitloc.pipelines.runner.run_job`. The driver (the machine that
+runs ``traitloc localize ... --ray``) does what the local runner does before and after its loop: it makes the run
+folder, refuses other map settings, reads the keys already in the store and keeps the items with work left to do, writes
 ``run.json`` (with ``previous_runs`` and the cluster), and at the end rewrites ``results.csv`` from the store. The
 loop itself is a Ray Dataset of the items still to do, mapped in batches over a pool of actors:
 
@@ -230,7 +230,7 @@ def compact_duplicates(out: str | Path, key_columns: Sequence[str]) -> int:
         if table.num_rows == 0:
             path.unlink()
             continue
-        with atomic_path(path) as tmp:
+        with atomic_path(path, keep_suffix=False) as tmp:  # like the store's parts: no ".parquet" while in flight
             pq.write_table(table, tmp, compression="zstd")
     n = int(dup.sum())
     log.warning("removed %d duplicate rows from %d parts of %s", n, len(drop), out)

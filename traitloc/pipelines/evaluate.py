@@ -1,4 +1,4 @@
-r"""``traitloc evaluate``: the Finer-CAM paper's faithfulness metrics of a probe's maps on CUB (DESIGN.md §6).
+r"""``traitloc evaluate``: the Finer-CAM paper's faithfulness metrics of a probe's maps on CUB (``docs/evaluate.md``).
 
 For every image of a CUB split whose class the probe knows, and every method of ``--methods``
 (``gradcam, finer-gradcam, layercam, finer-layercam, scorecam, finer-scorecam``), the map is computed on the model
@@ -23,16 +23,16 @@ input and scored. The protocol (also in ``docs/evaluate.md``):
 - **Score-CAM** costs one forward pass per channel: it runs on ``--scorecam-images`` images evenly spaced over the
   evaluated list, with the ``--scorecam-channels`` channels of largest spatial variance per image.
 
-:class:`FaithfulnessBatch` computes RD, deletion and insertion exactly as :mod:`traitloc.metrics.maps` does, but runs each
-distinct perturbed image once: the unperturbed, fully deleted and blurred images are shared by all methods, and
+:class:`FaithfulnessBatch` computes RD, deletion and insertion exactly as :mod:`traitloc.metrics.maps` does, but runs
+each distinct perturbed image once: the unperturbed, fully deleted and blurred images are shared by all methods, and
 RD@k's perturbed image is a deletion step whenever k n is on the step grid (5 % and 10 % with 20 steps).
 
-``evaluate`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`): images decoded one batch ahead,
-per-image errors, resume and ``run.json`` (with the earlier runs of the folder under ``previous_runs``). Outputs: the
-results store ``results/part-*.parquet`` (one row per image x method, keyed by image id, method and a fingerprint of
-the settings, so runs of other settings live side by side; no maps), ``per_image.csv`` (the same rows for
-spreadsheets), ``metrics.csv`` (one row per method over this run's images: ``rd_05, rd_10, deletion_auc,
-insertion_auc, energy_pointing, n_images``, timing and standard errors) and ``run.json``.
+``evaluate`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`): images decoded one batch
+ahead, per-image errors, resume and ``run.json`` (with the earlier runs of the folder under ``previous_runs``). Outputs:
+the results store ``results/part-*.parquet`` (one row per image x method, keyed by image id, method and a fingerprint of
+the settings, so runs of other settings live side by side; no maps), ``per_image.csv`` (the same rows for spreadsheets),
+``metrics.csv`` (one row per method over this run's images: ``rd_05, rd_10, deletion_auc, insertion_auc,
+energy_pointing, n_images``, timing and standard errors) and ``run.json``.
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from traitloc.engine.methods import CAM_METHODS
 from traitloc.pipelines.runner import Job, load_or_error, run_job
+
+if TYPE_CHECKING:
+    from traitloc.models.classifier import ClassifierBundle
 
 __all__ = [
     "METHOD_NAMES",
@@ -75,8 +79,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHOD_NAMES = ("gradcam", "finer-gradcam", "layercam", "finer-layercam", "scorecam", "finer-scorecam")
-GRADIENT_METHODS = METHOD_NAMES[:4]
+#: every CAM method of the registry (:data:`traitloc.engine.methods.CAM_METHODS`), plain then its Finer variant
+METHOD_NAMES = tuple(name for base in CAM_METHODS for name in (base, f"finer-{base}"))
 FRACTIONS = (0.05, 0.10)
 #: the per-image error of a map with NaN or infinite values (the same words in every command)
 NOT_FINITE = "the map is not finite (NaN or infinite values)"
@@ -130,9 +134,10 @@ class FaithfulnessBatch:
     r"""RD@k, deletion and insertion AUC of several maps per image, each distinct perturbed image run once.
 
     Same protocol and numbers as :func:`traitloc.metrics.maps.relative_confidence_drop` (``baseline="zero"``),
-    :func:`traitloc.metrics.maps.deletion_auc` (``"zero"``) and :func:`traitloc.metrics.maps.insertion_auc` (``"blur"``):
-    ranking highest first with ties in raster order (RD never removes pixels at the map's minimum), deletion step
-    ``i`` removes ``round(i n / S)`` pixels, softmax over all logits in float64, trapezoid over ``f = i / S``.
+    :func:`traitloc.metrics.maps.deletion_auc` (``"zero"``) and :func:`traitloc.metrics.maps.insertion_auc`
+    (``"blur"``): ranking highest first with ties in raster order (RD never removes pixels at the map's minimum),
+    deletion step ``i`` removes ``round(i n / S)`` pixels, softmax over all logits in float64, trapezoid over
+    ``f = i / S``.
 
     Parameters
     ----------
@@ -229,11 +234,12 @@ class FaithfulnessBatch:
         """
         self.shared()
         assert self._p_orig is not None and self._p_blur is not None and self._p_zero is not None
-        rows = np.arange(self.N) if rows is None else np.asarray(rows, dtype=np.int64)
+        p_orig, p_blur, p_zero = self._p_orig, self._p_blur, self._p_zero
+        sel = np.arange(self.N) if rows is None else np.asarray(rows, dtype=np.int64)
         m = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
-        if m.shape != (len(rows), self.H, self.W):
-            raise ValueError(f"maps must be ({len(rows)}, {self.H}, {self.W}), got {m.shape}")
-        m = m.astype(np.float64).reshape(len(rows), -1)
+        if m.shape != (len(sel), self.H, self.W):
+            raise ValueError(f"maps must be ({len(sel)}, {self.H}, {self.W}), got {m.shape}")
+        m = m.astype(np.float64).reshape(len(sel), -1)
         if not np.all(np.isfinite(m)):
             raise ValueError("maps contain NaN or infinite values")
         order = np.argsort(-m, axis=1, kind="stable")
@@ -255,16 +261,16 @@ class FaithfulnessBatch:
             return key
 
         rd_jobs = [
-            [job(r, "del", min(_top_count(f, n), int(above[r]))) for f in self.fractions] for r in range(len(rows))
+            [job(r, "del", min(_top_count(f, n), int(above[r]))) for f in self.fractions] for r in range(len(sel))
         ]
-        del_jobs = [[job(r, "del", int(k)) for k in self.step_k] for r in range(len(rows))]
-        ins_jobs = [[job(r, "ins", int(k)) for k in self.step_k] for r in range(len(rows))]
+        del_jobs = [[job(r, "del", int(k)) for k in self.step_k] for r in range(len(sel))]
+        ins_jobs = [[job(r, "ins", int(k)) for k in self.step_k] for r in range(len(sel))]
         keys = list(jobs)
-        probs = np.empty((len(keys), self._p_orig.shape[1]))
+        probs = np.empty((len(keys), p_orig.shape[1]))
         for i in range(0, len(keys), self.batch_size):
             chunk = keys[i : i + self.batch_size]
             r_idx = torch.tensor([k[0] for k in chunk], device=self.x.device)
-            img = torch.from_numpy(rows[[k[0] for k in chunk]]).to(self.x.device)
+            img = torch.from_numpy(sel[[k[0] for k in chunk]]).to(self.x.device)
             kk = torch.tensor([k[2] for k in chunk], device=self.x.device)
             is_del = torch.tensor([k[1] == "del" for k in chunk], device=self.x.device).view(-1, 1, 1, 1)
             mask = (ranks[r_idx] < kk[:, None]).view(-1, 1, self.H, self.W)
@@ -274,24 +280,24 @@ class FaithfulnessBatch:
 
         def p(key: Any) -> np.ndarray:
             if key[0] == "orig":
-                return self._p_orig[rows[key[1]]]
+                return p_orig[sel[key[1]]]
             if key[0] == "blur":
-                return self._p_blur[rows[key[1]]]
+                return p_blur[sel[key[1]]]
             if key[0] == "zero":
-                return self._p_zero[0]
+                return p_zero[0]
             return probs[jobs[key]]
 
         out: dict[str, np.ndarray] = {}
-        c, d = self.c[rows], self.d[rows]
-        p0 = self._p_orig[rows]
-        pc0, pd0 = p0[np.arange(len(rows)), c], p0[np.arange(len(rows)), d]
+        c, d = self.c[sel], self.d[sel]
+        p0 = p_orig[sel]
+        pc0, pd0 = p0[np.arange(len(sel)), c], p0[np.arange(len(sel)), d]
         fx = np.arange(S + 1, dtype=np.float64) / S
         for j, f in enumerate(self.fractions):
-            pc = np.array([p(rd_jobs[r][j])[c[r]] for r in range(len(rows))])
-            pd = np.array([p(rd_jobs[r][j])[d[r]] for r in range(len(rows))])
+            pc = np.array([p(rd_jobs[r][j])[c[r]] for r in range(len(sel))])
+            pd = np.array([p(rd_jobs[r][j])[d[r]] for r in range(len(sel))])
             out[f"rd_{round(f * 100):02d}"] = (pc0 - pc) - (pd0 - pd)
         for name, js in (("deletion_auc", del_jobs), ("insertion_auc", ins_jobs)):
-            curves = np.array([[p(key)[c[r]] for key in js[r]] for r in range(len(rows))])
+            curves = np.array([[p(key)[c[r]] for key in js[r]] for r in range(len(sel))])
             out[name] = ((curves[:, 1:] + curves[:, :-1]) * 0.5 * np.diff(fx)).sum(axis=1)
         out["p_target"], out["p_similar"] = pc0, pd0
         return out
@@ -302,6 +308,8 @@ class FaithfulnessBatch:
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class EvaluateSettings:
+    """What ``traitloc evaluate`` computes (the command-line options; :meth:`fingerprint` keys the stored rows)."""
+
     methods: list[str]
     split: str = "test"
     target: str = "true"  # or "predicted"
@@ -393,7 +401,7 @@ class EvaluateJob(Job):
 
     def __init__(
         self,
-        clf: Any,
+        clf: ClassifierBundle,
         settings: EvaluateSettings,
         k_of_cub: dict[int, int],
         image_ids: Sequence[int],
@@ -410,15 +418,12 @@ class EvaluateJob(Job):
         self.scorecam_ids = [int(i) for i in scorecam_ids]
         self.fp = settings.fingerprint(clf.describe.get("probe_sha256"))
         self.map_settings = {}  # rows of other settings live beside these (their fingerprint is in the key)
-        adapter = clf.adapter
-        self.cams = {
-            "gradcam": FinerCAM(adapter, "gradcam"),
-            "layercam": FinerCAM(adapter, "layercam"),
-            "scorecam": FinerCAM(adapter, "scorecam", scorecam_channels=settings.scorecam_channels,
-                                 scorecam_batch=settings.forward_batch),
-        }  # fmt: skip
+        sc: dict[str, Any] = {"scorecam_channels": settings.scorecam_channels, "scorecam_batch": settings.forward_batch}
+        self.cams = {m: FinerCAM(clf.adapter, m, **(sc if m == "scorecam" else {})) for m in CAM_METHODS}
         self.W = clf.weight.to(clf.device, torch.float32)
         self.b_head = None if clf.bias is None else clf.bias.to(clf.device, torch.float32)
+        if clf.model is None:
+            raise ValueError("evaluate needs the classifier's logits model (ProbeClassifier.model)")
         self.model = clf.model.eval()
         if settings.channels_last:  # NHWC convolutions: same numbers up to float rounding, faster on CPUs
             self.model.to(memory_format=torch.channels_last)
@@ -428,9 +433,11 @@ class EvaluateJob(Job):
 
     # -- items ----------------------------------------------------------------------------------------------------
     def item_keys(self, item: EvalItem) -> list[tuple[Any, ...]]:
+        """One store key per method of the image: ``(image id, method, settings fingerprint)``."""
         return [(item.image_id, m, self.fp) for m in item.methods]
 
     def load(self, item: EvalItem) -> Any:
+        """Decode the image (in the prefetch thread)."""
         return load_or_error(Path(item.path))
 
     def _wants(self, item: EvalItem) -> list[str]:
@@ -447,6 +454,7 @@ class EvaluateJob(Job):
         }  # fmt: skip
 
     def error_rows(self, item: EvalItem, reason: str) -> list[dict[str, Any]]:
+        """One ``error: <reason>`` row per method the image still needs."""
         status = f"error: {reason}".splitlines()[0]
         return [{**self._base_row(item, m), "status": status} for m in self._wants(item) or item.methods]
 
@@ -542,15 +550,18 @@ class EvaluateJob(Job):
 
     # -- summaries ------------------------------------------------------------------------------------------------
     def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A ``per_image.csv`` row (``correct`` as ``true``/``false``, gamma as written before the store)."""
         out = super().csv_row(row)
         out["correct"] = _bool_text(row.get("correct"))
         out["gamma"] = _gamma_text(row.get("gamma"))
         return out
 
     def csv_frame(self, df: Any) -> Any:
+        """``per_image.csv`` rows from the store (as :meth:`csv_row`)."""
         return df.assign(correct=[_bool_text(v) for v in df["correct"]], gamma=[_gamma_text(v) for v in df["gamma"]])
 
     def run_info(self) -> dict[str, Any]:
+        """The settings fingerprint, the Score-CAM image ids and this run's seconds per method, for ``run.json``."""
         return {
             "settings_fingerprint": self.fp,
             "scorecam_image_ids": self.scorecam_ids,
@@ -582,7 +593,7 @@ def _gamma_text(v: Any) -> str:
 
 
 def evaluation_items(
-    cub: Any, clf: Any, settings: EvaluateSettings
+    cub: Any, clf: ClassifierBundle, settings: EvaluateSettings
 ) -> tuple[list[EvalItem], dict[int, int], list[int], list[int], list[str]]:
     """The images of an evaluation: items, probe class of each CUB class, image ids, Score-CAM image ids, notes.
 
@@ -636,11 +647,12 @@ def evaluation_items(
 def run_evaluate(
     cub_root: str | Path,
     out_dir: str | Path,
-    clf: Any,
+    clf: ClassifierBundle,
     settings: EvaluateSettings,
     run_info: dict[str, Any],
 ) -> dict[str, Any]:
-    """Evaluate ``settings.methods`` on a CUB split into ``out_dir`` (a job of :func:`traitloc.pipelines.runner.run_job`).
+    """Evaluate ``settings.methods`` on a CUB split into ``out_dir`` (a job of
+    :func:`traitloc.pipelines.runner.run_job`).
 
     Returns
     -------
@@ -767,7 +779,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the explained class c: the true CUB class or the predicted one (default: true)",
     )
     p.add_argument("--gamma", type=gamma_arg, default=0.6, help="gamma of the finer-* methods (default: 0.6)")
-    p.add_argument("--num-references", type=positive_int, default=3, help="references of the finer-* methods (default: 3)")
+    p.add_argument(
+        "--num-references", type=positive_int, default=3, help="references of the finer-* methods (default: 3)"
+    )
     p.add_argument(
         "--scorecam-channels",
         type=positive_int,
@@ -788,7 +802,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=positive_int, default=20, help="deletion/insertion steps (default: 20)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
-    p.add_argument("--forward-batch", type=positive_int, default=64, help="perturbed images per model call (default: 64)")
+    p.add_argument(
+        "--forward-batch", type=positive_int, default=64, help="perturbed images per model call (default: 64)"
+    )
     p.add_argument(
         "--memory-format",
         choices=["channels_last", "contiguous"],
@@ -806,10 +822,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``traitloc evaluate``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
     from traitloc.data.cub import CUB
     from traitloc.io.files import utc_now
-    from traitloc.models.classifier import ProbeError
     from traitloc.models.clip import ModelLoadError
+    from traitloc.models.probes import ProbeError, classifier_info, load_probe_classifier
     from traitloc.pipelines.options import CliError
-    from traitloc.pipelines.train import keep_freed_memory, load_probe_model
+    from traitloc.pipelines.train import keep_freed_memory
 
     start = utc_now()
     try:
@@ -823,7 +839,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise CliError(f"--cub-root: {err}") from err
     try:
-        clf = load_probe_model(args.probe, args.device)
+        clf = load_probe_classifier(args.probe, device=args.device)
     except (ProbeError, ModelLoadError, ValueError) as err:
         raise CliError(str(err).splitlines()[0]) from err
     allocator = keep_freed_memory()
@@ -835,24 +851,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         limit=args.limit, batch_size=args.batch_size, forward_batch=args.forward_batch, quiet=args.quiet,
         channels_last=args.memory_format == "channels_last",
     )  # fmt: skip
-    d = clf.describe
-    bb = d.get("backbone") if isinstance(d.get("backbone"), dict) else {}
-    pre = getattr(clf.preprocess, "size", None)
     info = {
         "command": "evaluate",
         "argv": list(argv),
         "cub_root": str(Path(args.cub_root).resolve()),
-        "probe": d.get("probe"),
-        "probe_sha256": d.get("probe_sha256"),
-        "probe_test_accuracy": d.get("probe_test_accuracy"),
-        "model": bb.get("model") or bb.get("name") or bb.get("callable"),
-        "pretrained": bb.get("pretrained") or bb.get("weights"),
-        "pretrained_sha256": bb.get("pretrained_sha256") or bb.get("weights_sha256"),
-        "backbone": bb or None,
-        "device": str(clf.device),
-        "dtype": "fp32",
-        "image_size": list(pre) if pre is not None else None,
-        "target_layer": clf.target_layer,
+        **classifier_info(clf),
+        "probe_test_accuracy": clf.describe.get("probe_test_accuracy"),
         "methods": methods,
         "targets": f"{args.target} class",
         "gamma": args.gamma,

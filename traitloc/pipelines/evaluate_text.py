@@ -16,7 +16,7 @@ Query
     (default 1): the Finer contrast ``s_trait - gamma * s_bird`` with each method, one call per image for all of
     its attributes. The ReLU map is brought to the photo's size (bilinear).
 Part region
-    The audit's part region (:func:`traitloc.pipelines.audit.parts_attribute_map`): discs of radius
+    The audit's part region (:func:`traitloc.metrics.attributes.parts_attribute_map`): discs of radius
     :math:`\sigma = 0.1\sqrt{w h}` of the bird's box (``--sigma-scale``) around the visible keypoints of the
     attribute's parts.
 Scores
@@ -111,6 +111,7 @@ class TextEvalSettings:
     quiet: bool = False
 
     def fingerprint(self) -> dict[str, Any]:
+        """The settings that determine the rows (everything but the methods, limit and progress)."""
         d = asdict(self)
         d.pop("quiet")
         d.pop("methods")  # methods may be added to a folder later, and images (limit, split) too
@@ -137,7 +138,7 @@ def _items(
     cub: Any, image_id: int, shape: tuple[int, int], box: tuple[float, ...], traits: list[Any], s: TextEvalSettings
 ) -> list[dict]:
     """The attributes of one image whose part is visible, with their part regions."""
-    from traitloc.pipelines.audit import parts_attribute_map
+    from traitloc.metrics.attributes import parts_attribute_map
 
     locs = cub.part_locs(image_id)
     out = []
@@ -351,19 +352,9 @@ def _methods(text: str) -> tuple[str, ...]:
     return ms
 
 
-def _nonneg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate-text`` subcommand and return it."""
-    from traitloc.pipelines.options import positive_int
+    from traitloc.pipelines.options import nonneg_float, positive_int
 
     p = subparsers.add_parser(
         "evaluate-text",
@@ -387,9 +378,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="pretrained tag or local weights file (.safetensors/.bin/.pt); 'none' for random weights",
     )  # fmt: skip
     p.add_argument("--base", default="bird", help="base prompt (default: bird)")
-    p.add_argument("--gamma", type=_nonneg, default=1.0, help="Finer contrast strength (default: 1.0)")
-    p.add_argument("--sigma-scale", type=_nonneg, default=0.1, help="part-region radius / sqrt(box area) (0.1)")
-    p.add_argument("--pointing-tolerance", type=_nonneg, default=15.0, help="pointing-game tolerance, px (15)")
+    p.add_argument("--gamma", type=nonneg_float, default=1.0, help="Finer contrast strength (default: 1.0)")
+    p.add_argument("--sigma-scale", type=nonneg_float, default=0.1, help="part-region radius / sqrt(box area) (0.1)")
+    p.add_argument("--pointing-tolerance", type=nonneg_float, default=15.0, help="pointing-game tolerance, px (15)")
     p.add_argument("--whole-bird", action="store_true", help="also score whole-bird attributes against the box")
     p.add_argument(
         "--scorecam-channels", type=positive_int, default=64, metavar="K",

@@ -1,4 +1,4 @@
-r"""``traitloc explain``: Finer-CAM maps of a species classifier for images or folders (DESIGN.md §6).
+r"""``traitloc explain``: Finer-CAM maps of a species classifier for images or folders (``docs/engine.md``).
 
 For each image the classifier's target class :math:`c` (``--target``; ``auto`` = the predicted class) is explained
 against references :math:`d_1..d_T` (``--reference``; default: the ``--num-references`` classes whose logits are
@@ -11,8 +11,9 @@ aggregated before the ReLU, with a Grad-CAM, Layer-CAM or Score-CAM base
 (:class:`traitloc.models.classifier.ClassifierExplainer`).
 ``--gamma 0`` gives the plain CAM of the target; ``--gamma`` above 1 extrapolates.
 
-``explain`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`), like ``localize``: images decoded
-(and preprocessed) one batch ahead, OOM splitting, per-image errors, resume, the settings check and ``run.json``.
+``explain`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`), like ``localize``: images
+decoded (and preprocessed) one batch ahead, OOM splitting, per-image errors, resume, the settings check and
+``run.json``.
 Outputs under ``--out``, one row per image:
 
 - ``results/part-*.parquet``: the results store (:mod:`traitloc.io.store`): the target, prediction, references,
@@ -51,13 +52,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from traitloc.pipelines.runner import Job, SettingsMismatchError, load_or_error, run_job
+
+if TYPE_CHECKING:
+    from traitloc.models.classifier import ClassifierBundle, ClassifierExplainer
 
 __all__ = [
     "EXPLAIN_COLUMNS",
@@ -163,9 +167,11 @@ class ExplainSettings:
             raise ValueError(f"--save: unknown kind(s) {', '.join(bad)}; choose from {', '.join(SAVE_KINDS)}")
 
     def target_spec(self, names: Sequence[str]) -> str:
+        """The target as recorded in the store key: ``auto`` or the class name."""
         return "auto" if self.target == "auto" else names[int(self.target)]
 
     def reference_spec(self, names: Sequence[str]) -> str:
+        """The references as recorded in the store key: ``auto:T``, the class names, or ``(none)``."""
         if self.references is None:
             return f"auto:{self.num_references}"
         return REF_SEP.join(names[r] for r in self.references) or "(none)"
@@ -176,49 +182,41 @@ class ExplainSettings:
 # ------------------------------------------------------------------------------------------------------------------
 def load_classifier(
     *, classifier: str | None = None, probe: str | None = None, device: str | torch.device = "auto"
-) -> Any:
-    """A :class:`traitloc.pipelines.train.ProbeModel` from ``--classifier MODULE:FUNCTION`` or ``--probe PROBE_DIR``.
+) -> ClassifierBundle:
+    """A :class:`traitloc.models.probes.ProbeClassifier` from ``--classifier MODULE:FUNCTION`` or ``--probe PROBE_DIR``.
 
     A ``--classifier`` model gives logits: its head is the identity (``weight = I``, no bias).
 
     Raises
     ------
-    ValueError, traitloc.models.backbones.CallableError, traitloc.models.classifier.ProbeError
+    ValueError, traitloc.models.backbones.CallableError, traitloc.models.probes.ProbeError
         One line: import failure, wrong shapes, missing probe files...
     """
     from traitloc.models.backbones import load_callable, make_adapter
+    from traitloc.models.classifier import ClassifierExplainer
     from traitloc.models.clip import resolve_device
-    from traitloc.pipelines.train import ProbeModel, load_probe_model
+    from traitloc.models.probes import ProbeClassifier, load_probe_classifier
 
     if (classifier is None) == (probe is None):
         raise ValueError("give exactly one of --classifier MODULE:FUNCTION or --probe PROBE_DIR")
     dev = resolve_device(device)
     if probe is not None:
-        return load_probe_model(probe, dev)
+        return load_probe_classifier(probe, device=dev)
     spec = load_callable(str(classifier).strip(), "classifier")
-    model = spec["model"]
-    model.to(dev)
+    model = spec["model"].to(dev)
     adapter = make_adapter(spec)
-    K = len(spec["class_names"])
-    return ProbeModel(
-        adapter=adapter,
-        weight=torch.eye(K, device=dev),
-        bias=None,
-        class_names=list(spec["class_names"]),
-        preprocess=spec["preprocess"],
-        model=model,
-        device=dev,
-        meta={},
-        describe={
-            "classifier": spec.get("callable"),
-            "target_layer": getattr(adapter, "target_layer", None),
-            "num_classes": K,
-            "spec": spec.get("spec") if isinstance(spec.get("spec"), (str, dict)) else str(spec.get("spec")),
-        },
-    )
+    names = list(spec["class_names"])
+    describe = {
+        "classifier": spec.get("callable"),
+        "target_layer": getattr(adapter, "target_layer", None),
+        "num_classes": len(names),
+        "spec": spec.get("spec") if isinstance(spec.get("spec"), (str, dict)) else str(spec.get("spec")),
+    }
+    explainer = ClassifierExplainer(adapter, torch.eye(len(names), device=dev), None, names)
+    return ProbeClassifier(explainer, spec["preprocess"], names, {}, describe, model=model, device=dev)
 
 
-def _classifier_id(clf: Any) -> str:
+def _classifier_id(clf: ClassifierBundle) -> str:
     """A short stable id of the classifier for ``results.csv`` keys."""
     d = clf.describe
     if d.get("probe_sha256"):
@@ -229,7 +227,7 @@ def _classifier_id(clf: Any) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # the job
 # ------------------------------------------------------------------------------------------------------------------
-def resolve_settings(spec: ExplainSpec, explainer: Any) -> ExplainSettings:
+def resolve_settings(spec: ExplainSpec, explainer: ClassifierExplainer) -> ExplainSettings:
     """Resolve a spec's target and references against the classifier's classes.
 
     Raises
@@ -269,19 +267,20 @@ def resolve_settings(spec: ExplainSpec, explainer: Any) -> ExplainSettings:
     )  # fmt: skip
 
 
-def build_explain_job(spec: ExplainSpec, out_dir: str | Path, clf: Any = None) -> ExplainJob:
+def build_explain_job(spec: ExplainSpec, out_dir: str | Path, clf: ClassifierBundle | None = None) -> ExplainJob:
     """Load the classifier of ``spec`` (unless ``clf`` is given) and return the :class:`ExplainJob` into ``out_dir``.
 
     Raises
     ------
     ExplainSpecError
         A bad target or reference (:func:`resolve_settings`).
-    ValueError, traitloc.models.backbones.CallableError, traitloc.models.classifier.ProbeError, traitloc.models.clip.ModelLoadError
+    ValueError, traitloc.models.backbones.CallableError, traitloc.models.probes.ProbeError,
+    traitloc.models.clip.ModelLoadError
         The classifier cannot be loaded (:func:`load_classifier`).
     """
     if clf is None:
         clf = load_classifier(classifier=spec.classifier, probe=spec.probe, device=spec.device)
-    explainer = clf.explainer(spec.method, scorecam_channels=spec.scorecam_channels)
+    explainer = clf.explainer.with_method(spec.method, scorecam_channels=spec.scorecam_channels)
     settings = resolve_settings(spec, explainer)
     return ExplainJob(clf, explainer, settings, out_dir, scorecam_channels=spec.scorecam_channels)
 
@@ -328,8 +327,8 @@ class ExplainJob(Job):
 
     def __init__(
         self,
-        clf: Any,
-        explainer: Any,
+        clf: ClassifierBundle,
+        explainer: ClassifierExplainer,
         settings: ExplainSettings,
         out_dir: str | Path,
         *,
@@ -361,6 +360,7 @@ class ExplainJob(Job):
 
     # -- items ----------------------------------------------------------------------------------------------------
     def item_keys(self, item: tuple[str, str]) -> list[tuple[Any, ...]]:
+        """The one store key of an image: ``(image key, target spec, reference spec)``."""
         return [(item[1], self.common["target_spec"], self.common["reference_spec"])]
 
     def load(self, item: tuple[str, str]) -> Any:
@@ -382,6 +382,7 @@ class ExplainJob(Job):
         return {**self.fixed, "image": item[0], "image_key": item[1]}
 
     def error_rows(self, item: tuple[str, str], reason: str) -> list[dict[str, Any]]:
+        """The store row of an image that failed (``status = error: <reason>``)."""
         from traitloc.io.files import slugify
 
         row = self._row(item)
@@ -401,26 +402,26 @@ class ExplainJob(Job):
             groups.setdefault(tuple(dec.x.shape), []).append(i)
         dev = self.clf.device
         for idx in groups.values():
+            x = torch.stack([batch[i][1].x for i in idx]).to(dev)
+            pre = self.explainer.cam.prefix(x)  # the batch's one forward pass
+            bad: dict[int, str] = {}
             if s.target == "auto" and s.references:
                 # the predicted class is the target: an image predicted as one of the references cannot be explained
-                x = torch.stack([batch[i][1].x for i in idx]).to(dev)
-                pred = self.explainer.logits(x).argmax(1).tolist()
-                keep = []
-                for i, c in zip(idx, pred, strict=True):
-                    if c in s.references:
-                        results[i] = (
-                            f"reference {names[c]!r} equals the predicted class (--target auto); give another "
-                            f"--reference or an explicit --target"
-                        )
-                    else:
-                        keep.append(i)
-                idx = keep
+                pred = self.explainer.logits(pre).argmax(1).tolist()
+                bad = {i: names[c] for i, c in zip(idx, pred, strict=True) if c in s.references}
+                for i, name in bad.items():
+                    results[i] = (
+                        f"reference {name!r} equals the predicted class (--target auto); give another "
+                        f"--reference or an explicit --target"
+                    )
+                if bad:  # the others are explained on their own (a prefix cannot be cut)
+                    keep = [j for j, i in enumerate(idx) if i not in bad]
+                    idx, x = [idx[j] for j in keep], x[keep]
             if not idx:
                 continue
-            x = torch.stack([batch[i][1].x for i in idx]).to(dev)
             res = self.explainer.explain(
                 x, target=s.target, references=s.references, num_references=s.num_references, gamma=s.gamma,
-                reverse=s.reverse,
+                reverse=s.reverse, prefix=None if bad else pre,
             )  # fmt: skip
             signed = res.signed.detach().float().cpu()  # (B, h, w): maps leave the device as grids
             scores = res.cam.scores[:, 0].detach().float().cpu().tolist()
@@ -451,7 +452,8 @@ class ExplainJob(Job):
 
     # -- outputs --------------------------------------------------------------------------------------------------
     def finish(self, rows: list[dict[str, Any]], item: tuple[str, str], loaded: _Decoded) -> list[dict[str, Any]]:
-        """``--save``: the files of each ok row (the shared writer of localize, :func:`traitloc.pipelines.localize.save_files`)."""
+        """``--save``: the files of each ok row (the shared writer of localize,
+        :func:`traitloc.pipelines.localize.save_files`)."""
         if not self.s.save:
             return rows
         from traitloc import __version__
@@ -476,31 +478,25 @@ class ExplainJob(Job):
         return rows
 
     def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A ``results.csv`` row (``reverse`` as ``true``/``false``)."""
         out = super().csv_row(row)
         out["reverse"] = _bool_text(row.get("reverse"))
         return out
 
     def csv_frame(self, df: Any) -> Any:
+        """``results.csv`` rows from the store (``reverse`` as ``true``/``false``)."""
         if "reverse" in df.columns:
             df = df.assign(reverse=[_bool_text(v) for v in df["reverse"]])
         return df
 
     def run_info(self) -> dict[str, Any]:
+        """The classifier (:func:`traitloc.models.probes.classifier_info`) and settings for ``run.json``."""
+        from traitloc.models.probes import classifier_info
+
         clf, s, names = self.clf, self.s, self.names
-        d = clf.describe
-        backbone = d.get("backbone") if isinstance(d.get("backbone"), dict) else {}
-        x0 = getattr(clf.preprocess, "size", None)
         return {
-            "classifier": d.get("classifier") or d.get("probe"),
-            "probe": d.get("probe"),
-            "probe_sha256": d.get("probe_sha256"),
-            "model": backbone.get("model") or backbone.get("name") or backbone.get("callable") or d.get("classifier"),
-            "pretrained": backbone.get("pretrained") or backbone.get("weights"),
-            "pretrained_sha256": backbone.get("pretrained_sha256") or backbone.get("weights_sha256"),
-            "backbone": backbone or None,
-            "device": str(clf.device),
-            "dtype": "fp32",
-            "image_size": list(x0) if x0 is not None else None,
+            "classifier": clf.describe.get("classifier") or clf.describe.get("probe"),
+            **classifier_info(clf),
             "num_classes": len(names),
             "targets": s.target_spec(names),
             "references": s.reference_spec(names),
@@ -509,7 +505,6 @@ class ExplainJob(Job):
             "reverse": s.reverse,
             "method": self.explainer.method,
             "scorecam_channels": self.scorecam_channels,
-            "target_layer": clf.target_layer,
             "threshold": s.threshold,
             "save": list(s.save),
         }
@@ -549,6 +544,7 @@ def run_explain(
 # ------------------------------------------------------------------------------------------------------------------
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``explain`` to a ``argparse`` subparsers object and return its parser."""
+    from traitloc.engine.methods import method_names
     from traitloc.pipelines.options import add_store_arguments, gamma_arg, positive_int, threshold_arg
 
     p = subparsers.add_parser(
@@ -595,7 +591,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comparison strength: s = z_target - gamma * mean(z_refs) (default: 0.6; 0 = plain CAM; > 1 extrapolates)",
     )
     p.add_argument(
-        "--method", choices=["gradcam", "layercam", "scorecam"], default="gradcam", help="CAM base (default: gradcam)"
+        "--method", choices=method_names(classifier=True), default="gradcam", help="CAM base (default: gradcam)"
     )
     p.add_argument(
         "--reverse",
@@ -627,8 +623,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from traitloc.data.images import find_images
     from traitloc.io.files import utc_now
     from traitloc.models.backbones import CallableError
-    from traitloc.models.classifier import ProbeError
     from traitloc.models.clip import ModelLoadError
+    from traitloc.models.probes import ProbeError
     from traitloc.pipelines.options import CliError
     from traitloc.pipelines.train import keep_freed_memory
 

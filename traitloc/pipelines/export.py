@@ -33,26 +33,9 @@ target, a score range, or explicit result ids (Python).
 
 Conventions
 -----------
-Result ids
-    ``<image-key>/<slug>``: the store's ``result_id``. The review app stores its decisions under these ids in
-    ``RESULTS_DIR/review.sqlite``, table ``decisions(result_id TEXT PRIMARY KEY, status TEXT, note TEXT,
-    updated_utc TEXT)``.
-RLE (COCO)
-    The mask is flattened in column-major (Fortran) order, and ``counts`` are the lengths of alternating runs
-    starting with a run of zeros (0 when the first pixel is set); ``size`` is ``[height, width]``. The compressed
-    string form is pycocotools' (``rleToString``).
-Polygon coordinates (GeoJSON)
-    ``x`` is the column and ``y`` the row, in pixels, with the origin at the top-left *corner* of the top-left
-    pixel and ``y`` pointing down: pixel ``(row i, column j)`` covers the square ``[j, j+1] x [i, i+1]`` and its
-    centre is ``(j + 0.5, i + 0.5)`` (GDAL's pixel/line convention). Boundaries run through the midpoints
-    between foreground and background pixel centres (marching squares at level 0.5); foreground pixels are
-    4-connected (two pixels touching only at a corner are two polygons) and holes 8-connected. Rings are closed
-    and follow RFC 7946's right-hand rule in the numeric coordinates: exterior rings have a positive signed
-    (shoelace) area, holes a negative one; as ``y`` points down, exteriors look clockwise on screen. Subtract
-    0.5 to get coordinates with pixel centres at integers (scikit-image's, for ``skimage.draw.polygon``); see
-    :func:`polygons_to_mask`.
-COCO bounding boxes
-    ``[x, y, width, height]`` of the set pixels in the same corner convention (COCO's).
+Result ids are the store's ``result_id``, ``<image-key>/<slug>``; the review app stores its decisions under these
+ids in ``RESULTS_DIR/review.sqlite``. RLE, polygon coordinates and COCO bounding boxes follow the conventions of
+:mod:`traitloc.io.formats`, which builds every file of an export (map TIFFs: :func:`traitloc.io.files.map_tiff_bytes`).
 
 Memory
 ------
@@ -85,49 +68,52 @@ import secrets
 import shutil
 import sqlite3
 import sys
-import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from traitloc.io.decisions import DB_NAME, STATUSES, Decision, PathSafetyError, ReviewStore, resolve_inside
 from traitloc.io.files import (
     atomic_path,
     atomic_write,
     environment_info,
+    map_tiff_bytes,
     mask_from_map,
-    overlay_array,
+    png_bytes,
+    to_json,
     utc_now,
 )
-from traitloc.io.store import part_files
+from traitloc.io.formats import (
+    CONVENTIONS,
+    FIGURE_FORMATS,
+    UNIFORM_CMAPS,
+    FormatError,
+    check_cmap,
+    check_dpi,
+    coco_annotation,
+    figure_bytes,
+    figure_panel,
+    geojson_collection,
+    geojson_feature,
+    mask_png_bytes,
+    write_coco,
+)
+from traitloc.io.store import StoreError, part_files, read_results, render_overlay, render_unit_map
 
 __all__ = [
-    "FIGURE_FORMATS",
     "FORMATS",
-    "UNIFORM_CMAPS",
-    "Decision",
     "FormatError",
     "Result",
     "add_parser",
     "export_results",
     "export_zip_bytes",
-    "figure_bytes",
-    "figure_panel",
     "list_results",
-    "map_tiff_bytes",
-    "mask_png_bytes",
-    "mask_to_polygons",
-    "polygons_to_mask",
     "read_decisions",
-    "read_export_tiff",
-    "rle_decode",
-    "rle_encode",
-    "rle_from_string",
-    "rle_to_string",
     "run",
 ]
 
@@ -137,15 +123,9 @@ PathLike = str | os.PathLike[str]
 FORMATS: tuple[str, ...] = ("png", "tiff", "overlay", "coco", "geojson", "csv", "parquet", "figure")
 #: formats that need the maps of a ``localize``/``explain`` run (its results store)
 MAP_FORMATS = frozenset({"png", "tiff", "overlay", "coco", "geojson", "figure"})
-FIGURE_FORMATS: tuple[str, ...] = ("svg", "pdf", "png")
-#: matplotlib's perceptually uniform sequential colormaps (and their reverses) allowed for figures
-UNIFORM_CMAPS: tuple[str, ...] = tuple(
-    name + rev for name in ("viridis", "cividis", "magma", "inferno", "plasma") for rev in ("", "_r")
-)
 #: tables of a results folder exported by ``csv``/``parquet`` besides ``results.csv``
 EXTRA_TABLES: tuple[str, ...] = ("audit.csv", "controls.csv", "audit_summary.csv", "metrics.csv", "per_image.csv")
-#: review statuses (the app's accept / reject / needs-work) and the spellings read as them
-REVIEW_STATUSES: tuple[str, ...] = ("accepted", "rejected", "needs-work")
+#: the spellings read as the review statuses (the app's accepted / rejected / needs-work)
 _STATUS_ALIASES = {
     "accept": "accepted", "accepted": "accepted", "reject": "rejected", "rejected": "rejected",
     "needs-work": "needs-work", "needs_work": "needs-work", "needs work": "needs-work", "needswork": "needs-work",
@@ -158,632 +138,7 @@ _TEXT_COLUMNS = frozenset({
 })  # fmt: skip
 #: numeric columns always stored as floats (a run's gamma of 1 and another's of 0.6 stay one type)
 _FLOAT_COLUMNS = frozenset({"gamma", "raw_max", "score", "concept_score", "base_score", "mask_fraction"})
-COLORBAR_GID = "traitloc-colorbar"
-COLORBAR_LABEL = "relative importance (map / max)"
 MANIFEST_VERSION = 1
-_RC_LOCK = threading.Lock()
-_MAX_DPI = 2400
-
-
-class FormatError(ValueError):
-    """Bad export input (a results folder, selection or option); the message is one line."""
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# COCO run-length encoding
-# ------------------------------------------------------------------------------------------------------------------
-def _as_mask(mask: object, name: str = "mask") -> np.ndarray:
-    array = np.asarray(mask)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (H, W), got shape {array.shape}")
-    if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
-    if array.dtype != bool:
-        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-            raise TypeError(f"{name} must be boolean (or 0/1 numbers), got dtype {array.dtype}")
-        if not np.isin(array, (0, 1)).all():
-            raise ValueError(f"{name} must be boolean or hold only 0 and 1")
-        array = array.astype(bool)
-    return array
-
-
-def rle_encode(mask: object, compressed: bool = False) -> dict[str, Any]:
-    """COCO run-length encoding of a binary mask.
-
-    The mask is flattened in column-major order; ``counts`` alternate runs of 0s and 1s, starting with 0s (a
-    leading 0 when the first pixel is set). ``sum(counts) == height * width``.
-
-    Parameters
-    ----------
-    mask : array_like of bool, shape (H, W)
-        Boolean mask or 0/1 numbers.
-    compressed : bool, default False
-        Give ``counts`` as pycocotools' compressed ASCII string (:func:`rle_to_string`) instead of a list of ints.
-
-    Returns
-    -------
-    dict
-        ``{"size": [H, W], "counts": [...] or "..."}``.
-
-    Examples
-    --------
-    >>> rle_encode([[0, 1], [0, 1]])
-    {'size': [2, 2], 'counts': [2, 2]}
-    """
-    array = _as_mask(mask)
-    flat = array.ravel(order="F")
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate(([0], change, [flat.size]))
-    runs = np.diff(bounds).tolist()
-    if flat[0]:
-        runs.insert(0, 0)
-    counts: list[int] | str = rle_to_string(runs) if compressed else [int(r) for r in runs]
-    return {"size": [int(array.shape[0]), int(array.shape[1])], "counts": counts}
-
-
-def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decode a COCO RLE (``counts`` as a list of ints or a compressed string) into a boolean mask.
-
-    Parameters
-    ----------
-    rle : mapping
-        ``{"size": [H, W], "counts": list[int] | str | bytes}``.
-
-    Returns
-    -------
-    numpy.ndarray
-        bool, shape (H, W).
-
-    Raises
-    ------
-    ValueError
-        If ``size`` is not two positive ints, a count is negative, or the counts do not add up to ``H * W``.
-    """
-    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
-        raise ValueError("rle must be a mapping with 'size' and 'counts'")
-    size = rle["size"]
-    if (
-        not isinstance(size, Sequence)
-        or len(size) != 2
-        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in size)
-    ):
-        raise ValueError(f"rle size must be [height, width] of positive ints, got {size!r}")
-    height, width = int(size[0]), int(size[1])
-    raw = rle["counts"]
-    counts = rle_from_string(raw) if isinstance(raw, (str, bytes)) else list(raw)
-    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in counts):
-        raise ValueError("rle counts must be non-negative ints")
-    total = int(sum(int(c) for c in counts))
-    if total != height * width:
-        raise ValueError(f"rle counts add up to {total}, expected height * width = {height * width}")
-    values = (np.arange(len(counts)) % 2).astype(bool)
-    flat = np.repeat(values, np.asarray(counts, dtype=np.int64))
-    return flat.reshape((height, width), order="F")
-
-
-def rle_to_string(counts: Sequence[int]) -> str:
-    """pycocotools' compressed form of RLE counts (``rleToString`` of its ``maskApi.c``).
-
-    Each count (from the third on, as the difference to the count two places before) is written as a
-    little-endian sequence of 5-bit groups, each as ``chr(48 + group)`` with bit 6 (``0x20``) set on all but the
-    last group; the sign lives in bit 5 (``0x10``) of the last group.
-
-    Parameters
-    ----------
-    counts : sequence of int
-        Uncompressed RLE counts.
-
-    Returns
-    -------
-    str
-        ASCII text (characters 48..111).
-    """
-    out: list[str] = []
-    values = [int(c) for c in counts]
-    for i, count in enumerate(values):
-        x = count - values[i - 2] if i > 2 else count
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift: negative numbers stay negative
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
-
-
-def rle_from_string(text: str | bytes) -> list[int]:
-    """Inverse of :func:`rle_to_string` (pycocotools' ``rleFrString``).
-
-    Parameters
-    ----------
-    text : str or bytes
-        Compressed counts.
-
-    Returns
-    -------
-    list of int
-
-    Raises
-    ------
-    ValueError
-        If the text holds characters outside 48..111 or ends inside a count.
-    """
-    data = text.encode("ascii") if isinstance(text, str) else bytes(text)
-    counts: list[int] = []
-    p = 0
-    while p < len(data):
-        x = 0
-        k = 0
-        more = True
-        while more:
-            if p >= len(data):
-                raise ValueError("compressed rle counts end inside a number")
-            c = data[p] - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"compressed rle counts hold an invalid character {chr(data[p])!r}")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def _bbox_area(mask: np.ndarray) -> tuple[list[int], int]:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return [0, 0, 0, 0], 0
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    return [c0, r0, c1 - c0 + 1, r1 - r0 + 1], int(mask.sum())
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# polygons
-# ------------------------------------------------------------------------------------------------------------------
-def _signed_area(ring: np.ndarray) -> float:
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
-
-
-def mask_to_polygons(mask: object, simplify: float = 0.0) -> list[list[list[list[float]]]]:
-    """Polygons (with holes) of the set pixels of a binary mask, in pixel coordinates.
-
-    See the module's "Polygon coordinates" for the convention: ``[x, y]`` = (column, row) with the origin at the
-    top-left corner of the image, exterior rings with positive signed area, holes negative, rings closed.
-
-    Parameters
-    ----------
-    mask : array_like of bool, shape (H, W)
-    simplify : float, default 0
-        Douglas-Peucker tolerance in pixels (``skimage.measure.approximate_polygon``); 0 keeps the exact
-        pixel-edge boundaries. Simplified rings may no longer rasterize to the exact mask.
-
-    Returns
-    -------
-    list
-        GeoJSON ``MultiPolygon`` coordinates: a list of polygons, each a list of rings (exterior first, then its
-        holes), each ring a list of ``[x, y]``. Empty for an empty mask.
-    """
-    from skimage.measure import approximate_polygon, find_contours, label
-
-    array = _as_mask(mask)
-    if not isinstance(simplify, (int, float)) or isinstance(simplify, bool) or not simplify >= 0:
-        raise ValueError(f"simplify must be a number >= 0, got {simplify!r}")
-    if not array.any():
-        return []
-    padded = np.pad(array, 1)
-    # 4-connected foreground components, the same connectivity as the contours (fully_connected="low")
-    components = label(padded, connectivity=1)
-    # positive_orientation="high": exteriors wind one way around the set pixels, holes the other way
-    contours = find_contours(padded.astype(np.float32), 0.5, fully_connected="low", positive_orientation="high")
-    polygons: dict[int, list[np.ndarray]] = {}
-    holes: list[tuple[int, np.ndarray]] = []
-    for contour in contours:
-        if len(contour) < 4:
-            continue
-        owner = _contour_component(contour[0], components)
-        # (row, col) in the padded array -> (x, y) in the corner convention of the original image
-        ring = np.stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5], axis=1)
-        exterior = _signed_area(ring) < 0  # find_contours' exteriors; reversed below to positive area
-        if simplify > 0:
-            ring = approximate_polygon(ring, tolerance=float(simplify))
-            if not np.array_equal(ring[0], ring[-1]):
-                ring = np.vstack([ring, ring[:1]])
-            if len(ring) < 4 or _signed_area(ring) == 0:
-                continue
-        ring = ring[::-1].copy()
-        if exterior:
-            polygons[owner] = [ring]
-        else:
-            holes.append((owner, ring))
-    for owner, ring in holes:  # a hole is bordered by the pixels of the one component around it
-        if owner in polygons:
-            polygons[owner].append(ring)
-    digits = 3 if simplify > 0 else None
-
-    def as_list(ring: np.ndarray) -> list[list[float]]:
-        values = np.round(ring, digits) if digits is not None else ring
-        return [[float(x), float(y)] for x, y in values]
-
-    return [[as_list(r) for r in polygons[k]] for k in sorted(polygons)]
-
-
-def _contour_component(vertex: np.ndarray, components: np.ndarray) -> int:
-    """Label of the foreground pixel beside a contour vertex (vertices sit halfway between two pixel centres)."""
-    r, c = float(vertex[0]), float(vertex[1])
-    if abs(r - round(r)) < 1e-6:
-        pixels = [(round(r), math.floor(c)), (round(r), math.ceil(c))]
-    else:
-        pixels = [(math.floor(r), round(c)), (math.ceil(r), round(c))]
-    labels = [int(components[p]) for p in pixels]
-    return max(labels)
-
-
-def polygons_to_mask(polygons: Sequence[Any], shape: tuple[int, int]) -> np.ndarray:
-    """Rasterize polygons of :func:`mask_to_polygons` (or a GeoJSON geometry) back into a boolean mask.
-
-    A pixel is set when its centre lies inside a polygon's exterior and outside its holes
-    (``skimage.draw.polygon`` on the coordinates minus 0.5).
-
-    Parameters
-    ----------
-    polygons : list or mapping
-        ``MultiPolygon`` coordinates, or a GeoJSON ``Polygon``/``MultiPolygon`` geometry mapping.
-    shape : (int, int)
-        ``(height, width)`` of the mask.
-
-    Returns
-    -------
-    numpy.ndarray
-        bool, shape ``shape``.
-    """
-    from skimage.draw import polygon as draw_polygon
-
-    if isinstance(polygons, Mapping):
-        kind = polygons.get("type")
-        coords = polygons.get("coordinates", [])
-        if kind == "Polygon":
-            polygons = [coords]
-        elif kind == "MultiPolygon":
-            polygons = coords
-        else:
-            raise ValueError(f"expected a Polygon or MultiPolygon geometry, got {kind!r}")
-    height, width = int(shape[0]), int(shape[1])
-    out = np.zeros((height, width), dtype=bool)
-
-    def fill(ring: Sequence[Sequence[float]]) -> np.ndarray:
-        pts = np.asarray(ring, dtype=np.float64)
-        layer = np.zeros((height, width), dtype=bool)
-        if len(pts) >= 3:
-            rr, cc = draw_polygon(pts[:, 1] - 0.5, pts[:, 0] - 0.5, shape=(height, width))
-            layer[rr, cc] = True
-        return layer
-
-    for poly in polygons:
-        if not poly:
-            continue
-        layer = fill(poly[0])
-        for hole in poly[1:]:
-            layer &= ~fill(hole)
-        out |= layer
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# TIFF and PNG
-# ------------------------------------------------------------------------------------------------------------------
-def _json(obj: Any, indent: int | None = None) -> str:
-    def default(value: object) -> Any:
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        return str(value)
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, Mapping):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(obj), default=default, indent=indent, ensure_ascii=False, sort_keys=indent is None)
-
-
-def map_tiff_bytes(map01: object, settings: Mapping[str, Any] | None = None, label: str | None = None) -> bytes:
-    """A float32 map as an uncompressed ImageJ TIFF that Fiji, napari and tifffile open.
-
-    ImageJ metadata: display range 0..1 (``min``/``max``), ``label`` as the slice label, and ``settings`` as JSON
-    in ``Info`` (Fiji: Image > Show Info; tifffile: ``TiffFile.imagej_metadata["Info"]``).
-
-    Parameters
-    ----------
-    map01 : array_like, shape (H, W)
-        The map, stored as float32 (values are not changed).
-    settings : mapping, optional
-        JSON-serializable settings.
-    label : str, optional
-        Slice label (e.g. the concept).
-
-    Returns
-    -------
-    bytes
-    """
-    import tifffile
-
-    array = np.ascontiguousarray(np.asarray(map01), dtype=np.float32)
-    if array.ndim != 2 or array.size == 0:
-        raise ValueError(f"map01 must be a non-empty 2-D array, got shape {array.shape}")
-    meta: dict[str, Any] = {"axes": "YX", "min": 0.0, "max": 1.0, "Info": _json(dict(settings or {}), indent=1)}
-    if label:
-        meta["Labels"] = [str(label)]
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, array, imagej=True, metadata=meta, photometric="minisblack")
-    return buffer.getvalue()
-
-
-def read_export_tiff(path: PathLike | bytes) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a map written by :func:`map_tiff_bytes`: the float32 array and the settings from ImageJ ``Info``.
-
-    Parameters
-    ----------
-    path : path or bytes
-
-    Returns
-    -------
-    array : numpy.ndarray
-        float32, shape (H, W).
-    settings : dict
-        The JSON of ``Info`` (empty when absent).
-    """
-    import tifffile
-
-    source: Any = io.BytesIO(path) if isinstance(path, bytes) else path
-    with tifffile.TiffFile(source) as tif:
-        array = tif.pages[0].asarray()
-        info = (tif.imagej_metadata or {}).get("Info", "")
-    settings = json.loads(info) if info else {}
-    return np.asarray(array, dtype=np.float32), settings if isinstance(settings, dict) else {}
-
-
-def mask_png_bytes(mask: object, settings: Mapping[str, Any] | None = None) -> bytes:
-    """A binary mask as an 8-bit grayscale PNG (0 / 255) with the settings as JSON in an ``iTXt`` chunk.
-
-    Parameters
-    ----------
-    mask : array_like of bool, shape (H, W)
-    settings : mapping, optional
-        Stored under the key ``traitloc`` (Pillow: ``Image.open(f).text["traitloc"]``).
-
-    Returns
-    -------
-    bytes
-    """
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    array = _as_mask(mask)
-    info = PngInfo()
-    info.add_text("Software", "traitloc")
-    if settings:
-        info.add_itxt("traitloc", _json(dict(settings)))
-    buffer = io.BytesIO()
-    Image.fromarray(np.where(array, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# figure panels
-# ------------------------------------------------------------------------------------------------------------------
-def _check_cmap(cmap: str) -> str:
-    if not isinstance(cmap, str) or cmap not in UNIFORM_CMAPS:
-        raise FormatError(f"cmap must be a perceptually uniform colormap ({', '.join(UNIFORM_CMAPS)}), got {cmap!r}")
-    return cmap
-
-
-def _settings_line(settings: Mapping[str, Any]) -> str:
-    parts = []
-    method = settings.get("method")
-    if method:
-        parts.append(f"Finer-CAM ({method})")
-    gamma = settings.get("gamma")
-    if gamma not in (None, ""):
-        parts.append(f"γ = {_fmt_number(gamma)}")
-    threshold = settings.get("threshold")
-    if threshold not in (None, ""):
-        parts.append(f"mask: map > {_fmt_number(threshold)}")
-    model = settings.get("model") or settings.get("classifier")
-    if model:
-        parts.append(f"model: {Path(str(model)).name}")
-    return "   ".join(parts)
-
-
-def _fmt_number(value: Any) -> str:
-    try:
-        return f"{float(value):g}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _figure_title(settings: Mapping[str, Any]) -> str:
-    if settings.get("target"):
-        refs = settings.get("references")
-        if isinstance(refs, (list, tuple)):
-            refs = ", ".join(str(r) for r in refs)
-        return f"{settings['target']}  vs  {refs}" if refs else str(settings["target"])
-    concept = settings.get("concept") or settings.get("label")
-    if not concept:
-        return "traitloc map"
-    base = settings.get("base")
-    return f"“{concept}”  vs  “{base}”" if base and base != "(none)" else f"“{concept}”"
-
-
-def figure_panel(
-    image: object | None,
-    map01: object,
-    mask: object | None = None,
-    settings: Mapping[str, Any] | None = None,
-    cmap: str = "viridis",
-    alpha: float = 0.55,
-    panel_width: float = 2.4,
-) -> Any:
-    """A paper figure: image | overlay of the map with a colorbar | mask contour.
-
-    Built on a bare :class:`matplotlib.figure.Figure` (no pyplot state, safe in the review app). The colorbar's
-    axes has the gid :data:`COLORBAR_GID` (an SVG ``<g id="traitloc-colorbar">``) and the label
-    :data:`COLORBAR_LABEL`; the title names the concept (or target) and its base (or references), the subtitle
-    the method, gamma, threshold and model from ``settings``.
-
-    Parameters
-    ----------
-    image : PIL image, uint8 array (H, W[, 3|4]) or None
-        The source image, drawn under the overlay and the contour; None draws a neutral grey background. It is
-        stretched onto the map's extent when sizes differ (a downscaled working image).
-    map01 : array_like, shape (H, W)
-        The map in [0, 1] (colorbar 0..1).
-    mask : array_like of bool, shape (H, W), optional
-        Its outline (:func:`mask_to_polygons`) is drawn in the third panel; default ``map01 > threshold`` with
-        ``settings["threshold"]`` or 0.5.
-    settings : mapping, optional
-        ``concept``/``target``, ``base``/``references``, ``gamma``, ``method``, ``model``, ``threshold``...
-    cmap : str, default "viridis"
-        A perceptually uniform colormap (:data:`UNIFORM_CMAPS`).
-    alpha : float, default 0.55
-        Opacity of the map over the image.
-    panel_width : float, default 2.4
-        Width of each panel in inches.
-
-    Returns
-    -------
-    matplotlib.figure.Figure
-    """
-    from matplotlib import colormaps, patheffects
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    settings = dict(settings or {})
-    colormap = colormaps[_check_cmap(cmap)]
-    heat = np.asarray(map01, dtype=np.float32)
-    if heat.ndim != 2 or heat.size == 0:
-        raise ValueError(f"map01 must be a non-empty 2-D array, got shape {heat.shape}")
-    height, width = heat.shape
-    if mask is None:
-        threshold = settings.get("threshold", 0.5)
-        mask = mask_from_map(np.clip(heat, 0.0, 1.0), 0.5 if threshold in (None, "") else threshold)
-    mask_array = _as_mask(mask)
-    if mask_array.shape != heat.shape:
-        raise ValueError(f"mask shape {mask_array.shape} differs from the map's {heat.shape}")
-    rgb: np.ndarray | None = None
-    if image is not None:
-        from PIL import Image
-
-        rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
-        if rgb.ndim == 3 and rgb.shape[2] == 4:
-            rgb = rgb[:, :, :3]
-    extent = (0.0, float(width), float(height), 0.0)
-    aspect = height / width
-    panel_h = min(max(panel_width * aspect, 0.8), 3 * panel_width)
-    fig = Figure(figsize=(3 * panel_width + 0.9, panel_h + 0.95), layout="constrained")
-    axes = fig.subplots(1, 3)
-    for ax, title in zip(axes, ("image", "map", "mask"), strict=True):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(title, fontsize=9)
-        if rgb is not None:
-            ax.imshow(rgb, extent=extent, interpolation="antialiased")
-        else:
-            ax.set_facecolor("0.8")
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
-    if rgb is None:
-        axes[0].text(0.5, 0.5, "image not available", ha="center", va="center", fontsize=8,
-                     transform=axes[0].transAxes)  # fmt: skip
-    axes[1].imshow(heat, cmap=colormap, vmin=0.0, vmax=1.0, alpha=alpha if rgb is not None else 1.0,
-                   extent=extent, interpolation="bilinear")  # fmt: skip
-    threshold = settings.get("threshold")
-    axes[2].set_title("mask" if threshold in (None, "") else f"mask (map > {_fmt_number(threshold)})", fontsize=9)
-    rings = [np.asarray(r) for poly in mask_to_polygons(mask_array) for r in poly]
-    if rings:
-        lines = LineCollection(rings, colors="#ffffff", linewidths=1.2)
-        lines.set_path_effects([patheffects.Stroke(linewidth=2.4, foreground="black"), patheffects.Normal()])
-        lines.set_gid("traitloc-mask-contour")
-        axes[2].add_collection(lines)
-    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap)
-    cbar = fig.colorbar(mappable, ax=axes[1], fraction=0.046, pad=0.03)
-    cbar.set_label(COLORBAR_LABEL, fontsize=7)
-    cbar.ax.tick_params(labelsize=7)
-    cbar.ax.set_gid(COLORBAR_GID)
-    fig.suptitle(_figure_title(settings), fontsize=10)
-    line = _settings_line(settings)
-    if line:
-        fig.supxlabel(line, fontsize=7)
-    return fig
-
-
-def _figure_metadata(fmt: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    title = _figure_title(settings) or "traitloc figure"
-    text = _json(dict(settings))
-    if fmt == "svg":
-        return {"Title": title, "Description": text, "Creator": "traitloc", "Date": None}
-    if fmt == "pdf":
-        return {"Title": title, "Subject": text, "Keywords": "traitloc; Finer-CAM", "Creator": "traitloc",
-                "CreationDate": None}  # fmt: skip
-    return {"Title": title, "Description": text, "Software": "traitloc", "traitloc": text}
-
-
-def figure_bytes(fig: Any, fmt: str, settings: Mapping[str, Any] | None = None, dpi: int = 300) -> bytes:
-    """Save a figure of :func:`figure_panel` as SVG, PDF or PNG bytes, with editable text and its settings.
-
-    SVG text stays text (``svg.fonttype = 'none'``), PDF fonts are embedded as TrueType (``pdf.fonttype = 42``,
-    editable in Illustrator/Inkscape), PNG is rasterized at ``dpi`` (stored in its ``pHYs`` chunk). The settings
-    go into the file's metadata: SVG ``<title>`` and ``<metadata>`` (Dublin Core ``description``), the PDF info
-    dictionary (``Title``, ``Subject``), PNG text chunks (``Title``, ``Description``, ``traitloc``).
-
-    Parameters
-    ----------
-    fig : matplotlib.figure.Figure
-    fmt : {"svg", "pdf", "png"}
-    settings : mapping, optional
-    dpi : int, default 300
-
-    Returns
-    -------
-    bytes
-    """
-    import matplotlib
-
-    if fmt not in FIGURE_FORMATS:
-        raise FormatError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
-    dpi = _check_dpi(dpi)
-    rc = {"svg.fonttype": "none", "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "traitloc",
-          "savefig.dpi": dpi, "image.composite_image": False}  # fmt: skip
-    # Vector files embed each image at its own resolution (the viewer scales it); PNG resamples with antialiasing.
-    images = [im for ax in fig.axes for im in ax.get_images()]
-    for im in images:
-        im.set_interpolation("antialiased" if fmt == "png" else "none")
-    buffer = io.BytesIO()
-    with _RC_LOCK, matplotlib.rc_context(rc):  # rcParams are global: one save at a time (the app has threads)
-        fig.savefig(buffer, format=fmt, dpi=dpi, metadata=_figure_metadata(fmt, settings or {}))
-    return buffer.getvalue()
-
-
-def _check_dpi(dpi: object) -> int:
-    if isinstance(dpi, bool) or not isinstance(dpi, (int, np.integer)) or not 10 <= int(dpi) <= _MAX_DPI:
-        raise FormatError(f"dpi must be an int in [10, {_MAX_DPI}], got {dpi!r}")
-    return int(dpi)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -813,15 +168,6 @@ class Result:
     index: int = -1
 
 
-@dataclass(frozen=True)
-class Decision:
-    """A review decision of the app (``review.sqlite``)."""
-
-    status: str
-    note: str = ""
-    updated_utc: str = ""
-
-
 def _results_dir(value: object) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"results_dir must be a str or os.PathLike, got {type(value).__name__}")
@@ -831,30 +177,16 @@ def _results_dir(value: object) -> Path:
     return path
 
 
-def _inside(root: Path, text: str, what: str) -> tuple[Path, PurePosixPath]:
-    """Check a path from a table: relative, no ``..``, resolving (symlinks followed) inside ``root``."""
-    if not text or "\x00" in text or "\\" in text:
-        raise FormatError(f"{what}: invalid path {text!r}")
-    rel = PurePosixPath(text)
-    if rel.is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive:
-        raise FormatError(f"{what}: absolute path {text!r} is not allowed (paths must be inside the results folder)")
-    if any(part in ("..", "") for part in rel.parts) or rel.parts[:1] == (".",):
-        raise FormatError(f"{what}: path {text!r} leaves the results folder")
-    full = root / Path(*rel.parts)
-    try:
-        full.resolve().relative_to(root.resolve())
-    except ValueError:
-        raise FormatError(f"{what}: {text!r} resolves outside the results folder (symbolic link?)") from None
-    return full, rel
-
-
 def _root_file(root: Path, name: str) -> Path | None:
     """A fixed file of the results folder (``results.csv``, ``run.json``...), None when absent; a symbolic link
     that leads out of the folder is rejected."""
     path = root / name
     if not path.exists() and not path.is_symlink():
         return None
-    _inside(root, name, name)
+    try:
+        resolve_inside(root, name)
+    except PathSafetyError:
+        raise FormatError(f"{name}: {name!r} resolves outside the results folder (symbolic link?)") from None
     return path if path.is_file() else None
 
 
@@ -875,64 +207,45 @@ def _no_store(root: Path) -> FormatError:
     )
 
 
-def _read_index(root: Path) -> tuple[Any, list[Path], str]:
-    """The store's rows without the grid maps, deduplicated like :func:`traitloc.io.store.read_results` (last
-    written wins), in store order, with their location (``_part``, ``_row``); the part files; the label column."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = part_files(root)
-    if not files:
-        raise _no_store(root)
-    tables, keys = [], []
-    for i, path in enumerate(files):
-        try:
-            handle = pq.ParquetFile(path)
-            schema = handle.schema_arrow
-            table = handle.read(columns=[n for n in schema.names if n != "grid"])
-        except Exception as err:  # noqa: BLE001 - a foreign or damaged file
-            raise FormatError(
-                f"{path}: not a readable part of a traitloc store ({type(err).__name__}: {err})"
-            ) from None
-        if not keys:
-            keys = [k for k in (schema.metadata or {}).get(b"traitloc.keys", b"").decode().split(",") if k]
-        n = table.num_rows
-        table = table.append_column("_part", pa.array(np.full(n, i, dtype=np.int64)))
-        tables.append(table.append_column("_row", pa.array(np.arange(n, dtype=np.int64))))
+def _read_index(root: Path, files: list[Path]) -> tuple[Any, str]:
+    """The store's rows without the grid maps (:func:`traitloc.io.store.read_results`: last written wins), in store
+    order, with their location (``_part``, ``_row``); and the label column."""
     try:
-        merged = pa.concat_tables(tables, promote_options="default")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise FormatError(f"{root / 'results'}: parts with incompatible columns ({err})") from None
-    df = merged.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        names = [n for n in _schema(files[0]).names if n != "grid"]
+        df = read_results(root, columns=names, locate=True)
+    except StoreError as err:
+        raise FormatError(str(err)) from None
     for column in ("result_id", "image_key", "status"):
         if column not in df.columns:
             raise FormatError(f"{root / 'results'} is not a traitloc store: no {column!r} column")
     kind = "concept" if "concept" in df.columns else "target" if "target" in df.columns else ""
     if not kind:
         raise FormatError(f"{root / 'results'} has neither a concept nor a target column")
-    keys = [k for k in keys if k in df.columns] or ["result_id"]
-    df = df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
-    return df, files, kind
+    return df, kind
+
+
+def _schema(part: Path) -> Any:
+    """The Arrow schema of a store's part (:class:`FormatError` for a foreign or damaged file)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(part)
+    except Exception as err:  # noqa: BLE001 - a foreign or damaged file
+        raise FormatError(f"{part}: not a readable part of a traitloc store ({type(err).__name__}: {err})") from None
 
 
 def _map_store(part: Path) -> bool:
     """Whether a store's part has the columns of concept or target maps (``localize``/``explain``)."""
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(part).names
-    except Exception as err:  # noqa: BLE001 - a foreign or damaged file
-        raise FormatError(f"{part}: not a readable part of a traitloc store ({type(err).__name__}: {err})") from None
+    names = _schema(part).names
     return "grid" in names and ("concept" in names or "target" in names)
 
 
 def _plain(value: Any) -> Any:
-    """A cell of the index as a plain Python value (``None`` for missing)."""
+    """A cell of the index as a plain Python value (``None`` for missing and non-finite numbers)."""
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # a missing (or non-finite) cell: null in the export's JSON
     return value
 
 
@@ -996,8 +309,10 @@ def list_results(results_dir: PathLike) -> tuple[list[Result], list[dict[str, An
         image key is not a safe relative path.
     """
     root = _results_dir(results_dir)
-    df, _, kind = _read_index(root)
-    return _results_of(df, kind)
+    files = part_files(root)
+    if not files:
+        raise _no_store(root)
+    return _results_of(*_read_index(root, files))
 
 
 def _normalize_status(value: object) -> str:
@@ -1005,40 +320,11 @@ def _normalize_status(value: object) -> str:
     return _STATUS_ALIASES.get(text, text)
 
 
-def _decision_of(value: object) -> Decision:
-    if isinstance(value, Decision):
-        return value
-    if isinstance(value, str):
-        return Decision(_normalize_status(value))
-    if isinstance(value, Mapping):
-        get = value.get
-    else:
-
-        def get(key: str, default: Any = None) -> Any:
-            return getattr(value, key, default)
-
-    return Decision(_normalize_status(get("status")), str(get("note") or ""), str(get("updated_utc") or ""))
-
-
-def _normalize_decisions(raw: object) -> dict[str, Decision]:
-    if isinstance(raw, Mapping):
-        return {str(k): _decision_of(v) for k, v in raw.items()}
-    out: dict[str, Decision] = {}
-    for item in raw if isinstance(raw, Iterable) else ():
-        rid = item.get("result_id") if isinstance(item, Mapping) else getattr(item, "result_id", None)
-        if rid is None:
-            raise FormatError("review decisions must carry a result_id")
-        out[str(rid)] = _decision_of(item)
-    return out
-
-
 def read_decisions(results_dir: PathLike) -> dict[str, Decision]:
-    """Review decisions of the app, by result id (empty when ``review.sqlite`` does not exist).
+    """Review decisions of the app (:class:`traitloc.io.decisions.ReviewStore`, read-only), by result id.
 
-    Uses ``traitloc.io.decisions.ReviewStore(results_dir, readonly=True).decisions()`` when that module exists, else reads
-    the table ``decisions(result_id, status, note, updated_utc)`` of ``RESULTS_DIR/review.sqlite`` read-only.
-    Statuses are normalized to lower case (``accept`` -> ``accepted``, ``reject`` -> ``rejected``, ``needs work``
-    -> ``needs-work``).
+    Empty when ``RESULTS_DIR/review.sqlite`` does not exist (nothing reviewed yet); a ``review.sqlite`` that is a
+    symbolic link out of the results folder, or that cannot be read, is a :class:`FormatError`.
 
     Parameters
     ----------
@@ -1050,30 +336,14 @@ def read_decisions(results_dir: PathLike) -> dict[str, Decision]:
         ``{result_id: Decision}``.
     """
     root = _results_dir(results_dir)
-    db = _root_file(root, "review.sqlite")
+    db = _root_file(root, DB_NAME)
     if db is None:
         return {}
     try:
-        from traitloc.io.decisions import ReviewStore  # the review app's store (issue #5); absent in older checkouts
-    except ImportError:
-        ReviewStore = None  # noqa: N806
-    if ReviewStore is not None:
-        try:
-            with ReviewStore(root, readonly=True) as store:
-                return _normalize_decisions(store.decisions())
-        except (ValueError, sqlite3.Error) as err:  # PathSafetyError is a ValueError
-            raise FormatError(f"cannot read review decisions from {db}: {err}") from None
-    try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error as err:
-        raise FormatError(f"cannot open {db}: {err}") from None
-    try:
-        rows = con.execute("SELECT result_id, status, note, updated_utc FROM decisions").fetchall()
-    except sqlite3.Error as err:
+        with ReviewStore(root, readonly=True) as store:
+            return store.decisions()
+    except (ValueError, sqlite3.Error) as err:  # PathSafetyError is a ValueError
         raise FormatError(f"cannot read review decisions from {db}: {err}") from None
-    finally:
-        con.close()
-    return {str(r[0]): Decision(_normalize_status(r[1]), str(r[2] or ""), str(r[3] or "")) for r in rows}
 
 
 def _bound(value: object, name: str) -> float | None:
@@ -1101,10 +371,10 @@ def _select(
         info["status"] = "all"
     elif isinstance(selection, str):
         status = _normalize_status(selection)
-        if status not in REVIEW_STATUSES:
-            raise FormatError(f"selection must be 'all', one of {', '.join(REVIEW_STATUSES)} or result ids, "
+        if status not in STATUSES:
+            raise FormatError(f"selection must be 'all', one of {', '.join(STATUSES)} or result ids, "
                               f"got {selection!r}")  # fmt: skip
-        chosen = [r for r in chosen if r.result_id in decisions and decisions[r.result_id].status == status]
+        chosen = [r for r in chosen if _normalize_status(getattr(decisions.get(r.result_id), "status", "")) == status]
         info["status"] = status
     elif isinstance(selection, Iterable):
         wanted = [str(s) for s in selection]
@@ -1149,8 +419,8 @@ def _select(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # NaN/Infinity (not JSON, but Python's json reads them) become null, as the export writes them
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda _: None)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -1187,6 +457,7 @@ class _DirSink:
         return folder / parts[-1]
 
     def write(self, rel: str, data: bytes) -> None:
+        """Write the file ``rel`` atomically."""
         atomic_write(self._path(rel), data)
         self.names.append(rel)
 
@@ -1219,6 +490,7 @@ class _ZipSink:
         return info
 
     def write(self, rel: str, data: bytes) -> None:
+        """Add the entry ``rel``."""
         # deflate level 1: float TIFFs compress about as well as at the default level 6, 1.5x faster
         self.zip.writestr(self._info(rel), data, compresslevel=1)
         self.names.append(rel)
@@ -1231,37 +503,22 @@ class _ZipSink:
         self.names.append(rel)
 
     def close(self) -> None:
+        """Write the zip's central directory (the handle stays open)."""
         self.zip.close()
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # the export
 # ------------------------------------------------------------------------------------------------------------------
-def _parse_formats(formats: str | Iterable[str]) -> list[str]:
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    names: list[str] = []
-    for item in items:
-        name = str(item).strip().lower()
-        if not name:
-            continue
-        if name == "all":
-            names.extend(FORMATS)
-            continue
-        if name not in FORMATS:
-            raise FormatError(f"unknown format {name!r} (choose from {', '.join(FORMATS)} or all)")
-        names.append(name)
-    if not names:
-        raise FormatError(f"give at least one format ({', '.join(FORMATS)})")
-    return [f for f in FORMATS if f in names]
-
-
-def _parse_figure_formats(values: str | Iterable[str]) -> list[str]:
-    items = values.split(",") if isinstance(values, str) else list(values)
-    names = [str(v).strip().lower() for v in items if str(v).strip()]
-    bad = [n for n in names if n not in FIGURE_FORMATS]
+def _parse_list(values: str | Iterable[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    """Names among ``allowed`` (``all``: every one) from a comma-separated string or an iterable, in their order."""
+    items = [str(v).strip().lower() for v in (values.split(",") if isinstance(values, str) else values)]
+    names = [n for item in items if item for n in (allowed if item == "all" else (item,))]
+    bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise FormatError(f"figure formats must be among {', '.join(FIGURE_FORMATS)}, got {','.join(names) or '-'}")
-    return [f for f in FIGURE_FORMATS if f in names]
+        which = f"unknown {what[:-1]} {bad[0]!r}: " if bad else "none given: "
+        raise FormatError(f"{which}{what} must be among {', '.join(allowed)} or all")
+    return [f for f in allowed if f in names]
 
 
 def _parse_threshold(value: object) -> float | str | None:
@@ -1287,14 +544,6 @@ def _parquet_engine() -> str:
             continue
         return module
     raise FormatError("parquet export needs pyarrow or fastparquet (pip install pyarrow)")
-
-
-def _number(text: str) -> Any:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return text
-    return value if math.isfinite(value) else None
 
 
 def _settings_for(result: Result, run_info: Mapping[str, Any], threshold: float | str,
@@ -1376,6 +625,7 @@ class _Photos:
         self.value: tuple[Any, str | None] = (None, None)
 
     def get(self, result: Result) -> tuple[Any, str | None]:
+        """The photo of ``result`` (PIL image) and None, or None and why it is not available."""
         from traitloc.data.images import ImageLoadError, load_image
 
         if result.image_key != self.key:
@@ -1526,10 +776,10 @@ def export_results(
         Bad options, no store, an unsafe id in the store, or nothing to export.
     """
     root = _results_dir(results_dir)
-    fmts = _parse_formats(formats)
-    fig_fmts = _parse_figure_formats(figure_formats) if "figure" in fmts else []
-    dpi = _check_dpi(dpi)
-    cmap = _check_cmap(cmap)
+    fmts = _parse_list(formats, FORMATS, "formats")
+    fig_fmts = _parse_list(figure_formats, FIGURE_FORMATS, "figure formats") if "figure" in fmts else []
+    dpi = check_dpi(dpi)
+    cmap = check_cmap(cmap)
     threshold = _parse_threshold(threshold)
     if not isinstance(simplify, (int, float)) or isinstance(simplify, bool) or not 0 <= simplify < 1e6:
         raise FormatError(f"simplify must be a number >= 0, got {simplify!r}")
@@ -1561,10 +811,10 @@ def export_results(
     if not has_store and selecting:
         raise _no_store(root)
     if has_store:
-        index, files, kind = _read_index(root)
+        index, kind = _read_index(root, parts)
         results, skipped = _results_of(index, kind)
     else:
-        index, files, kind, results, skipped = None, [], "concept", [], []
+        index, results, skipped = None, [], []
     decisions = read_decisions(root)
     chosen, selection_info = _select(results, decisions, selection, concepts, score_min, score_max)
     status_asked = isinstance(selection, str) and selection.strip().lower() != "all"
@@ -1588,17 +838,9 @@ def export_results(
     manifest: dict[str, Any] = {
         "traitloc_export": MANIFEST_VERSION, "created_utc": utc_now(), "argv": list(argv or []),
         "results_dir": str(root.resolve()), "formats": fmts, "selection": selection_info, "options": options,
-        "conventions": {
-            "result_id": "<image-key>/<slug>: the store's result_id (the review app's id)",
-            "rle": "COCO: column-major, counts start with the run of zeros, size [height, width]",
-            "polygons": "pixel coordinates: x = column, y = row (down), origin at the top-left corner of the image; "
-            "pixel (i, j) covers [j, j+1] x [i, i+1]; exterior rings positive signed area, holes negative",
-            "maps": "float32, map / its maximum, values in [0, 1], rendered from the store's grid map",
-            "masks": "map > threshold (the threshold is in each result's settings)",
-        },
-        "run": run_info,
+        "conventions": dict(CONVENTIONS), "run": run_info,
     }  # fmt: skip
-    job = _Export(root, index, files, chosen, skipped, decisions, fmts, fig_fmts, options, threshold, roots,
+    job = _Export(root, index, parts, chosen, skipped, decisions, fmts, fig_fmts, options, threshold, roots,
                   run_info, extra_tables, engine, manifest, progress)  # fmt: skip
     if zipped:
         with atomic_path(out_path) as tmp:
@@ -1677,6 +919,7 @@ class _Export:
         self.feature_key: tuple[str, int, int, str] | None = None
 
     def write_all(self, sink: Any, scratch: Path) -> None:
+        """Write every chosen result, the shared files, the tables and the manifest (last) into ``sink``."""
         import tempfile
 
         from tqdm.auto import tqdm
@@ -1722,12 +965,10 @@ class _Export:
         manifest["skipped"] = left_out
         manifest["environment"] = environment_info()
         manifest["files"] = sorted(sink.names)
-        sink.write("manifest.json", (_json(manifest, indent=2) + "\n").encode("utf-8"))
+        sink.write("manifest.json", (to_json(manifest, indent=2, name="manifest") + "\n").encode("utf-8"))
 
     # ---- one result --------------------------------------------------------------------------------------------
     def _one(self, sink: Any, result: Result, spool: Any) -> dict[str, Any]:
-        from traitloc.io.store import render_unit_map
-
         fmts = self.fmts
         row = self.grids.row(result)
         unit = render_unit_map(row)
@@ -1747,7 +988,7 @@ class _Export:
         if "png" in fmts:
             put(_safe_rel("masks", rid + ".png"), mask_png_bytes(mask, settings))
         if "tiff" in fmts:
-            put(_safe_rel("maps", rid + ".tif"), map_tiff_bytes(unit, settings, label=result.label))
+            put(_safe_rel("maps", rid + ".tif"), map_tiff_bytes(unit, settings, imagej=True, label=result.label))
         photo = None
         if "overlay" in fmts or "figure" in fmts:
             photo, why = self.photos.get(result)
@@ -1756,7 +997,7 @@ class _Export:
             if why and "figure" in fmts:
                 warnings.append(f"figure drawn without the image: {why}")
         if "overlay" in fmts and photo is not None:
-            put(_safe_rel("overlays", rid + ".png"), _overlay_png(row, photo, unit))
+            put(_safe_rel("overlays", rid + ".png"), png_bytes(render_overlay(row, photo, unit=unit)))
         image = str(result.row.get("image") or result.image_key)
         if "coco" in fmts:
             if result.image_key not in self.coco_images:
@@ -1768,26 +1009,17 @@ class _Export:
                 self.coco_cats[result.label] = len(self.coco_cats) + 1
                 self.categories.append({"id": self.coco_cats[result.label], "name": result.label,
                                         "supercategory": result.kind})  # fmt: skip
-            bbox, area = _bbox_area(mask)
             self.n_annotations += 1
-            annotation = {"id": self.n_annotations, "image_id": self.coco_images[result.image_key],
-                          "category_id": self.coco_cats[result.label], "iscrowd": 1, "area": area, "bbox": bbox,
-                          "segmentation": rle_encode(mask, compressed=bool(self.options["coco_compressed"])),
-                          "traitloc": settings}  # fmt: skip
-            score = result.row.get("score")
-            if isinstance(score, float) and math.isfinite(score):
-                annotation["score"] = score
-            spool.write((_json(annotation) + "\n").encode("utf-8"))
+            annotation = coco_annotation(self.n_annotations, self.coco_images[result.image_key],
+                                         self.coco_cats[result.label], mask, settings, result.row.get("score"),
+                                         compressed=bool(self.options["coco_compressed"]))  # fmt: skip
+            spool.write((to_json(annotation, sort_keys=True) + "\n").encode("utf-8"))
         if "geojson" in fmts:
             key = (result.image_key, height, width, image)
             if self.feature_key is not None and self.feature_key[0] != result.image_key:
                 self._flush_geojson(sink)
             self.feature_key = key
-            self.features.append({
-                "type": "Feature", "id": rid,
-                "geometry": {"type": "MultiPolygon", "coordinates": mask_to_polygons(mask, self.options["simplify"])},
-                "properties": {**settings, "label": result.label, "area_px": int(mask.sum())},
-            })  # fmt: skip
+            self.features.append(geojson_feature(rid, result.label, mask, settings, self.options["simplify"]))
         if "figure" in fmts:
             fig = figure_panel(photo, unit, mask, settings, cmap=self.options["cmap"])
             for fmt in self.fig_fmts:
@@ -1806,13 +1038,8 @@ class _Export:
         if self.feature_key is None or not self.features:
             return
         key, height, width, image = self.feature_key
-        doc = {
-            "type": "FeatureCollection",
-            "traitloc": {"image": image, "image_key": key, "width": width, "height": height,
-                         "coordinates": self.manifest["conventions"]["polygons"]},
-            "features": self.features,
-        }  # fmt: skip
-        sink.write(_safe_rel("polygons", key + ".geojson"), (_json(doc) + "\n").encode("utf-8"))
+        doc = geojson_collection(self.features, image, key, width, height)
+        sink.write(_safe_rel("polygons", key + ".geojson"), (to_json(doc, sort_keys=True) + "\n").encode("utf-8"))
         self.features, self.feature_key = [], None
 
     def _write_coco(self, sink: Any, spool: Any) -> None:
@@ -1823,12 +1050,7 @@ class _Export:
         head = {"info": info, "licenses": [], "images": self.images, "categories": self.categories}
         spool.seek(0)
         with sink.open("coco.json") as handle:
-            # the same document as one json.dumps, with "annotations" streamed from the spool
-            text = _json(head)
-            handle.write((text[:-1] + ', "annotations": [').encode("utf-8"))
-            for n, line in enumerate(spool):
-                handle.write((b", " if n else b"") + line.rstrip(b"\n"))
-            handle.write(b"]}\n")
+            write_coco(handle, head, spool)
 
     def _write_tables(self, sink: Any, exported: list[str]) -> list[str]:
         fmts = self.fmts
@@ -1868,21 +1090,6 @@ class _Export:
             note.append(d.note if d else "")
         df["review_status"], df["review_note"] = status, note
         return df
-
-
-def _overlay_png(row: Mapping[str, Any], photo: Any, unit: np.ndarray) -> bytes:
-    """The overlay PNG as ``localize --save overlays`` writes it: the map rendered at the working photo's size,
-    inferno at alpha 0.5 over it, PNG compression level 1."""
-    from PIL import Image
-
-    from traitloc.io.store import render_unit_map
-
-    work = np.asarray(photo.convert("RGB")) if hasattr(photo, "convert") else np.asarray(photo)
-    size = work.shape[:2]
-    heat = unit if size == unit.shape else render_unit_map(row, size)
-    buffer = io.BytesIO()
-    Image.fromarray(overlay_array(work, heat)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def _table_frame(header: list[str], rows: list[dict[str, Any]]) -> Any:
@@ -1925,7 +1132,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--format", dest="formats", default="png,tiff,coco,geojson,csv,figure", metavar="LIST",
                    help=f"comma-separated formats among {','.join(FORMATS)}, or all "
                    "(default: png,tiff,coco,geojson,csv,figure)")  # fmt: skip
-    p.add_argument("--status", choices=["all", *REVIEW_STATUSES], default="all",
+    p.add_argument("--status", choices=["all", *STATUSES], default="all",
                    help="which results: all ok ones, or those with this review decision in "
                    "RESULTS_DIR/review.sqlite (default: all)")  # fmt: skip
     p.add_argument("--concept", action="append", default=None, metavar="TEXT",

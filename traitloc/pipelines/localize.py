@@ -5,11 +5,16 @@ and its signed grid map; ``results.csv`` summarizes the rows for spreadsheets. F
 are renderings of the grid (:func:`traitloc.io.store.render_map`), written as files only with ``--save``.
 The runner (:func:`traitloc.pipelines.runner.run_job`) brings prefetching, OOM splitting, per-image errors, resume and
 run.json.
+
+The command line (:func:`add_parser`, :func:`run`) is ``traitloc localize``; from Python, build a
+:class:`traitloc.models.localize.ConceptLocalizer` and call :func:`run_localize`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,8 @@ __all__ = [
     "LocalizeJob",
     "LocalizeSettings",
     "SettingsMismatchError",
+    "add_parser",
+    "run",
     "run_localize",
     "save_files",
     "split_on_oom",
@@ -49,6 +56,8 @@ SAVE_KINDS = ("maps", "masks", "overlays", "signed")
 
 @dataclass
 class LocalizeSettings:
+    """What a localize run computes and writes, beside the localizer: prompts, base, gamma, batching and files."""
+
     concepts: list[str]
     traits: list[str | None]  # trait names (from a trait list) beside each concept, or None
     base: str | None
@@ -105,6 +114,7 @@ class LocalizeJob(Job):
         }  # fmt: skip
 
     def item_keys(self, item: Path) -> list[tuple[Any, ...]]:
+        """One key ``(image_key, concept)`` per concept."""
         k = self.keys[item]
         return [(k, c) for c in self.s.concepts]
 
@@ -113,10 +123,12 @@ class LocalizeJob(Job):
                 "trait": trait or "", "notes": ""}  # fmt: skip
 
     def error_rows(self, item: Path, reason: str) -> list[dict[str, Any]]:
+        """One row per concept with ``status = "error: <reason>"``."""
         return [{**self._row(item, c, t), "status": f"error: {reason}"}
                 for c, t in zip(self.s.concepts, self.s.traits, strict=True)]  # fmt: skip
 
     def compute(self, batch: list[tuple[Path, Any]]) -> list[list[dict[str, Any]] | str]:
+        """Maps of every concept for the batch's images (one localizer call); rows per image, or why it failed."""
         results = self.loc.explain([im.image for _, im in batch], self.s.concepts, self.s.base, self.s.gamma)
         return [self._rows(item, im, res) for (item, im), res in zip(batch, results, strict=True)]
 
@@ -149,6 +161,7 @@ class LocalizeJob(Job):
         ]
 
     def finish(self, rows: list[dict[str, Any]], item: Path, loaded: Any) -> list[dict[str, Any]]:
+        """``--save``: write the rows' files (in the writer thread); a row whose files fail records the error."""
         if not self.s.save:
             return rows
         out = self.out
@@ -163,6 +176,7 @@ class LocalizeJob(Job):
         return rows
 
     def run_info(self) -> dict[str, Any]:
+        """The prompts, base, gamma, method, target layer and the other settings for ``run.json``."""
         return {
             "prompts": self.s.concepts, "base": self.s.base, "gamma": self.s.gamma, "method": self.loc.method,
             "target_layer": self.loc.target_layer, "resize": self.loc.resize, "threshold": self.s.threshold,
@@ -248,3 +262,189 @@ def run_localize(
         "n_images": len(paths),
     }
     return run_job(job, paths, out_dir, info, batch_size=settings.batch_size, quiet=settings.quiet)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------------
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``localize`` to an ``argparse`` subparsers object and return its parser."""
+    from traitloc.engine.methods import TEXT_METHODS
+    from traitloc.pipelines.distributed import add_ray_arguments
+    from traitloc.pipelines.options import (
+        add_model_arguments,
+        add_store_arguments,
+        gamma_arg,
+        positive_int,
+        threshold_arg,
+    )
+
+    p = subparsers.add_parser(
+        "localize",
+        help="where is a trait, by text: concept vs base prompt maps, masks and scores",
+        description="Finer-CAM maps of text concepts (compared against a base prompt) for images or folders. "
+        "Writes the results store results/part-*.parquet (one row per image and concept: scores and the signed grid "
+        "map, rendered to full-size maps, masks and overlays on demand), results.csv and run.json under --out; "
+        "rerunning into the same --out skips finished rows.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a concept prompt, e.g. 'red epaulets' (repeat for several)",
+    )
+    p.add_argument(
+        "--traits",
+        metavar="FILE|NAME",
+        help="a trait list: built-in name (cub200) or a .csv (prompt column) / .txt (one per line)",
+    )
+    p.add_argument(
+        "--base",
+        metavar="TEXT",
+        default=None,
+        help="base prompt the concept is compared against, e.g. 'bird' (default: none = plain CAM)",
+    )
+    p.add_argument(
+        "--gamma",
+        type=gamma_arg,
+        default=1.0,
+        help="comparison strength: s = s_concept - gamma * s_base (default: 1.0; 0 = plain CAM)",
+    )
+    p.add_argument(
+        "--method",
+        choices=TEXT_METHODS,
+        default="gradcam",
+        help="localization method (default: gradcam); forward-only dense methods and LeGrad for open_clip ViTs: "
+        "see docs/methods.md",
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="prompt template with {} (repeat to ensemble), e.g. 'a photo of a bird with {}.'",
+    )
+    p.add_argument(
+        "--resize",
+        choices=["stretch", "aspect"],
+        default="stretch",
+        help="stretch: whole image to the model's square input; aspect: keep the aspect ratio "
+        "(positional embedding interpolated) (default: stretch)",
+    )
+    p.add_argument(
+        "--threshold", type=threshold_arg, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
+    )
+    p.add_argument(
+        "--scorecam-channels",
+        type=positive_int,
+        default=None,
+        help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
+    )
+    add_store_arguments(p, "(image, concept)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
+    add_model_arguments(p)
+    add_ray_arguments(p)
+    return p
+
+
+def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
+    """The checked, de-duplicated concept prompts of ``--concept`` and ``--traits``, and their trait names."""
+    from traitloc.data.traits import load_trait_list
+    from traitloc.models.text import PromptError, check_prompt
+    from traitloc.pipelines.options import CliError
+
+    concepts: list[str] = []
+    traits: list[str | None] = []
+    for c in args.concept:
+        try:
+            concepts.append(check_prompt(c))
+        except PromptError as err:
+            raise CliError(f"--concept: {err}") from err
+        traits.append(None)
+    if args.traits:
+        try:
+            tl = load_trait_list(args.traits)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise CliError(f"--traits: {err}") from err
+        for trait in tl:
+            concepts.append(check_prompt(trait.prompt))
+            traits.append(trait.name)
+    if not concepts:
+        raise CliError("give at least one --concept TEXT or --traits FILE|NAME")
+    seen: set[str] = set()
+    uc: list[str] = []
+    ut: list[str | None] = []
+    for c, t in zip(concepts, traits, strict=True):
+        if c not in seen:
+            seen.add(c)
+            uc.append(c)
+            ut.append(t)
+    return uc, ut
+
+
+def _run_info(args: argparse.Namespace, argv: Sequence[str], bundle: Any) -> dict[str, Any]:
+    """The command's part of ``run.json``: the command line, the model's description, dtype, seed, start time."""
+    from traitloc.io.files import utc_now
+
+    return {
+        "command": args.command,
+        "argv": list(argv),
+        **bundle.describe(),
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "start_utc": utc_now(),
+    }
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``traitloc localize``; bad input raises :class:`traitloc.pipelines.options.CliError` (one line)."""
+    from traitloc.models.clip import load_clip
+    from traitloc.models.text import PromptError, check_prompt
+    from traitloc.pipelines.options import CliError
+
+    concepts, traits = _concepts(args)
+    if args.base is not None:
+        try:
+            args.base = check_prompt(args.base)
+        except PromptError as err:
+            raise CliError(f"--base: {err}") from err
+    try:
+        find_images(args.paths)  # fail fast, before loading a model
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(str(err)) from err
+    torch.manual_seed(args.seed)
+    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+    on_ray = getattr(args, "ray", None) is not None
+    if on_ray:
+        from traitloc.pipelines.distributed import require_ray
+
+        require_ray()  # fail fast, before loading a model
+    bundle = load_clip(args.model, pretrained, "cpu" if on_ray else args.device)  # with --ray: the actors compute
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    loc = ConceptLocalizer(
+        bundle, args.method, templates=args.template or None, resize=args.resize, amp_dtype=amp,
+        scorecam_channels=args.scorecam_channels,
+    )  # fmt: skip
+    settings = LocalizeSettings(
+        concepts=concepts, traits=traits, base=args.base, gamma=args.gamma, batch_size=args.batch_size,
+        threshold=args.threshold, save=args.save, quiet=args.quiet, grid_dtype=args.grid_dtype,
+    )  # fmt: skip
+    try:
+        if on_ray:
+            from traitloc.pipelines.distributed import run_localize_ray
+
+            counts = run_localize_ray(args, pretrained, loc, settings, _run_info(args, argv, bundle))
+        else:
+            counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
+    except SettingsMismatchError as err:
+        raise CliError(str(err)) from err
+    if not args.quiet:
+        print(
+            f"traitloc localize: {counts['ok']} images done, {counts['failed']} failed, "
+            f"{counts['skipped']} already done -> {args.out}",
+            file=sys.stderr,
+        )
+    return 1 if counts["failed"] and not counts["ok"] and not counts["skipped"] else 0

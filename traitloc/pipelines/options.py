@@ -8,6 +8,7 @@ option groups (:func:`add_model_arguments`, :func:`add_store_arguments`) used by
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "add_model_arguments",
     "add_store_arguments",
     "gamma_arg",
+    "nonneg_float",
     "positive_int",
     "save_kinds_arg",
     "threshold_arg",
@@ -30,6 +32,7 @@ class Parser(argparse.ArgumentParser):
     """Argument errors as one line (no usage block), exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit with status 2."""
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
 
@@ -97,6 +100,17 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
     return n
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0 (gammas, sigmas and tolerances of ``audit`` and ``evaluate-text``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from traitloc.data.images import ImageLoadError, LoadedImage, load_image
-from traitloc.io.files import utc_now, write_run_json
+from traitloc.io.files import is_temp_name, utc_now, write_run_json
 from traitloc.io.store import ResultStore, read_results, results_dir
 
 __all__ = [
@@ -104,8 +103,6 @@ def prefetched(
             yield cur
 
 
-# The hidden temporary name of export.atomic_path: ".{stem}.{12 hex digits}.tmp{suffix}".
-_TEMP_NAME = re.compile(r"^\..*\.[0-9a-f]{12}\.tmp(\.[^.]+)?$")
 #: a temporary store part younger than this may belong to a writer that is still running (several writers
 #: may share one store), so it is left alone
 STALE_PART_SECONDS = 3600.0
@@ -126,7 +123,7 @@ def remove_stale_temp_files(out: Path) -> int:
             continue
         recursive = top not in (out, results_dir(out))
         for path in top.rglob(".*") if recursive else top.glob(".*"):
-            if not (path.is_file() and _TEMP_NAME.match(path.name)):
+            if not (path.is_file() and is_temp_name(path.name)):
                 continue
             try:
                 if top == results_dir(out) and now - path.stat().st_mtime < STALE_PART_SECONDS:
@@ -174,6 +171,7 @@ def previous_runs(old: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def first_line(text: str) -> str:
+    """The first line of a message ("" for none): error reasons are stored as one line."""
     lines = str(text).splitlines()
     return lines[0] if lines else ""
 
@@ -199,6 +197,7 @@ class CsvSpec:
     where: Mapping[str, Any] | None = None
 
     def selects(self, row: Mapping[str, Any]) -> bool:
+        """Whether a store row belongs in this summary (its columns match :attr:`where`)."""
         return self.where is None or all(row.get(k) == v for k, v in self.where.items())
 
 

@@ -1,11 +1,12 @@
-"""``traitloc train-probe``: the paper's classifier, a linear probe on a frozen backbone (DESIGN.md §6).
+"""``traitloc train-probe``: the paper's classifier, a linear probe on a frozen backbone (``docs/engine.md``).
 
 The probe is trained on the CUB train split of the classes that have images, with the features of every image
 (train and test) cached under ``PROBE_DIR/cache/`` so that a rerun (other epochs, learning rate or seed) costs no
-backbone pass. It is saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.models.classifier.save_probe`) with
-what is needed to rebuild and explain it: class names, the backbone spec, preprocessing, feature normalization,
-test accuracy and training settings. :func:`load_probe_model` rebuilds the backbone from that spec
-(``traitloc explain --probe`` and ``traitloc evaluate`` use it).
+backbone pass. It is saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.models.probes.save_probe`)
+with what is needed to rebuild and explain it: class names, the backbone spec
+(:func:`traitloc.models.backbones.backbone_spec`), preprocessing, feature normalization, test accuracy and training
+settings. :func:`traitloc.models.probes.load_probe_classifier` rebuilds the backbone from that spec
+(``traitloc explain --probe``, ``evaluate`` and ``audit`` use it).
 
 Backbones
 ---------
@@ -14,8 +15,8 @@ Backbones
     embeddings and the explained layer is the last block's ``ln_1`` (ViTs) or ``layer4`` (ResNets). The default,
     ``ViT-B-16`` / ``laion400m_e32``, is the paper's and needs the network (or ``--pretrained FILE``).
 ``--backbone efficientnet-lite0``
-    ImageNet EfficientNet-Lite0 (:func:`traitloc.models.backbones.efficientnet_lite0`): pooled 1280-d features of the last
-    conv block, explained at that block (a 7 x 7 grid at 224 px). Loads offline.
+    ImageNet EfficientNet-Lite0 (:func:`traitloc.models.backbones.efficientnet_lite0`): pooled 1280-d features of the
+    last conv block, explained at that block (a 7 x 7 grid at 224 px). Loads offline.
 ``--backbone MODULE:FUNCTION``
     any function returning ``model`` (image batch -> features), ``target_layer`` and ``preprocess``
     (:mod:`traitloc.models.backbones`); it is re-imported by name to rebuild the probe, from the working directory or,
@@ -25,41 +26,24 @@ Backbones
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = [
-    "EFFICIENTNET_LITE0",
-    "ProbeModel",
-    "keep_freed_memory",
-    "add_parser",
-    "backbone_spec",
-    "build_backbone",
-    "load_probe_model",
-    "parse_classes",
-    "rebuild_backbone",
-    "run",
-    "train_probe_on_cub",
-]
+from traitloc.models.backbones import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+__all__ = ["keep_freed_memory", "add_parser", "parse_classes", "run", "train_probe_on_cub"]
 
 log = logging.getLogger(__name__)
 
-#: ``--backbone`` shortcut for the ImageNet EfficientNet-Lite0 backbone.
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "laion400m_e32"
 CACHE_DIR = "cache"
 
 
@@ -92,307 +76,6 @@ def keep_freed_memory() -> str | None:
     except (OSError, AttributeError):
         return None
     return "glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=1GiB" if ok else None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# backbones: build from the command line, describe, rebuild from a probe's JSON
-# ------------------------------------------------------------------------------------------------------------------
-def _abs_if_file(value: str | None) -> str | None:
-    """An absolute path for an existing file (so a probe can be rebuilt from anywhere), else ``value``."""
-    if value and os.path.isfile(value):
-        return str(Path(value).resolve())
-    return value
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` if it survives a JSON round trip, else its string form (probe metadata must be plain JSON)."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def backbone_spec(bb: Mapping[str, Any], kind: str, **given: Any) -> dict[str, Any]:
-    """The ``backbone`` entry of a probe's JSON: what :func:`rebuild_backbone` needs, plus provenance.
-
-    Parameters
-    ----------
-    bb : the backbone mapping (as :func:`build_backbone` returns it).
-    kind : ``"efficientnet-lite0"``, ``"open_clip"`` or ``"callable"``.
-    **given : ``model`` / ``pretrained`` (open_clip) or ``callable`` (a ``MODULE:FUNCTION`` string).
-    """
-    pre = bb.get("preprocess")
-    describe = getattr(pre, "describe", None)
-    spec: dict[str, Any] = {"kind": kind}
-    own = bb.get("spec")
-    if kind == EFFICIENTNET_LITE0:
-        spec.update(_json_safe(own) if isinstance(own, Mapping) else {})
-        spec["name"] = EFFICIENTNET_LITE0
-    elif kind == "open_clip":
-        bundle = bb.get("bundle")
-        spec["model"] = _abs_if_file(given["model"])
-        spec["pretrained"] = _abs_if_file(given.get("pretrained"))
-        spec["pretrained_sha256"] = getattr(bundle, "pretrained_sha256", None)
-        spec["image_size"] = list(getattr(bundle, "image_size", ()) or ())
-    elif kind == "callable":
-        spec["callable"] = given["callable"]
-        spec["cwd"] = os.getcwd()
-        if isinstance(own, Mapping):
-            spec["details"] = _json_safe(own)
-    else:
-        raise ValueError(f"unknown backbone kind {kind!r}")
-    target = bb.get("target_layer")
-    spec["target_layer"] = target if isinstance(target, str) else getattr(bb.get("adapter"), "target_layer", None)
-    if spec["target_layer"] is None and isinstance(bb.get("model"), nn.Module) and isinstance(target, nn.Module):
-        from traitloc.models.classifier import resolve_module
-
-        spec["target_layer"] = resolve_module(bb["model"], target)[1]
-    spec["preprocessing"] = _json_safe(describe()) if callable(describe) else repr(pre)
-    spec["feature_dim"] = int(bb["feature_dim"]) if bb.get("feature_dim") is not None else None
-    return spec
-
-
-def _move(bb: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    model = bb["model"]
-    if isinstance(model, nn.Module):
-        model.to(device)
-    bb["device"] = device
-    return bb
-
-
-def build_backbone(
-    *,
-    model: str | None = None,
-    pretrained: str | None = None,
-    backbone: str | None = None,
-    device: str | torch.device = "auto",
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build the backbone named on the command line.
-
-    Parameters
-    ----------
-    model, pretrained : an open_clip model name (or config ``.json``) and its pretrained tag or weights file
-        (``"none"``: random weights).
-    backbone : ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``; excludes ``model``/``pretrained``.
-    device : ``auto``, ``cpu``, ``cuda``...
-
-    Returns
-    -------
-    bb : the backbone mapping (``model``, ``target_layer``, ``preprocess``, ``feature_dim``, maybe ``adapter``).
-    spec : its JSON description (:func:`backbone_spec`).
-
-    Raises
-    ------
-    ValueError, traitloc.models.backbones.CallableError, traitloc.models.clip.ModelLoadError
-        One line each.
-    """
-    from traitloc.models.backbones import clip_backbone, efficientnet_lite0, load_callable
-    from traitloc.models.clip import resolve_device
-
-    dev = resolve_device(device)
-    if backbone is not None and (model is not None or pretrained is not None):
-        raise ValueError("give either --model/--pretrained or --backbone, not both")
-    if backbone is not None:
-        if backbone.strip().lower() == EFFICIENTNET_LITE0:
-            bb = efficientnet_lite0(dev)
-            return bb, backbone_spec(bb, EFFICIENTNET_LITE0)
-        bb = _move(load_callable(backbone.strip(), "backbone"), dev)
-        return bb, backbone_spec(bb, "callable", callable=backbone.strip())
-    name = model or DEFAULT_MODEL
-    tag = DEFAULT_PRETRAINED if pretrained is None else pretrained
-    tag = None if str(tag).lower() in ("none", "") else tag
-    bb = clip_backbone(name, tag, dev)
-    return bb, backbone_spec(bb, "open_clip", model=name, pretrained=tag)
-
-
-def rebuild_backbone(spec: Any, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Rebuild a probe's backbone from the ``backbone`` entry of its JSON (see :func:`backbone_spec`).
-
-    Also accepted: a ``"MODULE:FUNCTION"`` string, ``{"callable": ...}``, ``{"name": "efficientnet-lite0"}`` and
-    ``{"model": NAME, "pretrained": TAG_OR_FILE}``. A recorded weights hash that no longer matches is an error.
-
-    Raises
-    ------
-    ValueError
-        One line: the spec is not understood, the weights changed, or the backbone cannot be loaded.
-    """
-    from traitloc.models.backbones import CallableError, clip_backbone, efficientnet_lite0, load_callable
-    from traitloc.models.clip import ModelLoadError, resolve_device
-
-    dev = resolve_device(device)
-    if isinstance(spec, str) and ":" in spec:
-        spec = {"kind": "callable", "callable": spec}
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"the probe's backbone spec is not understood: {spec!r}")
-    kind = spec.get("kind")
-    if kind is None:
-        if isinstance(spec.get("callable"), str):
-            kind = "callable"
-        elif spec.get("name") == EFFICIENTNET_LITE0:
-            kind = EFFICIENTNET_LITE0
-        elif isinstance(spec.get("model"), str):
-            kind = "open_clip"
-    try:
-        if kind == EFFICIENTNET_LITE0:
-            bb = efficientnet_lite0(dev)
-            want, have = spec.get("weights_sha256"), (bb.get("spec") or {}).get("weights_sha256")
-            if want and have and want != have:
-                raise ValueError(
-                    f"the EfficientNet-Lite0 weights changed since the probe was trained (sha256 {have[:12]}..., "
-                    f"probe recorded {want[:12]}...)"
-                )
-            return bb
-        if kind == "open_clip":
-            bb = clip_backbone(str(spec["model"]), spec.get("pretrained"), dev)
-            want, have = spec.get("pretrained_sha256"), getattr(bb.get("bundle"), "pretrained_sha256", None)
-            if want and have and want != have:
-                raise ValueError(f"weights file {spec.get('pretrained')} changed since the probe was trained (sha256)")
-            return bb
-        if kind == "callable":
-            name = str(spec["callable"])
-            try:
-                bb = load_callable(name, "backbone")
-            except CallableError as err:
-                cwd = spec.get("cwd")
-                if not cwd or os.path.abspath(cwd) == os.getcwd() or not os.path.isdir(cwd):
-                    raise
-                try:
-                    bb = load_callable(name, "backbone", cwd=cwd)
-                except CallableError:
-                    raise err from None
-            return _move(bb, dev)
-    except (CallableError, ModelLoadError) as err:
-        raise ValueError(f"cannot rebuild the probe's backbone: {err}") from err
-    raise ValueError(f"the probe's backbone spec is not understood (kind {kind!r}): {dict(spec)!r}")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# a probe, ready to explain and evaluate
-# ------------------------------------------------------------------------------------------------------------------
-class _ProbeLogits(nn.Module):
-    """Backbone features -> probe logits, as one module (the classifier the metrics perturb)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor:
-        f = self.backbone(x)
-        return self.head(f.to(self.head.linear.weight.dtype))
-
-
-@dataclass
-class ProbeModel:
-    """A classifier to explain: a probe on its rebuilt backbone, or a ``--classifier`` model (``weight = I``).
-
-    Attributes
-    ----------
-    adapter : the target-layer adapter (:class:`~traitloc.models.classifier.HookAdapter` or a fast CLIP adapter).
-    weight, bias : the linear head on the adapter's output, (K, D) and (K,) or None.
-    class_names : the K class names.
-    preprocess : PIL image -> normalized (3, H, W) tensor.
-    model : normalized image batch -> logits (B, K) (backbone + head), in eval mode.
-    device : where everything lives.
-    meta : the probe's JSON (empty for a ``--classifier``).
-    describe : what ``run.json`` records.
-    """
-
-    adapter: Any
-    weight: Tensor
-    bias: Tensor | None
-    class_names: list[str]
-    preprocess: Callable[[Any], Tensor]
-    model: nn.Module
-    device: torch.device
-    meta: dict[str, Any] = field(default_factory=dict)
-    describe: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def target_layer(self) -> str:
-        return str(getattr(self.adapter, "target_layer", ""))
-
-    def explainer(self, method: str = "gradcam", **cam_kwargs: Any) -> Any:
-        """A :class:`~traitloc.models.classifier.ClassifierExplainer` with ``method`` over this classifier."""
-        from traitloc.models.classifier import ClassifierExplainer
-
-        return ClassifierExplainer(self.adapter, self.weight, self.bias, self.class_names, method, **cam_kwargs)
-
-
-def load_probe_model(
-    probe_dir: str | os.PathLike[str], device: str | torch.device = "cpu", backbone: str | None = None
-) -> ProbeModel:
-    """Load a probe written by ``traitloc train-probe`` and rebuild the backbone it was trained on.
-
-    Parameters
-    ----------
-    probe_dir : folder with ``probe.safetensors`` and ``probe.json``.
-    device : where to run.
-    backbone : override the recorded backbone with ``"efficientnet-lite0"`` or ``"MODULE:FUNCTION"``.
-
-    Raises
-    ------
-    traitloc.models.classifier.ProbeError, ValueError
-        One line: missing/corrupt probe files, a backbone that cannot be rebuilt, or whose feature size differs.
-    """
-    from traitloc.models.backbones import make_adapter
-    from traitloc.models.classifier import PROBE_WEIGHTS, HookAdapter, load_probe
-    from traitloc.models.clip import resolve_device
-
-    dev = resolve_device(device)
-    probe, meta = load_probe(probe_dir, dev)
-    if backbone is not None:
-        bb, _ = build_backbone(backbone=backbone, device=dev)
-    else:
-        if "backbone" not in meta:
-            raise ValueError(f"{Path(probe_dir) / 'probe.json'} records no backbone; pass the backbone explicitly")
-        bb = rebuild_backbone(meta["backbone"], dev)
-    dim = bb.get("feature_dim")
-    if dim is not None and int(dim) != probe.in_features:
-        raise ValueError(
-            f"the probe's backbone gives {int(dim)}-d features but the probe expects {probe.in_features} "
-            f"(probe {probe_dir})"
-        )
-    normalize = str(meta.get("feature_normalization", "none")).lower() in ("l2", "normalized")
-    if normalize and bb.get("adapter") is None:
-        opts = {k: bb[k] for k in ("n_prefix_tokens", "grid", "patch_size") if bb.get(k) is not None}
-        adapter = HookAdapter(bb["model"], bb["target_layer"], normalize=True, **opts)
-    else:
-        adapter = make_adapter(bb)
-    backbone_model: nn.Module = bb["model"]
-    if normalize and bb.get("adapter") is None:
-        backbone_model = _Normalized(backbone_model)
-    logits = _ProbeLogits(backbone_model, probe).eval()
-    sha = hashlib.sha256((Path(probe_dir) / PROBE_WEIGHTS).read_bytes()).hexdigest()
-    describe = {
-        "probe": str(Path(probe_dir).resolve()),
-        "probe_sha256": sha,
-        "backbone": meta.get("backbone"),
-        "target_layer": getattr(adapter, "target_layer", None),
-        "num_classes": probe.num_classes,
-        "probe_test_accuracy": meta.get("test_accuracy"),
-        "preprocessing": meta.get("preprocessing"),
-    }
-    return ProbeModel(
-        adapter=adapter,
-        weight=probe.weight.detach(),
-        bias=None if probe.bias is None else probe.bias.detach(),
-        class_names=list(meta["class_names"]),
-        preprocess=bb["preprocess"],
-        model=logits,
-        device=dev,
-        meta=dict(meta),
-        describe=describe,
-    )
-
-
-class _Normalized(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.normalize(self.inner(x), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -481,14 +164,8 @@ def train_probe_on_cub(
     """
     from traitloc.data.cub import CUB
     from traitloc.data.images import ImageLoadError, load_image
-    from traitloc.models.classifier import (
-        LinearProbe,
-        extract_features,
-        probe_accuracy,
-        save_probe,
-        spec_hash,
-        train_probe,
-    )
+    from traitloc.models.backbones import spec_hash
+    from traitloc.models.probes import LinearProbe, extract_features, probe_accuracy, save_probe, train_probe
     from traitloc.pipelines.runner import progress as progress_bar
 
     cub = CUB(cub_root)
@@ -678,9 +355,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``traitloc train-probe``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
     from traitloc.io.files import utc_now, write_run_json
-    from traitloc.models.backbones import CallableError
-    from traitloc.models.classifier import FeatureCacheError, ProbeError
+    from traitloc.models.backbones import CallableError, backbone_provenance, build_backbone
     from traitloc.models.clip import ModelLoadError
+    from traitloc.models.probes import FeatureCacheError, ProbeError
     from traitloc.pipelines.options import CliError
 
     if args.seed < 0:
@@ -709,9 +386,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "argv": list(argv),
         "cub_root": str(Path(args.cub_root).resolve()),
         "backbone": spec,
-        "model": spec.get("model") or spec.get("name") or spec.get("callable"),
-        "pretrained": spec.get("pretrained") or spec.get("weights"),
-        "pretrained_sha256": spec.get("pretrained_sha256") or spec.get("weights_sha256"),
+        **backbone_provenance(spec),
         "device": str(bb.get("device")),
         "dtype": "fp32",
         "image_size": (spec.get("preprocessing") or {}).get("resize")

@@ -2,36 +2,8 @@
 
 Start it with ``traitloc app [RESULTS_DIR] [--port 8501]`` (binds to 127.0.0.1), or directly with
 ``streamlit run apps/review.py -- [RESULTS_DIR] [--images DIR] [--model NAME|CONFIG.json] [--pretrained TAG|FILE]``.
-
-Pages
------
-Review
-    The run's results store (``RESULTS_DIR/results/part-*.parquet``) as a grid of thumbnails: each map is rendered
-    from its stored grid **at the thumbnail's size** over a thumbnail of the photo, as a mask outline or a heat-map
-    overlay (opacity slider), grouped per photo or per trait, sorted by score or name, 48 per page. The current item
-    is framed and shown large on the right (zoom into the full-size photo). Keyboard: ``a`` accept, ``r``/``x``
-    reject, ``w`` needs work, ``j``/``→`` next, ``k``/``←`` previous, ``u`` undo, ``s`` select, ``n`` note,
-    ``PageDown``/``PageUp``. A decision moves to the next undecided item; the list is frozen for the session and
-    filter (decided items stay in an "unreviewed" view until "Refresh list"), so nothing moves under the reviewer.
-    Bulk decisions on the filter or the selection ask for confirmation with the count; every change can be undone.
-    Decisions and notes persist in ``RESULTS_DIR/review.sqlite`` (:class:`traitloc.io.decisions.ReviewStore`). Export
-    writes the accepted set or the current filter to ``RESULTS_DIR/exports/`` with a progress bar, then offers it
-    for download.
-Browse
-    The same grid and detail view, read-only, plus the audit verdicts of ``audit_summary.csv`` / ``audit.csv``.
-Query
-    Pick an image or upload one (kept in memory, never written), type a concept and a base prompt, move gamma.
-    The image's forward pass and the per-prompt gradients (Score-CAM: the masked forward passes) are cached in the
-    session, so a new gamma recombines cached results. A model that failed to load is remembered (a button
-    retries); Score-CAM's masked passes show progress and can be cancelled.
-
-Files: photos are read where the run recorded them (absolute paths in the store; read-only, anywhere), or found in
-the ``--images`` folder. Everything the app writes (``review.sqlite``, ``exports/``) is inside RESULTS_DIR; uploads
-are decoded in memory. Text from results files is shown as plain text (never Markdown, HTML or links). Nothing is
-unpickled.
-
-Configuration (environment, set by ``traitloc app``): ``TRAITLOC_APP_RESULTS_DIR``, ``TRAITLOC_APP_IMAGES``,
-``TRAITLOC_APP_MODEL``, ``TRAITLOC_APP_PRETRAINED``, ``TRAITLOC_APP_DEVICE``, ``TRAITLOC_APP_USER``.
+Pages (Review, Browse, Query), keys, files and configuration: ``docs/store.md`` ("Review decisions and the review
+app") and the README ("Review and export").
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -357,12 +357,13 @@ def vit_tokens(visual: nn.Module, x: Tensor, patch: tuple[int, int], native_grid
     """
     H, W = int(x.shape[-2]), int(x.shape[-1])
     grid = (H // patch[0], W // patch[1])
-    t = visual.conv1(x)
+    v: Any = visual  # open_clip's submodules and parameters, read by attribute (untyped)
+    t = v.conv1(x)
     t = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
-    cls = visual.class_embedding.view(1, 1, -1).expand(t.shape[0], -1, -1).to(t.dtype)
+    cls = v.class_embedding.view(1, 1, -1).expand(t.shape[0], -1, -1).to(t.dtype)
     t = torch.cat([cls, t], 1)
-    t = t + resize_pos_embed(visual.positional_embedding, native_grid, grid).to(t.dtype)
-    return visual.ln_pre(t)
+    t = t + resize_pos_embed(v.positional_embedding, native_grid, grid).to(t.dtype)
+    return v.ln_pre(t)
 
 
 def activation_and_derivative(act: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -411,7 +412,7 @@ def _normalize_backward(g: Tensor, e: Tensor) -> Tensor:
 
 def _layer_scale(m: nn.Module) -> Tensor | float:
     """The factor of an open_clip ``LayerScale`` (1 for ``nn.Identity``)."""
-    return m.gamma if hasattr(m, "gamma") else 1.0
+    return cast(Tensor, m.gamma) if hasattr(m, "gamma") else 1.0
 
 
 class OpenClipViT(TargetAdapter):
@@ -434,13 +435,14 @@ class OpenClipViT(TargetAdapter):
     def __init__(self, visual: nn.Module, normalize: bool = True):
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise TypeError("OpenClipViT needs an open_clip VisionTransformer (model.visual)")
-        self.visual = visual
+        v: Any = visual  # an open_clip VisionTransformer: its submodules are read by attribute (untyped)
+        self.visual: Any = v
         self.normalize = normalize
-        self.block = visual.transformer.resblocks[-1]
+        self.block: Any = v.transformer.resblocks[-1]
         self.target_layer = "visual.transformer.resblocks[-1].ln_1"
-        ps = visual.patch_size
+        ps = v.patch_size
         self.patch = (ps, ps) if isinstance(ps, int) else tuple(ps)
-        gs = visual.grid_size
+        gs = v.grid_size
         self.native_grid = (gs, gs) if isinstance(gs, int) else tuple(gs)
         self.fast = self._fast_path_supported()
 
@@ -641,10 +643,11 @@ class OpenClipResNet(TargetAdapter):
     def __init__(self, visual: nn.Module, normalize: bool = True):
         if not hasattr(visual, "attnpool") or not hasattr(visual, "layer4"):
             raise TypeError("OpenClipResNet needs an open_clip ModifiedResNet (model.visual)")
-        self.visual = visual
+        v: Any = visual  # an open_clip ModifiedResNet: its submodules are read by attribute (untyped)
+        self.visual: Any = v
         self.normalize = normalize
         self.target_layer = "visual.layer4"
-        s = int(round(math.sqrt(visual.attnpool.positional_embedding.shape[0] - 1)))
+        s = int(round(math.sqrt(v.attnpool.positional_embedding.shape[0] - 1)))
         self.native_grid = (s, s)
 
     def prefix(self, x: Tensor) -> Prefix:

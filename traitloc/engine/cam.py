@@ -1,28 +1,10 @@
-r"""The Finer-CAM engine: one engine explains any embedding-space vector.
+"""The Finer-CAM engine: Grad-CAM, Layer-CAM and Score-CAM of any embedding-space vector, with the Finer contrast.
 
-For an image :math:`x` with target-layer activations :math:`A \in \mathbb{R}^{N \times C}` (N grid cells) and
-explained vectors :math:`v_p` (text embeddings or classifier rows), every score is linear in the vector,
-:math:`s_p(x) = \langle f(e(x)), v_p \rangle`. A *query* combines vectors with coefficients :math:`W`:
-
-.. math::
-
-    s_q = \sum_p W_{qp}\, s_p, \qquad \text{Finer: } s_q = s_c - \gamma \frac{1}{T}\sum_{t=1}^{T} s_{d_t}
-
-(aggregation **before** the ReLU). The methods:
-
-- Grad-CAM:  :math:`\alpha_{qk} = \frac{1}{N}\sum_i \partial s_q / \partial A_{ik}`,
-  :math:`M_q = \mathrm{ReLU}(\sum_k \alpha_{qk} A_{\cdot k})`. Since :math:`\alpha` is linear in the vector,
-  per-vector weights are computed once and any gamma/base/reference set is a matrix product
-  (:class:`GradCache`).
-- Layer-CAM: :math:`w_{qik} = \mathrm{ReLU}(\partial s_q / \partial A_{ik})`,
-  :math:`M_q = \mathrm{ReLU}(\sum_k w_{qik} A_{ik})`.
-- Score-CAM: channel masks :math:`H_k = \mathrm{minmax}(\mathrm{up}(A_{\cdot k}))`, scores
-  :math:`S_{qk} = s_q(x \odot H_k)` from masked forward passes, weights :math:`\mathrm{softmax}_k(\tau S_{qk})`,
-  :math:`M_q = \mathrm{ReLU}(\sum_k w_{qk} A_{\cdot k})`. ``tau`` is the model's logit scale for CLIP (so the
-  softmax sees CLIP logits) and 1 for classifier logits.
-
-``signed`` maps (before the final ReLU) are kept: negative values speak for the references. Why each fast path
-is exact: ``docs/engine.md``.
+Every score is linear in the explained vector (a text embedding or a classifier row), so a query is a combination of
+vectors, the Finer contrast ``s_q = s_c - gamma * mean_t s_{d_t}`` aggregated **before** the ReLU, and per-vector
+Grad-CAM weights are cached for any gamma, base or reference set (:class:`GradCache`). ``signed`` maps (before the
+final ReLU) are kept: negative values speak for the references. Definitions, and why each fast path is exact:
+``docs/engine.md`` ("Reference definition" onwards).
 """
 
 from __future__ import annotations

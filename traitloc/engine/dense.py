@@ -1,40 +1,17 @@
-r"""Text queries on open_clip ViTs with the dense CLIP family and LeGrad, each with the Finer contrast.
+"""Text queries on open_clip ViTs with the dense CLIP family and LeGrad, each with the Finer contrast.
 
-Dense (forward-only) methods: ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, ``gem``
------------------------------------------------------------------------------------------
-Each changes how the last block(s) mix tokens so that every patch token keeps its own content, then reads the
-patch tokens out through the model's own head: :math:`\hat f_i = \mathrm{normalize}(\mathrm{ln_{post}}(z_i)
-W_{proj})`. The map of a query vector :math:`u_q = \sum_p W_{qp} v_p` (Finer: :math:`v_c - \gamma v_b`) is
-
-.. math::  M_q[i] = \mathrm{ReLU}(\langle \hat f_i, u_q \rangle)
-           = \mathrm{ReLU}(\langle \hat f_i, v_c\rangle - \gamma \langle \hat f_i, v_b\rangle)
-
-so the contrast is formed on the per-patch similarity, before the ReLU, and it is linear in the text vectors: one
-forward pass gives :math:`\hat f` (``(B, N, D)``, cached in :class:`DenseCache`) for any number of prompts, and a
-new gamma or base is one matrix product. The last-block variants (see :mod:`traitloc.engine.methods` for the equations)
-start from the adapter's prefix (everything up to the last block's ``ln_1``, run once under ``no_grad``); the
-image-level score ``s_q`` (``scores``) is the model's own CLS embedding, as for the CAM methods, so scores do not
-depend on the method.
-
-LeGrad (``legrad``)
--------------------
-For each of the last ``L`` layers (default 2), the layer's score :math:`s^{(l)}_q = \langle \mathrm{normalize}(
-\mathrm{ln_{post}}(\overline{y^{(l)}}) W_{proj}), u_q\rangle` of its mean output token is differentiated with respect
-to the layer's attention probabilities :math:`\mathrm{Attn}^{(l)}_{h,i,j}`; the map is
-:math:`\sum_l \mathrm{mean}_{h,i}\, \mathrm{ReLU}(\partial s^{(l)}_q / \partial \mathrm{Attn}^{(l)}_{h,i,j})` over
-the patch columns ``j``. The authors' code repeats the image once per prompt and calls autograd per layer. Here the
-backward is closed form and batched over prompts: the layer's output tokens all receive the same cotangent (the
-mean), so :math:`\partial s / \partial o_i = W_o^\top (I + J^{\mathrm{MLP}}_i)^\top g / N` needs one product with
-the MLP per token and prompt, and :math:`\partial s / \partial \mathrm{Attn}_{h,i,j} = \langle \partial s /
-\partial o_{i,h}, v_{j,h}\rangle`. The Finer contrast is formed on the gradient (linear in :math:`u_q`), before the
-ReLU; the per-vector gradients :math:`\partial s/\partial o` are what :class:`LeGradCache` keeps, so a new gamma or
-base needs no forward or backward pass, only the last (cheap) product and ReLU. Derivations and the tests that
-prove each path exact: ``docs/engine.md`` ("Dense CLIP methods: one forward pass", "LeGrad: batched backward").
+:class:`DenseCLIP`: the forward-only methods ``maskclip``, ``clearclip``, ``sclip``, ``naclip``, ``gem`` (one forward
+pass gives the normalized patch embeddings for any number of prompts, cached in :class:`DenseCache`);
+:class:`LeGrad`: ``legrad``, its backward in closed form and batched over prompts (per-vector gradients cached in
+:class:`LeGradCache`). The contrast is formed before the ReLU, so a new gamma or base is one product on the cache.
+Derivations and the tests that prove each path exact: ``docs/engine.md`` ("Dense CLIP methods: one forward pass",
+"LeGrad: batched backward"); equations: ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +36,7 @@ __all__ = ["DenseCache", "DenseCLIP", "LeGrad", "LeGradCache", "naclip_neighbour
 
 def _qkv(blk: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-head q, k, v (B, H, L, dh) of the block's attention for normalized tokens ``a`` (B, L, C)."""
-    attn: nn.MultiheadAttention = blk.attn
+    attn = cast(nn.MultiheadAttention, blk.attn)
     B, L, C = a.shape
     nh = attn.num_heads
     qkv = F.linear(a, attn.in_proj_weight, attn.in_proj_bias).view(B, L, 3, nh, C // nh)
@@ -70,10 +47,10 @@ def _qkv(blk: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _heads_out(blk: nn.Module, o: Tensor) -> Tensor:
     """(B, H, L, dh) -> out_proj -> (B, L, C)."""
     B, nh, L, dh = o.shape
-    return blk.attn.out_proj(o.transpose(1, 2).reshape(B, L, nh * dh))
+    return cast(nn.MultiheadAttention, blk.attn).out_proj(o.transpose(1, 2).reshape(B, L, nh * dh))
 
 
-def _cls_output(blk: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _cls_output(blk: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """The block's ordinary output for the CLS token only (B, C), from its q, k, v."""
     dh = q.shape[-1]
     p = (q[:, :, :1] @ k.transpose(-1, -2) * dh**-0.5).softmax(-1)  # (B, H, 1, L)
@@ -81,7 +58,7 @@ def _cls_output(blk: nn.Module, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> T
     return z + blk.ls_2(blk.mlp(blk.ln_2(z)))
 
 
-def _head(visual: nn.Module, z: Tensor) -> Tensor:
+def _head(visual: Any, z: Tensor) -> Tensor:
     """``ln_post`` then ``proj`` on tokens (..., C) -> (..., D)."""
     return visual.ln_post(z) @ visual.proj
 
@@ -186,7 +163,7 @@ class _ViTMethod:
 
 class DenseCLIP(_ViTMethod):
     """Forward-only dense patch-text similarity for open_clip ViTs (``maskclip``, ``clearclip``, ``sclip``,
-    ``naclip``, ``gem``); see the module docstring and :mod:`traitloc.engine.methods` for the equations.
+    ``naclip``, ``gem``); see ``docs/methods.md`` for the equations.
 
     Parameters
     ----------

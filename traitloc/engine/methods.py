@@ -1,35 +1,9 @@
-r"""The method registry: every localization method traitloc offers, in one place.
+"""The method registry: every localization method traitloc offers, in one place.
 
 The CLI's ``--method`` choices, the review app's Query menu, :data:`traitloc.engine.cam.METHODS` and ``docs/methods.md``
-read from :data:`REGISTRY`; add a method here and everywhere else follows.
-
-Every method explains a *query vector* :math:`u_q = v_c - \gamma\, v_b` (concept minus gamma times base; the Finer
-contrast). Every method below is linear in the explained vector up to its last ReLU, so the contrast is formed
-**before** the ReLU and means the same thing for all of them: where the image is more like the concept than like the
-base. With :math:`\gamma = 0` (or no base) each method reduces to its authors' definition.
-
-Notation: :math:`A` target-layer tokens, :math:`x^{(l)}` block inputs, :math:`q, k, v` the attention projections of
-:math:`\mathrm{ln}_1(x)` per head, :math:`\hat f_i` the L2-normalized patch embedding
-:math:`\mathrm{ln_{post}}(\cdot) W_{proj}` of patch :math:`i`, :math:`s(\cdot)` the softmax over tokens.
-
-==========  ======================================================================================================
-gradcam     :math:`M_q = \mathrm{ReLU}(\sum_k \overline{\partial s_q / \partial A_k}\, A_k)` (Selvaraju et al. 2017)
-layercam    :math:`M_q = \mathrm{ReLU}(\sum_k \mathrm{ReLU}(\partial s_q / \partial A_{ik}) A_{ik})` (Jiang et al. 2021)
-scorecam    :math:`M_q = \mathrm{ReLU}(\sum_k \mathrm{softmax}_k(\tau s_q(x \odot H_k)) A_k)` (Wang et al. 2020)
-maskclip    last block: :math:`z = x + W_o v`, :math:`z + \mathrm{MLP}(\mathrm{ln}_2 z)` (q, k dropped)
-clearclip   last block: :math:`z = W_o\, s(q q^\top/\sqrt d)\, v` (no residual, no MLP)
-sclip       last block: :math:`z = x + W_o (s(q q^\top/\sqrt d) + s(k k^\top/\sqrt d)) v`, then the MLP
-naclip      last block: :math:`z = W_o\, s(k k^\top/\sqrt d + \Omega_\sigma) v`, Gaussian neighbourhood
-            :math:`\Omega_\sigma`, no residual, no MLP
-gem         last 6 blocks: a parallel path of self-self attention :math:`\tfrac13 \sum_{t\in\{q,k,v\}} s(\tau \hat t
-            \hat t^\top) v` (one iteration), residual along the path, no MLP
-legrad      :math:`M_q = \sum_{l} \overline{\mathrm{ReLU}(\partial s^{(l)}_q / \partial \mathrm{Attn}^{(l)})}`
-            over heads and query rows, last 2 layers, :math:`s^{(l)}` the score of layer l's mean token
-==========  ======================================================================================================
-
-For the dense methods (maskclip ... gem) the map is the per-patch cosine with the query vector,
-:math:`M_q[i] = \mathrm{ReLU}(\langle \hat f_i, v_c\rangle - \gamma \langle \hat f_i, v_b\rangle)`: one forward pass
-gives :math:`\hat f` for all prompts, and any gamma or base is one matrix product on the cached :math:`\hat f`.
+read from :data:`REGISTRY`; add a method here and everywhere else follows. Every method explains the Finer query
+vector ``u = v_concept - gamma * v_base`` and is linear in it up to its last ReLU, so the contrast is formed before the
+ReLU; ``gamma = 0`` (or no base) gives the authors' method. Equations, notation and sources: ``docs/methods.md``.
 """
 
 from __future__ import annotations

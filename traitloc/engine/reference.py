@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +51,12 @@ def vit_input_grid(visual: nn.Module, grid: tuple[int, int]) -> Iterator[None]:
     grid : tuple of int
         The input's patch grid ``(h, w)``.
     """
-    gs = visual.grid_size
+    gs: Any = visual.grid_size  # open_clip's untyped attribute: an int or a pair
     native = (gs, gs) if isinstance(gs, int) else tuple(gs)
     if tuple(grid) == native:
         yield
         return
-    original = visual.positional_embedding
+    original = cast(nn.Parameter, visual.positional_embedding)
     visual.positional_embedding = nn.Parameter(
         resize_pos_embed(original.data, native, grid), requires_grad=original.requires_grad
     )

@@ -1,24 +1,8 @@
 """Review decisions of a results folder, in ``RESULTS_DIR/review.sqlite``.
 
 The review app (``traitloc app``) records, per result, whether a map is accepted, rejected or needs work, with a
-free-text note. Exports (:mod:`traitloc.pipelines.export`) read the accepted ones. The file is an SQLite database:
-
-``decisions``
-    ``result_id TEXT PRIMARY KEY, status TEXT CHECK(status IN ('accepted','rejected','needs-work')), note TEXT,
-    updated_utc TEXT``: the current decision per result (the last write wins).
-``history``
-    Append-only log of every change: ``seq, result_id, action ('set' or 'clear'), status, note, who,
-    updated_utc``. A decision overwritten by a second browser tab is still in the history.
-
-``result_id`` is ``<image_key>/<slug>``: the map's path in the results folder without ``maps/`` and ``.tif``
-(:func:`result_id_from_map`).
-
-Concurrency and durability: the database is in WAL mode (readers never block the writer), every change is one
-short ``BEGIN IMMEDIATE`` transaction (decision and history row together), waits for a busy lock up to
-``timeout`` seconds and retries a few times on ``SQLITE_BUSY``, so two writers (threads or processes: two tabs,
-two app servers) lose no decision. ``synchronous=FULL``: a committed decision survives a crash of the process
-and of the machine. One connection per call, never shared between threads or across ``fork``. SQLite's WAL needs
-a local file system (not NFS/SMB).
+free-text note and a history of every change; exports (:mod:`traitloc.pipelines.export`) read the accepted ones.
+Tables, result ids, concurrency and durability: ``docs/store.md`` ("Review decisions and the review app").
 
 Examples
 --------
@@ -40,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import TypeVar, cast
 
 __all__ = [
     "DB_NAME",
@@ -509,7 +493,8 @@ class ReviewStore:
         else:
             rows = self._read(sql + " ORDER BY seq")
         return [
-            HistoryEntry(int(r[0]), str(r[1]), str(r[2]), _opt(r[3]), _opt(r[4]), str(r[5]), str(r[6])) for r in rows
+            HistoryEntry(int(cast(int, r[0])), str(r[1]), str(r[2]), _opt(r[3]), _opt(r[4]), str(r[5]), str(r[6]))
+            for r in rows
         ]
 
     def counts(self) -> dict[str, int]:

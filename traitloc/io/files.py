@@ -23,7 +23,7 @@ from datetime import date, datetime, timezone
 from importlib import metadata as importlib_metadata
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -412,7 +412,7 @@ def read_map_tiff(source: PathLike | bytes) -> tuple[np.ndarray, dict[str, Any]]
     with tifffile.TiffFile(BytesIO(source) if isinstance(source, bytes) else name) as tif:
         if len(tif.pages) != 1:
             raise ValueError(f"{name}: expected a single-page map TIFF, found {len(tif.pages)} pages")
-        page = tif.pages[0]
+        page = cast("tifffile.TiffPage", tif.pages[0])  # the first page is always a TiffPage, never a TiffFrame
         array = page.asarray()
         text = (tif.imagej_metadata or {}).get("Info", "") if tif.is_imagej else page.description
     if array.ndim != 2:
@@ -623,7 +623,8 @@ def _parse_utc(name: str, value: object) -> None:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{name} is not an ISO-8601 timestamp: {value!r}") from None
-    if parsed.utcoffset() is None or parsed.utcoffset().total_seconds() != 0:
+    offset = parsed.utcoffset()
+    if offset is None or offset.total_seconds() != 0:
         raise ValueError(f"{name} must be in UTC (ending in 'Z' or '+00:00'): {value!r}")
 
 

@@ -1,26 +1,9 @@
 """Export formats: COCO RLE, polygons, mask PNGs, COCO and GeoJSON documents, paper figures.
 
 The building blocks of ``traitloc export`` (:mod:`traitloc.pipelines.export`) and the review app; map TIFFs are
-:func:`traitloc.io.files.map_tiff_bytes` and every JSON text is :func:`traitloc.io.files.to_json`.
-
-Conventions
------------
-RLE (COCO)
-    The mask is flattened in column-major (Fortran) order, and ``counts`` are the lengths of alternating runs
-    starting with a run of zeros (0 when the first pixel is set); ``size`` is ``[height, width]``. The compressed
-    string form is pycocotools' (``rleToString``).
-Polygon coordinates (GeoJSON)
-    ``x`` is the column and ``y`` the row, in pixels, with the origin at the top-left *corner* of the top-left
-    pixel and ``y`` pointing down: pixel ``(row i, column j)`` covers the square ``[j, j+1] x [i, i+1]`` and its
-    centre is ``(j + 0.5, i + 0.5)`` (GDAL's pixel/line convention). Boundaries run through the midpoints
-    between foreground and background pixel centres (marching squares at level 0.5); foreground pixels are
-    4-connected (two pixels touching only at a corner are two polygons) and holes 8-connected. Rings are closed
-    and follow RFC 7946's right-hand rule in the numeric coordinates: exterior rings have a positive signed
-    (shoelace) area, holes a negative one; as ``y`` points down, exteriors look clockwise on screen. Subtract
-    0.5 to get coordinates with pixel centres at integers (scikit-image's, for ``skimage.draw.polygon``); see
-    :func:`polygons_to_mask`.
-COCO bounding boxes
-    ``[x, y, width, height]`` of the set pixels in the same corner convention (COCO's).
+:func:`traitloc.io.files.map_tiff_bytes` and every JSON text is :func:`traitloc.io.files.to_json`. The conventions
+(RLE order, polygon coordinates with the origin at the top-left pixel's corner, ring orientation, COCO boxes):
+``docs/store.md`` ("Exports").
 """
 
 from __future__ import annotations
@@ -644,8 +627,8 @@ def figure_bytes(fig: Any, fmt: str, settings: Mapping[str, Any] | None = None, 
     if fmt not in FIGURE_FORMATS:
         raise FormatError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
     dpi = check_dpi(dpi)
-    rc = {"svg.fonttype": "none", "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "traitloc",
-          "savefig.dpi": dpi, "image.composite_image": False}  # fmt: skip
+    rc: dict[Any, Any] = {"svg.fonttype": "none", "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "traitloc",
+                            "savefig.dpi": dpi, "image.composite_image": False}  # fmt: skip
     # Vector files embed each image at its own resolution (the viewer scales it); PNG resamples with antialiasing.
     images = [im for ax in fig.axes for im in ax.get_images()]
     for im in images:

@@ -1,30 +1,9 @@
-r"""The results store of a run folder: a Parquet dataset of signed grid maps, and rendering on demand.
+"""The results store of a run folder: a Parquet dataset of signed grid maps, and rendering on demand.
 
-A run of ``traitloc localize`` or ``traitloc explain`` writes ``OUT/results/part-*.parquet``, one part per batch,
-one row per (image, concept) or (image, target). A row holds its keys, its scores, its ``status`` and the
-**signed pre-ReLU grid map** (``grid``, flattened row-major, with ``grid_h`` x ``grid_w``) plus what rendering
-needs to reproduce the full-size map exactly: the original ``width`` x ``height`` and the ``interpolation``
-(always ``bilinear``, ``align_corners=False``, from the grid straight to the original size, because the model saw
-the whole image: ``resize`` is ``stretch`` or ``aspect``, never a crop).
-
-Full-size pictures are renderings of the grid:
-
-.. math:: M = \mathrm{ReLU}(\mathrm{up}_{H \times W}(G)), \qquad
-          \text{map01} = M / \max M, \qquad \text{mask} = \text{map01} > t
-
-with :math:`\mathrm{up}` the bilinear upsampling of :func:`traitloc.engine.cam.upsample_maps`, the very function the
-engine uses, so a float32 grid renders bit for bit what the engine returns (``ReLU`` commutes with a bilinear upsampling
-only approximately, so the engine's order, upsample then ReLU for signed maps and ReLU then upsample for ReLU maps, is
-kept: see :func:`render_map`).
-
-Parts are written atomically (a hidden temporary name, fsync, rename) with unique names
-(``part-<utc>-<host>-<pid>-<random>.parquet``), so any number of writers can add to one store at once and a run
-killed at any moment leaves only whole parts; readers (pandas, pyarrow, DuckDB, polars) skip the hidden temporary
-files. Read a run in one call::
-
-    import pandas as pd
-    df = pd.read_parquet("OUT/results")              # or traitloc.io.store.read_results("OUT")
-    # duckdb.sql("SELECT concept, avg(score) FROM 'OUT/results/*.parquet' GROUP BY concept")
+A run writes ``OUT/results/part-*.parquet``, one part per batch (written atomically, uniquely named, so many writers
+can share a store), one row per (image, concept) or (image, target) with its keys, scores, ``status`` and the
+**signed pre-ReLU grid map**; full-size maps, masks and overlays are renderings of the grid with the engine's own
+upsampling (:func:`render_map`). What a row holds, rendering, size, writing and resume: ``docs/store.md``.
 """
 
 from __future__ import annotations
@@ -197,9 +176,9 @@ class ResultStore:
             flats.append(a)
             offsets.append(offsets[-1] + a.size)
             valid.append(True)
-        values = np.concatenate(flats).astype(np_dtype) if flats else np.zeros(0, np_dtype)
+        grid_values = np.concatenate(flats).astype(np_dtype) if flats else np.zeros(0, np_dtype)
         mask = pa.array([not v for v in valid], type=pa.bool_())
-        grid = pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values), mask=mask)
+        grid = pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(grid_values), mask=mask)
         arrays.append(grid.cast(schema.field("grid").type))
         return pa.Table.from_arrays(arrays, schema=schema)
 

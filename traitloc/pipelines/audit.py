@@ -1,75 +1,10 @@
-r"""Faithfulness audit: does a species classifier look at the traits that separate the species?
+"""Faithfulness audit (``traitloc audit``): does a species classifier look at the traits that separate the species?
 
-For every test image of a CUB-layout data set, the classifier's Finer-CAM map (true class :math:`c` against its
-most similar class :math:`d`, :math:`s = z_c - \gamma z_d`, default :math:`\gamma = 0.6`) is compared with maps
-of the attributes that really differ between :math:`c` and :math:`d` according to CUB's class-attribute matrix
-(``docs/audit.md``).
-
-Protocol
---------
-Similar class
-    ``logits`` (default): the class whose logit on this image is closest to the true class's logit, true class
-    excluded (:func:`~traitloc.models.classifier.similar_classes`, Finer-CAM's reference rule); ``weights``: the
-    class whose head row is most cosine-similar to the true class's row
-    (:func:`~traitloc.models.classifier.similar_by_weights`), the same for every image of a class.
-Attribute differences
-    :func:`~traitloc.metrics.attributes.attribute_differences`: the top-k attributes by ``|a_c - a_d|`` (percent of
-    images showing the attribute, CUB's ``class_attribute_labels_continuous.txt``), ties broken by attribute
-    order; zero differences are never selected. The sign is ``+1`` when the true class has the attribute more
-    often, ``-1`` when the similar class does (the map of "red wings" on a blue-winged bird is the wing region all
-    the same).
-Classifier map
-    Grad-CAM Finer map of the true class against the similar class (one reference), computed on the classifier's
-    input and brought to the original image size by bilinear interpolation (ReLU map, raw units).
-Attribute maps, ``parts`` source (:mod:`traitloc.metrics.attributes`)
-    The attribute's parts come from the CUB attribute -> part mapping of ``trait_lists/`` (:mod:`traitloc.data.traits`).
-    The map is the maximum over the *visible* keypoints of those parts of an isotropic Gaussian
-    :math:`\exp(-\lVert p - k\rVert^2 / 2\sigma^2)` with :math:`\sigma = 0.1 \sqrt{w h}` of the bird's bounding box
-    (``sigma_scale``); the attribute region is the union of the discs of radius :math:`\sigma`
-    (``region_radius`` = 1 sigma) around those keypoints. Whole-bird attributes (size, shape, primary colour:
-    no part) use the bounding box as region and a Gaussian bump centred on the box (sigmas of a quarter of its
-    width and height, zero outside the box) as map. An attribute none of whose parts is visible has no map: its
-    row says ``status = no visible part``.
-Attribute maps, ``clip`` source
-    The attribute's prompt from the ``cub200`` trait list (e.g. "blue wings") against the base prompt "bird"
-    with the text engine (:class:`~traitloc.models.localize.ConceptLocalizer`, gamma 1.0), at the original image size.
-    The attribute region is the map's top-10% region.
-Scores
-    ``iou_top10``, ``dice_top10``: overlap of the top-10% regions of both maps (:func:`~traitloc.metrics.maps.iou_top`);
-    ``pearson``, ``spearman``: over all pixels; ``energy_inside``: the share of the classifier map's energy inside
-    the attribute region (:func:`~traitloc.metrics.maps.energy_inside`); ``pointing_hit`` (1/0): the classifier map's
-    maximum lies within ``pointing_tolerance`` pixels (default 15, as the pointing game) of the attribute region.
-    ``area_share`` is the region's share of the image, i.e. the energy share a map spread evenly over the image
-    would get; ``lift = energy_inside / area_share`` (1 = chance over the image); ``bird_lift`` divides ``lift``
-    by the same lift of the bird's bounding box (1 = chance over the bird).
-Verdict
-    Per class pair and attribute, ``looks at`` when the mean ``bird_lift`` is above ``verdict_lift`` (default 1:
-    the part's region gets more of the classifier's evidence than an equal area of the bird would), else
-    ``ignores``. Whole-bird attributes are judged by ``lift`` (the box against the image) and marked as such.
-Controls
-    ``random_classifier``: the same pair explained with a re-initialized head (entries i.i.d. normal with the
-    mean and standard deviation of the trained head's weights; a fresh draw per image, seeded by the image id,
-    so the control averages over many random heads instead of resting on one); the attribute maps are the real
-    ones. ``shuffled_attribute``: the real classifier map against the map of a random *other* attribute of the
-    same image: a random attribute group whose parts are disjoint from the real attribute's parts (and, for
-    ``parts``, visible in this image), then a random value of that group; for a whole-bird attribute's parts map,
-    the bird box of a random other image of the split at the same relative position (an equal-area region).
-    Both must score clearly lower than the real audit when the classifier looks at the differing traits.
-
-Outputs (``traitloc audit --out DIR``)
---------------------------------------
-``audit.csv``
-    One row per image x attribute x source (:data:`AUDIT_COLUMNS`), appended as images finish; a rerun into the
-    same folder skips finished images. ``image`` is the path as in CUB's ``images.txt`` (relative to
-    ``CUB_200_2011/images``).
-``controls.csv``
-    The same scores for both controls, one row per image x attribute x source x control (:data:`CONTROL_COLUMNS`).
-``audit_summary.csv``
-    Per (source, true class, similar class): number of images and rows, accuracy, mean scores, mean control
-    scores and a verdict; plus ``overall`` and ``overall_correct`` (images the classifier gets right) rows per
-    source, whose verdict aggregates attribute groups (:data:`SUMMARY_COLUMNS`).
-``run.json``
-    Versions, argv, probe and backbone, settings, counts, timing and the headline real-vs-control figures.
+For every image of a CUB-layout split, the classifier's Finer-CAM map (true class against its most similar class)
+is compared with maps of the attributes that differ between the two classes in CUB's class-attribute matrix, beside
+a randomized-classifier and a shuffled-attribute control. The protocol (similar class, attribute differences and
+maps, scores, verdict, controls) and the outputs (``audit.csv``, ``controls.csv``, ``audit_summary.csv``,
+``run.json``): ``docs/audit.md``.
 """
 
 from __future__ import annotations
@@ -242,13 +177,8 @@ def classifier_maps(
     x = x.to(clf.device)
     B = int(x.shape[0])
     pre = ex.cam.prefix(x)
-    feats = ex.adapter.features(pre).float()
-    W = ex.weight.to(feats.device, torch.float32)
-    if feats.shape[-1] != W.shape[1]:
-        raise ValueError(f"the backbone gives {feats.shape[-1]}-d features but the probe expects {W.shape[1]}")
-    logits = feats @ W.t()
-    if ex.bias is not None:
-        logits = logits + ex.bias.to(logits.device, logits.dtype)
+    logits = ex.logits(pre)
+    W = ex.weight.to(logits.device, torch.float32)
     predicted = logits.argmax(1).tolist()
     tgt = list(predicted) if targets is None else [int(t) for t in targets]
     if len(tgt) != B:
@@ -453,7 +383,7 @@ class _Auditor:
             traits[n].prompt if n in traits else n.replace("has_", "").replace("::", " ").replace("_", " ")
             for n in self.names
         ]
-        self.parts = []
+        self.parts: list[tuple[str, ...] | None] = []
         for n in self.names:
             try:
                 self.parts.append(tuple(traits[n].parts) if n in traits else attribute_parts(n))
@@ -582,10 +512,11 @@ class _Auditor:
         if source == "parts":
 
             def one(j: int) -> AttributeMap | None:
-                if self.parts[j] is None:
+                parts = self.parts[j]
+                if parts is None:
                     return None
                 return parts_attribute_map(
-                    size, kp, self.parts[j], job.box, sigma_scale=s.sigma_scale, region_radius=s.region_radius
+                    size, kp, parts, job.box, sigma_scale=s.sigma_scale, region_radius=s.region_radius
                 )
 
             pmaps: list[tuple[AttributeMap | None, str]] = []
@@ -965,7 +896,8 @@ def _verdict(per_attr: pd.DataFrame, threshold: float) -> tuple[str, list[str], 
     Part attributes come first, by decreasing score (x the bird's mean evidence density); whole-bird attributes
     follow, marked, with their score against the whole image.
     """
-    looks, ignores = [], []
+    looks: list[str] = []
+    ignores: list[str] = []
     rows = per_attr.assign(order=-per_attr["score"]).sort_values(["whole", "order"], kind="stable")
     for label, whole, score in rows[["label", "whole", "score"]].itertuples(index=False):
         if not math.isfinite(score):
@@ -1085,7 +1017,7 @@ def _sources(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``audit`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``) and return it."""
-    from traitloc.pipelines.options import nonneg_float, positive_int
+    from traitloc.pipelines.options import add_shared, nonneg_float, positive_int
 
     p = subparsers.add_parser(
         "audit",
@@ -1096,9 +1028,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "classifier and shuffled attributes), audit_summary.csv (per class pair, with a verdict) and run.json "
         "under --out; rerunning into the same --out skips finished images.",
     )
-    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    add_shared(p, "--cub-root")
     p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="probe folder written by traitloc train-probe")
-    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
+    add_shared(p, "--split")
     p.add_argument(
         "--top-attributes", type=positive_int, default=3, metavar="K",
         help="attributes per image: the K that differ most between the two classes (default: 3)",
@@ -1144,26 +1076,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--no-controls", action="store_true", help="skip the randomized-classifier and shuffled controls")
     g.add_argument("--seed", type=int, default=0, help="seed of the controls (default: 0)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    add_shared(g, "--device")
     g.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_shared(p, "--quiet", "--out")
     return p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``traitloc audit`` from parsed arguments; returns the exit status.
 
-    Bad input raises :class:`traitloc.cli.commands.CliError` (one line; ``traitloc`` prints it and exits with 2).
+    Bad input raises :class:`traitloc.pipelines.options.CliError` (one line; ``traitloc`` prints it and exits with 2).
     """
     from traitloc.data.cub import CUB
     from traitloc.io.files import utc_now
     from traitloc.models.backbones import CallableError
     from traitloc.models.probes import ProbeError
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.options import cli_errors, pretrained_tag, report_counts
 
     start = utc_now()
-    try:
+    with cli_errors(ValueError, FileNotFoundError):
         settings = AuditSettings(
             split=args.split, top_attributes=args.top_attributes, sources=tuple(args.attribute_maps),
             similar=args.similar, gamma=args.gamma, clip_gamma=args.clip_gamma, base=args.base,
@@ -1175,37 +1106,24 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         cub = CUB(args.cub_root)
         cub.attribute_names, cub.class_attributes  # noqa: B018 - fail fast on missing attribute files
         cub.part_locations  # noqa: B018
-    except (ValueError, FileNotFoundError) as err:
-        raise CliError(str(err)) from err
-    try:
+    with cli_errors(ProbeError, CallableError, ValueError, FileNotFoundError, prefix=f"--probe {args.probe}: "):
         clf = load_probe_classifier(args.probe, args.backbone, args.device)
-    except (ProbeError, CallableError, ValueError, FileNotFoundError) as err:
-        raise CliError(f"--probe {args.probe}: {err}") from err
-    try:
+    with cli_errors(ValueError, prefix=f"--probe {args.probe}: its classes must be CUB classes: "):
         [cub.class_id(n) for n in clf.class_names]
-    except ValueError as err:
-        raise CliError(f"--probe {args.probe}: its classes must be CUB classes: {err}") from err
     localizer = None
     run_info: dict[str, Any] = {"command": "audit", "argv": list(argv), "start_utc": start, "device": str(clf.device)}
     if "clip" in settings.sources:
         from traitloc.models.clip import load_clip
         from traitloc.models.localize import ConceptLocalizer
 
-        pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+        pretrained = pretrained_tag(args.pretrained)
         bundle = load_clip(args.model, pretrained, args.device)
         localizer = ConceptLocalizer(bundle)
         run_info["clip"] = {**bundle.describe(), "base": settings.base, "gamma": settings.clip_gamma}
-    try:
+    with cli_errors(ValueError):
         res = run_audit(cub, clf, args.out, settings, localizer=localizer, run_info=run_info)
-    except ValueError as err:
-        raise CliError(str(err)) from err
-    c = res["counts"]
+    status = report_counts("audit", res["counts"], args.out, args.quiet, seconds=res["seconds"])
     if not args.quiet:
-        print(
-            f"traitloc audit: {c['ok']} images done, {c['failed']} failed, {c['skipped']} already done "
-            f"({res['seconds']:.0f} s) -> {args.out}",
-            file=sys.stderr,
-        )
         for key, h in res["headline"].items():
             print(
                 f"  {key}: real / random classifier / shuffled attribute: energy_inside {h['energy_inside']} / "
@@ -1215,4 +1133,4 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                 f"{h['shuffled_attribute_bird_lift']}",
                 file=sys.stderr,
             )
-    return 1 if c["failed"] and not c["ok"] and not c["skipped"] else 0
+    return status

@@ -1,28 +1,9 @@
 """Run a pipeline job on a Ray cluster: the same store, the same resume, many machines.
 
-:func:`run_job_ray` is the scale-out twin of :func:`traitloc.pipelines.runner.run_job`. The driver (the machine that
-runs ``traitloc localize ... --ray``) does what the local runner does before and after its loop: it makes the run
-folder, refuses other map settings, reads the keys already in the store and keeps the items with work left to do, writes
-``run.json`` (with ``previous_runs`` and the cluster), and at the end rewrites ``results.csv`` from the store. The
-loop itself is a Ray Dataset of the items still to do, mapped in batches over a pool of actors:
-
-- each actor builds the model and the job **once**, from a picklable *job spec* (the command's model arguments and
-  settings), on its GPU (one per actor when the cluster has GPUs, or an equal share when there are more actors
-  than GPUs) or on its CPUs;
-- it decodes its batch's images itself (threads), computes the rows (a batch that fails is retried image by image;
-  an image that fails becomes rows with ``status = "error: ..."``, never a failed job), and writes them as one part
-  of the run's store (:meth:`traitloc.io.store.ResultStore.write`, atomic);
-- only small counts go back to the driver.
-
-Exactly once. Ray restarts an actor that dies (``max_restarts``) and runs its batch again (``max_task_retries``).
-The batch may have written its part before dying, so a part's name is fixed by the batch itself: the run's id and
-a hash of the batch's keys (:func:`batch_part_name`). The retry replaces its own part (an atomic rename) instead of
-adding a second copy of the rows. At the end the driver removes parts of this run that no finished batch reported
-(an attempt that died while another attempt of a differently cut batch finished) and checks that every key is in the
-store once (:func:`compact_duplicates` rewrites the parts if not). A driver killed mid-run and rerun resumes like
-the local runner: finished parts are whole, their keys are skipped.
-
-The images, the model weights and the run folder must be on a filesystem every node sees, under the same paths.
+:func:`run_job_ray` is the scale-out twin of :func:`traitloc.pipelines.runner.run_job`: the driver prepares and
+finishes the run folder as the local runner does, and a pool of Ray actors, each building the job once from a
+picklable job spec, computes and writes the store parts; part names fixed by the batch (:func:`batch_part_name`) make
+retries exactly once. How it works: ``docs/store.md`` ("On a Ray cluster"); usage: the README ("Scaling out").
 """
 
 from __future__ import annotations
@@ -65,7 +46,7 @@ __all__ = [
     "cluster_info",
     "compact_duplicates",
     "connect",
-    "require_ray",
+    "ray_requested",
     "run_explain_ray",
     "run_job_ray",
     "run_localize_ray",
@@ -103,9 +84,13 @@ def _ray() -> Any:
     return ray
 
 
-def require_ray() -> None:
-    """Raise :class:`RayUnavailableError` (one line naming the extra) unless Ray Data can be imported."""
+def ray_requested(args: Any) -> bool:
+    """Whether a command's ``args`` ask for Ray (``--ray``); then, before any model loads, raise
+    :class:`RayUnavailableError` (one line naming the extra) unless Ray Data can be imported."""
+    if getattr(args, "ray", None) is None:
+        return False
     _ray()
+    return True
 
 
 def connect(address: str | None = None, *, quiet: bool = False) -> bool:

@@ -1,38 +1,9 @@
-r"""``traitloc evaluate``: the Finer-CAM paper's faithfulness metrics of a probe's maps on CUB (``docs/evaluate.md``).
+"""``traitloc evaluate``: the Finer-CAM paper's faithfulness metrics of a probe's maps on CUB.
 
-For every image of a CUB split whose class the probe knows, and every method of ``--methods``
-(``gradcam, finer-gradcam, layercam, finer-layercam, scorecam, finer-scorecam``), the map is computed on the model
-input and scored. The protocol (also in ``docs/evaluate.md``):
-
-- **Target** :math:`c`: the image's true CUB class (``--target true``, default) or the predicted class
-  (``--target predicted``). **References**: the ``--num-references`` (3) classes whose logits are closest to
-  :math:`z_c`, target excluded (ties: lower index); **d**, the most similar class, is the closest of them.
-- **Maps**: plain methods explain :math:`z_c`; ``finer-*`` explain :math:`z_c - \gamma\,\mathrm{mean}_t z_{d_t}`
-  (``--gamma`` 0.6), aggregated before the ReLU. The ReLU map on the target layer's grid is upsampled bilinearly
-  (``align_corners=False``) to the model input (224 x 224 for EfficientNet-Lite0), where every metric is computed.
-- **Confidences**: :math:`p = \mathrm{softmax}` over the probe's K classes, in float64.
-- **RD@k** (k = 5 %, 10 %): :math:`(p_c - p_c^*) - (p_d - p_d^*)` after the top k of the map's pixels become 0 in
-  normalized space (the ImageNet mean colour); pixels are ranked by value, ties in raster order, and pixels at the
-  map's minimum are never removed (:func:`traitloc.metrics.maps.relative_confidence_drop`).
-- **Deletion / insertion AUC** (``--steps`` S = 20): :math:`p_c` while the first round(i n / S) ranked pixels are
-  set to 0 (deletion) or pasted into a Gaussian blur (sigma 5 px) of the image (insertion), trapezoid over
-  f = i / S (:func:`traitloc.metrics.maps.deletion_auc`, :func:`traitloc.metrics.maps.insertion_auc`).
-- **Energy pointing game**: the share of the map's energy inside the CUB bounding box scaled to the input
-  (:func:`traitloc.metrics.maps.energy_inside`, :func:`traitloc.metrics.maps.box_mask`); an all-zero map has none (NaN,
-  left out of the mean and counted in ``n_zero_maps``).
-- **Score-CAM** costs one forward pass per channel: it runs on ``--scorecam-images`` images evenly spaced over the
-  evaluated list, with the ``--scorecam-channels`` channels of largest spatial variance per image.
-
-:class:`FaithfulnessBatch` computes RD, deletion and insertion exactly as :mod:`traitloc.metrics.maps` does, but runs
-each distinct perturbed image once: the unperturbed, fully deleted and blurred images are shared by all methods, and
-RD@k's perturbed image is a deletion step whenever k n is on the step grid (5 % and 10 % with 20 steps).
-
-``evaluate`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`): images decoded one batch
-ahead, per-image errors, resume and ``run.json`` (with the earlier runs of the folder under ``previous_runs``). Outputs:
-the results store ``results/part-*.parquet`` (one row per image x method, keyed by image id, method and a fingerprint of
-the settings, so runs of other settings live side by side; no maps), ``per_image.csv`` (the same rows for spreadsheets),
-``metrics.csv`` (one row per method over this run's images: ``rd_05, rd_10, deletion_auc, insertion_auc,
-energy_pointing, n_images``, timing and standard errors) and ``run.json``.
+For every image of a CUB split whose class the probe knows and every method of ``--methods``, the map is computed on
+the model input and scored with RD@5%/10%, deletion/insertion AUC and the energy pointing game
+(:mod:`traitloc.metrics.maps`); :class:`FaithfulnessBatch` runs each distinct perturbed image once. Protocol,
+outputs (results store, ``per_image.csv``, ``metrics.csv``, ``run.json``), resume and costs: ``docs/evaluate.md``.
 """
 
 from __future__ import annotations
@@ -55,7 +26,7 @@ import torch
 from torch import Tensor
 
 from traitloc.engine.methods import CAM_METHODS
-from traitloc.pipelines.runner import Job, load_or_error, run_job
+from traitloc.pipelines.runner import Job, bool_text, load_or_error, run_job
 
 if TYPE_CHECKING:
     from traitloc.models.classifier import ClassifierBundle
@@ -421,7 +392,6 @@ class EvaluateJob(Job):
         sc: dict[str, Any] = {"scorecam_channels": settings.scorecam_channels, "scorecam_batch": settings.forward_batch}
         self.cams = {m: FinerCAM(clf.adapter, m, **(sc if m == "scorecam" else {})) for m in CAM_METHODS}
         self.W = clf.weight.to(clf.device, torch.float32)
-        self.b_head = None if clf.bias is None else clf.bias.to(clf.device, torch.float32)
         if clf.model is None:
             raise ValueError("evaluate needs the classifier's logits model (ProbeClassifier.model)")
         self.model = clf.model.eval()
@@ -470,10 +440,7 @@ class EvaluateJob(Job):
         x = torch.stack([clf.preprocess(im.image) for _, im in batch]).to(clf.device)
         B, (Hin, Win) = x.shape[0], x.shape[-2:]
         pre = self.cams["gradcam"].prefix(x)
-        feats = clf.adapter.features(pre).float()
-        if feats.shape[-1] != W.shape[1]:
-            raise ValueError(f"the backbone gives {feats.shape[-1]}-d features but the probe expects {W.shape[1]}")
-        logits = feats @ W.t() + (self.b_head if self.b_head is not None else 0.0)
+        logits = clf.explainer.logits(pre)
         pred = logits.argmax(1)
         true = torch.tensor([self.k_of_cub[it.class_id] for it in items], device=logits.device)
         tgt = true if s.target == "true" else pred
@@ -552,13 +519,13 @@ class EvaluateJob(Job):
     def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """A ``per_image.csv`` row (``correct`` as ``true``/``false``, gamma as written before the store)."""
         out = super().csv_row(row)
-        out["correct"] = _bool_text(row.get("correct"))
+        out["correct"] = bool_text(row.get("correct"))
         out["gamma"] = _gamma_text(row.get("gamma"))
         return out
 
     def csv_frame(self, df: Any) -> Any:
         """``per_image.csv`` rows from the store (as :meth:`csv_row`)."""
-        return df.assign(correct=[_bool_text(v) for v in df["correct"]], gamma=[_gamma_text(v) for v in df["gamma"]])
+        return df.assign(correct=[bool_text(v) for v in df["correct"]], gamma=[_gamma_text(v) for v in df["gamma"]])
 
     def run_info(self) -> dict[str, Any]:
         """The settings fingerprint, the Score-CAM image ids and this run's seconds per method, for ``run.json``."""
@@ -576,13 +543,6 @@ class EvaluateJob(Job):
         cols = [c for c in PER_IMAGE_COLUMNS if c in self.columns or c == "status"]
         self.metrics = summarize(read_results(out, columns=cols), self.s, self.fp, self.image_ids, self.scorecam_ids)
         _write_metrics(out / "metrics.csv", self.metrics, atomic_write)
-
-
-def _bool_text(v: Any) -> str:
-    """``true``/``false`` as in the CSV summaries ("" when missing)."""
-    import pandas as pd
-
-    return "" if v is None or pd.isna(v) else str(bool(v)).lower()
 
 
 def _gamma_text(v: Any) -> str:
@@ -739,19 +699,9 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]], atomic_write: Callabl
 # ------------------------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------------------------
-def _non_negative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from err
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
-    return n
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``evaluate`` to a ``argparse`` subparsers object and return its parser."""
-    from traitloc.pipelines.options import gamma_arg, positive_int
+    from traitloc.pipelines.options import add_shared, gamma_arg, nonneg_int, positive_int
 
     p = subparsers.add_parser(
         "evaluate",
@@ -763,9 +713,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Writes per_image.csv (resumable), metrics.csv (one row per method) and run.json; the protocol is in "
         "docs/evaluate.md.",
     )
-    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    add_shared(p, "--cub-root")
     p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="a probe from traitloc train-probe")
-    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
+    add_shared(p, "--split")
     p.add_argument(
         "--methods",
         default=",".join(METHOD_NAMES),
@@ -790,7 +740,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scorecam-images",
-        type=_non_negative,
+        type=nonneg_int,
         default=50,
         help="Score-CAM runs on this many images, evenly spaced over the evaluated ones (default: 50; 0 = none)",
     )
@@ -812,36 +762,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="layout of the model's convolution weights and perturbed batches: a speed setting, the numbers agree "
         "up to float rounding (default: channels_last, about 1.8x faster for EfficientNet-Lite0 on CPU)",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_shared(p, "--device", "--quiet", "--out", quiet="no progress bar or summary")
     return p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``traitloc evaluate``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
+    """Run ``traitloc evaluate``; bad input raises :class:`traitloc.pipelines.options.CliError` (one line)."""
     from traitloc.data.cub import CUB
     from traitloc.io.files import utc_now
     from traitloc.models.clip import ModelLoadError
     from traitloc.models.probes import ProbeError, classifier_info, load_probe_classifier
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.options import CliError, cli_errors, report_counts
     from traitloc.pipelines.train import keep_freed_memory
 
     start = utc_now()
-    try:
+    with cli_errors(ValueError):
         methods = parse_methods(args.methods)
-    except ValueError as err:
-        raise CliError(str(err)) from err
     if args.gamma < 0:
         raise CliError(f"--gamma must be >= 0, got {args.gamma:g}")
-    try:
+    with cli_errors(FileNotFoundError, ValueError, prefix="--cub-root: "):
         CUB(args.cub_root)
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(f"--cub-root: {err}") from err
-    try:
+    with cli_errors(ProbeError, ModelLoadError, ValueError, first_line=True):
         clf = load_probe_classifier(args.probe, device=args.device)
-    except (ProbeError, ModelLoadError, ValueError) as err:
-        raise CliError(str(err).splitlines()[0]) from err
     allocator = keep_freed_memory()
     if len(clf.class_names) < 2:
         raise CliError("the probe has fewer than 2 classes")
@@ -881,10 +823,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         },
         "start_utc": start,
     }
-    try:
+    with cli_errors(FileNotFoundError, ValueError, first_line=True):
         res = run_evaluate(args.cub_root, args.out, clf, settings, info)
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(str(err).splitlines()[0]) from err
     if not args.quiet:
         for note in res["notes"]:
             print(f"traitloc evaluate: note: {note}", file=sys.stderr)
@@ -896,11 +836,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 f"{r['insertion_auc']:>8.4f}{r['energy_pointing']:>8.4f}{r['n_images']:>6}{r['seconds_per_image']:>8.3f}",
                 file=sys.stderr,
             )
-        c = res["counts"]
-        print(
-            f"traitloc evaluate: {c['ok']} images done, {c['failed']} failed, {c['skipped']} already done "
-            f"-> {args.out}",
-            file=sys.stderr,
-        )
+    report_counts("evaluate", res["counts"], args.out, args.quiet)
     failed_all = res["counts"]["failed"] and not res["counts"]["ok"]
     return 1 if failed_all and not any(r["n_images"] for r in res["metrics"]) else 0

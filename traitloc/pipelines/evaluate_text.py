@@ -1,48 +1,10 @@
-r"""Trait-localization benchmark for text queries: which method finds the part a trait prompt names?
+"""Trait-localization benchmark for text queries (``traitloc evaluate-text``): which method finds the part a trait
+prompt names?
 
-``traitloc evaluate-text`` runs on a CUB-layout folder with the user's own open_clip weights and scores every
-text-query method (:mod:`traitloc.engine.methods`) against CUB's expert part keypoints, so a user can pick the method
-that localizes best with *their* model.
-
-Protocol
---------
-Items
-    Every photo of the split (default ``test``; ``--limit N`` keeps the first N) and every CUB attribute of the
-    ``cub200`` trait list whose body part is visible in that photo (:func:`traitloc.data.traits.attribute_parts`;
-    whole-bird attributes such as size, shape and primary colour have no part and are left out unless
-    ``--whole-bird``, which scores them against the bird's bounding box).
-Query
-    The attribute's prompt (e.g. "blue wings") against the base prompt ``--base`` ("bird") at ``--gamma``
-    (default 1): the Finer contrast ``s_trait - gamma * s_bird`` with each method, one call per image for all of
-    its attributes. The ReLU map is brought to the photo's size (bilinear).
-Part region
-    The audit's part region (:func:`traitloc.metrics.attributes.parts_attribute_map`): discs of radius
-    :math:`\sigma = 0.1\sqrt{w h}` of the bird's box (``--sigma-scale``) around the visible keypoints of the
-    attribute's parts.
-Scores
-    ``pointing_hit`` (1/0): the map's maximum lies within ``--pointing-tolerance`` pixels (default 15) of the part
-    region (the pointing game); ``energy_inside``: the share of the map's positive energy inside the region
-    (:func:`traitloc.metrics.maps.energy_inside`); ``area_share``: the region's share of the image, which is what
-    ``energy_inside`` would be for a map spread evenly over the image; ``lift = energy_inside / area_share``.
-    A map with no positive value has ``status = empty map`` and no scores (it points nowhere); it counts as a
-    miss in ``pointing_game`` and is reported in ``empty_maps``.
-Summary
-    Per method and part group (wings, crown, beak, ... ; :func:`part_group`) and overall: items, pointing-game
-    accuracy (empty maps count as misses), mean ``energy_inside``, mean ``area_share`` (chance) and mean lift.
-
-With random weights (the only ones a machine without a network can load) the figures are meaningless: the command
-then only shows that the pipeline runs. Its correctness is tested on synthetic CUB data with known answers
-(``tests/test_evaluate_text.py``).
-
-Outputs (``--out DIR``)
------------------------
-``text_eval.csv``
-    One row per image x method x attribute (:data:`ROW_COLUMNS`); appended per image and method, a rerun into the
-    same folder skips finished (image, method) pairs.
-``text_eval_summary.csv`` / ``text_eval_summary.md``
-    Per method x part group (and ``all``): :data:`SUMMARY_COLUMNS`; the Markdown file holds the pivot tables.
-``run.json``
-    Versions, argv, model and weights (sha256), methods, base, gamma, protocol settings, counts, start/end UTC.
+Runs on a CUB-layout folder with the user's own open_clip weights and scores every text-query method
+(:mod:`traitloc.engine.methods`) against CUB's expert part keypoints: pointing game and energy inside the audit's part
+regions, per method and part group. Protocol and outputs (``text_eval.csv``, ``text_eval_summary.csv`` / ``.md``,
+``run.json``): ``docs/methods.md`` ("traitloc evaluate-text").
 """
 
 from __future__ import annotations
@@ -354,7 +316,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate-text`` subcommand and return it."""
-    from traitloc.pipelines.options import nonneg_float, positive_int
+    from traitloc.pipelines.options import add_shared, nonneg_float, positive_int
 
     p = subparsers.add_parser(
         "evaluate-text",
@@ -365,12 +327,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "and part group) and run.json under --out. Use your own weights: with random weights the figures are "
         "meaningless.",
     )
-    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    add_shared(p, "--cub-root")
     p.add_argument(
         "--methods", type=_methods, default=_methods("all"), metavar="LIST",
         help="comma-separated methods, or all (default: all; see docs/methods.md)",
     )  # fmt: skip
-    p.add_argument("--split", choices=["test", "train", "all"], default="test", help="CUB split (default: test)")
+    add_shared(p, "--split")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images of the split")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name, hf-hub:org/repo or a config .json")
     p.add_argument(
@@ -386,22 +348,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--scorecam-channels", type=positive_int, default=64, metavar="K",
         help="Score-CAM channel budget: the K channels of largest spatial variance (default: 64)",
     )  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_shared(p, "--device", "--quiet", "--out")
     return p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``traitloc evaluate-text``; bad input raises :class:`traitloc.cli.commands.CliError`."""
+    """Run ``traitloc evaluate-text``; bad input raises :class:`traitloc.pipelines.options.CliError`."""
     from traitloc.data.cub import CUB
     from traitloc.io.files import utc_now
     from traitloc.models.clip import load_clip
     from traitloc.models.localize import ConceptLocalizer
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.options import cli_errors, pretrained_tag, report_counts
 
     start = utc_now()
-    try:
+    with cli_errors(ValueError, FileNotFoundError):
         if args.sigma_scale <= 0:
             raise ValueError("--sigma-scale must be > 0")
         settings = TextEvalSettings(
@@ -411,33 +371,22 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         )  # fmt: skip
         cub = CUB(args.cub_root)
         cub.attribute_names, cub.part_locations  # noqa: B018 - fail fast on missing files
-    except (ValueError, FileNotFoundError) as err:
-        raise CliError(str(err)) from err
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
+    pretrained = pretrained_tag(args.pretrained)
     bundle = load_clip(args.model, pretrained, args.device)
     localizers: dict[str, Any] = {}
-    try:
+    with cli_errors(ValueError, prefix="--methods: "):
         for m in settings.methods:
             localizers[m] = ConceptLocalizer(bundle, m, scorecam_channels=args.scorecam_channels)
             if len(localizers) > 1:  # one text encoder (and its cache) for all methods
                 localizers[m].text = next(iter(localizers.values())).text
-    except ValueError as err:
-        raise CliError(f"--methods: {err}") from err
     run_info = {"command": "evaluate-text", "argv": list(argv), "start_utc": start, **bundle.describe(),
                 "random_weights": pretrained is None, "gamma": settings.gamma, "base": settings.base,
                 "scorecam_channels": args.scorecam_channels}  # fmt: skip
-    try:
+    with cli_errors(ValueError):
         res = run_text_eval(cub, localizers, args.out, settings, run_info=run_info)
-    except ValueError as err:
-        raise CliError(str(err)) from err
-    c = res["counts"]
+    status = report_counts("evaluate-text", res["counts"], args.out, args.quiet, "image x method pairs", res["seconds"])
     if not args.quiet:
         overall = res["summary"][res["summary"]["part_group"] == "all"]
-        print(
-            f"traitloc evaluate-text: {c['ok']} image x method pairs done, {c['failed']} failed, {c['skipped']} "
-            f"already done ({res['seconds']:.0f} s) -> {args.out}",
-            file=sys.stderr,
-        )
         if pretrained is None:
             print("  random weights: the figures below are meaningless", file=sys.stderr)
         for row in overall.itertuples():
@@ -446,4 +395,4 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                 f"(chance {row.area_share:.3f}), {row.n_items} items",
                 file=sys.stderr,
             )
-    return 1 if c["failed"] and not c["ok"] and not c["skipped"] else 0
+    return status

@@ -1,45 +1,10 @@
-r"""``traitloc explain``: Finer-CAM maps of a species classifier for images or folders (``docs/engine.md``).
+"""``traitloc explain``: Finer-CAM maps of a species classifier for images or folders.
 
-For each image the classifier's target class :math:`c` (``--target``; ``auto`` = the predicted class) is explained
-against references :math:`d_1..d_T` (``--reference``; default: the ``--num-references`` classes whose logits are
-closest to the target's, target excluded) with the objective
-
-.. math:: s = z_c - \gamma \frac{1}{T}\sum_t z_{d_t}
-          \qquad (\texttt{--reverse}: s = \frac{1}{T}\sum_t z_{d_t} - \gamma z_c)
-
-aggregated before the ReLU, with a Grad-CAM, Layer-CAM or Score-CAM base
-(:class:`traitloc.models.classifier.ClassifierExplainer`).
-``--gamma 0`` gives the plain CAM of the target; ``--gamma`` above 1 extrapolates.
-
-``explain`` is a job of the pipeline runner (:func:`traitloc.pipelines.runner.run_job`), like ``localize``: images
-decoded (and preprocessed) one batch ahead, OOM splitting, per-image errors, resume, the settings check and
-``run.json``.
-Outputs under ``--out``, one row per image:
-
-- ``results/part-*.parquet``: the results store (:mod:`traitloc.io.store`): the target, prediction, references,
-  logits, score and the **signed pre-ReLU grid map** of each image (keys ``image_key, target_spec,
-  reference_spec``); full-size maps, masks and overlays are renderings of it
-  (:func:`traitloc.io.store.render_map`, ``traitloc export``);
-- ``results.csv``: ``image, image_key, target, predicted, references, gamma, method, raw_max, map, status`` and more
-  (:data:`EXPLAIN_COLUMNS`); ``status`` is ``ok`` or ``error: <reason>`` for that image; the ``map``, ``mask`` and
-  ``overlay`` paths are filled where ``--save`` wrote those files;
-- with ``--save maps,masks,overlays,signed``: ``maps/<image-key>/<target-slug>.tif`` (float32 at the original
-  size, map / its max), ``masks/…png``, ``overlays/…png``, ``signed/…tif`` (raw pre-ReLU values);
-- ``run.json``.
-
-A killed run resumes: rerunning into the same folder skips the images already in the store for the same
-classifier and settings (images that failed are tried again); a folder made with other settings is refused. The
-map covers the whole image: the classifier's ``preprocess`` is expected to resize the whole image (as
-:class:`traitloc.models.backbones.ImagePreprocess` does); one that crops would misalign the map.
-
-Building the job elsewhere (a worker process, a Ray actor): everything it needs is the picklable
-:class:`ExplainSpec`; :func:`build_explain_job` loads the classifier and returns the :class:`ExplainJob`, and
-:func:`explain_items` turns the input paths into the job's items ``(absolute path, image key)`` (keys are made
-over the whole list, so compute them once and hand out slices)::
-
-    spec = ExplainSpec(probe="probe/", target="auto", gamma=0.6)
-    job = build_explain_job(spec, "out/")
-    run_job(job, explain_items(["photos/"]), "out/", {"command": "explain"}, batch_size=spec.batch_size)
+Each image's target class (``--target``; ``auto`` = the predicted class) is explained against references (default:
+the ``--num-references`` classes whose logits are closest) with ``s = z_c - gamma * mean_t z_{d_t}``, aggregated
+before the ReLU (:class:`traitloc.models.classifier.ClassifierExplainer`), as a job of the pipeline runner
+(:class:`ExplainJob`, built elsewhere from the picklable :class:`ExplainSpec`). Objective, outputs, resume and
+building the job: ``docs/engine.md`` ("traitloc explain").
 """
 
 from __future__ import annotations
@@ -48,7 +13,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from traitloc.pipelines.runner import Job, SettingsMismatchError, load_or_error, run_job
+from traitloc.pipelines.runner import Job, SettingsMismatchError, bool_text, load_or_error, run_job
 
 if TYPE_CHECKING:
     from traitloc.models.classifier import ClassifierBundle, ClassifierExplainer
@@ -109,7 +73,7 @@ class ExplainSpec:
     device : ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     target : ``"auto"`` (the predicted class), a class name or a 0-based index (as text or int).
     references : class names or indices, or None (the ``num_references`` classes with the closest logits).
-    num_references, gamma, method, reverse, scorecam_channels : the explanation (see the module docstring).
+    num_references, gamma, method, reverse, scorecam_channels : the explanation, ``docs/engine.md`` "traitloc explain".
     threshold : mask threshold (``--save masks`` and ``mask_fraction``).
     save : files written beside the store, a subset of :data:`traitloc.pipelines.localize.SAVE_KINDS`.
     grid_dtype : ``float32`` or ``float16`` grids in the store.
@@ -480,13 +444,13 @@ class ExplainJob(Job):
     def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """A ``results.csv`` row (``reverse`` as ``true``/``false``)."""
         out = super().csv_row(row)
-        out["reverse"] = _bool_text(row.get("reverse"))
+        out["reverse"] = bool_text(row.get("reverse"))
         return out
 
     def csv_frame(self, df: Any) -> Any:
         """``results.csv`` rows from the store (``reverse`` as ``true``/``false``)."""
         if "reverse" in df.columns:
-            df = df.assign(reverse=[_bool_text(v) for v in df["reverse"]])
+            df = df.assign(reverse=[bool_text(v) for v in df["reverse"]])
         return df
 
     def run_info(self) -> dict[str, Any]:
@@ -508,15 +472,6 @@ class ExplainJob(Job):
             "threshold": s.threshold,
             "save": list(s.save),
         }
-
-
-def _bool_text(v: Any) -> str:
-    """``true``/``false`` as in the CSV summaries ("" when missing)."""
-    import pandas as pd
-
-    if v is None or (not isinstance(v, (list, tuple, np.ndarray)) and pd.isna(v)):
-        return ""
-    return str(bool(v)).lower()
 
 
 def run_explain(
@@ -545,7 +500,7 @@ def run_explain(
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``explain`` to a ``argparse`` subparsers object and return its parser."""
     from traitloc.engine.methods import method_names
-    from traitloc.pipelines.options import add_store_arguments, gamma_arg, positive_int, threshold_arg
+    from traitloc.pipelines.options import add_shared, add_store_arguments, gamma_arg, positive_int
 
     p = subparsers.add_parser(
         "explain",
@@ -556,7 +511,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "rendered to full-size maps, masks and overlays on demand), results.csv and run.json under --out; "
         "rerunning into the same --out skips finished rows.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    add_shared(p, "paths")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--classifier",
@@ -598,20 +553,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="explain what speaks for the references instead: s = mean(z_refs) - gamma * z_target",
     )
-    p.add_argument(
-        "--scorecam-channels",
-        type=positive_int,
-        default=None,
-        help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
-    )
-    p.add_argument(
-        "--threshold", type=threshold_arg, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
-    )
+    add_shared(p, "--scorecam-channels", "--threshold")
     add_store_arguments(p, "image")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_shared(p, "--device", "--quiet", "--out", quiet="no progress bar or summary")
     from traitloc.pipelines.distributed import add_ray_arguments
 
     add_ray_arguments(p)
@@ -619,28 +564,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``traitloc explain``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
+    """Run ``traitloc explain``; bad input raises :class:`traitloc.pipelines.options.CliError` (one line)."""
     from traitloc.data.images import find_images
     from traitloc.io.files import utc_now
     from traitloc.models.backbones import CallableError
     from traitloc.models.clip import ModelLoadError
     from traitloc.models.probes import ProbeError
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.distributed import ray_requested
+    from traitloc.pipelines.options import CliError, cli_errors, report_counts
     from traitloc.pipelines.train import keep_freed_memory
 
     start = utc_now()
     if args.gamma < 0:
         raise CliError(f"--gamma must be >= 0 (got {args.gamma:g}); use --reverse to explain the references")
-    try:
+    with cli_errors(FileNotFoundError, ValueError):
         find_images(args.paths)  # fail fast, before loading a model
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(str(err)) from err
     spec = ExplainSpec.from_args(args)
-    on_ray = getattr(args, "ray", None) is not None
-    if on_ray:
-        from traitloc.pipelines.distributed import require_ray
-
-        require_ray()  # fail fast, before loading a model
+    on_ray = ray_requested(args)  # fail fast, before loading a model
     try:  # with --ray the actors compute: the driver's job (settings, run.json) stays on the CPU
         job = build_explain_job(dataclasses.replace(spec, device="cpu") if on_ray else spec, args.out)
     except ExplainSpecError as err:
@@ -654,19 +594,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "seed": None,
         "start_utc": start,
     }
-    try:
+    with cli_errors(SettingsMismatchError):
         if on_ray:
             from traitloc.pipelines.distributed import run_explain_ray
 
             counts = run_explain_ray(args, spec, job, info)
         else:
             counts = run_explain(args.paths, args.out, job, info)
-    except SettingsMismatchError as err:
-        raise CliError(str(err)) from err
-    if not args.quiet:
-        print(
-            f"traitloc explain: {counts['ok']} images done, {counts['failed']} failed, "
-            f"{counts['skipped']} already done -> {args.out}",
-            file=sys.stderr,
-        )
-    return 1 if counts["failed"] and not counts["ok"] and not counts["skipped"] else 0
+    return report_counts("explain", counts, args.out, args.quiet)

@@ -1,59 +1,10 @@
 """Exports of a run for other tools and for papers: ``traitloc export``.
 
-The results of ``traitloc localize`` or ``traitloc explain`` live in the run's **results store**
-(``OUT/results/part-*.parquet``, :mod:`traitloc.io.store`): one row per (image, concept) or (image, target) with
-its scores and its grid map. The export renders the selected rows from the store, one at a time, into a folder or
-a zip file (the tables of ``traitloc audit``/``evaluate`` are exported too):
-
-================  ==================================================================================================
-format            files (paths inside the export; ``<id>`` is the result id ``<image-key>/<slug>``)
-================  ==================================================================================================
-``png``           ``masks/<id>.png``: binary masks, 8-bit grayscale 0/255, settings as a PNG ``iTXt`` chunk
-``tiff``          ``maps/<id>.tif``: float32 maps in [0, 1], uncompressed ImageJ TIFF (Fiji, napari, tifffile),
-                  display range 0..1, the concept as slice label and the settings as JSON in ImageJ's ``Info``
-``overlay``       ``overlays/<id>.png``: the map (inferno, alpha 0.5) over the photo, as ``localize --save``
-``coco``          ``coco.json``: COCO instance annotations with RLE masks (``iscrowd = 1``), one per result
-``geojson``       ``polygons/<image-key>.geojson``: one ``MultiPolygon`` feature per result, in pixel coordinates
-``csv``           ``tables/results.csv`` (the selected rows of the store without the grid, plus ``result_id,
-                  review_status, review_note``) and the audit/evaluate tables present (``audit.csv``,
-                  ``controls.csv``, ``audit_summary.csv``, ``metrics.csv``)
-``parquet``       the same tables as Parquet (needs pyarrow or fastparquet)
-``figure``        ``figures/<id>.svg|pdf|png``: image | overlay with colorbar | mask contour, for papers
-================  ==================================================================================================
-
-Maps and masks are exactly what ``localize --save maps,masks`` writes for the same rows: the map is
-:func:`traitloc.io.store.render_unit_map` (bilinear from the grid to the photo's size, ReLU, divided by its
-max) and the mask is ``map > threshold`` with the run's threshold unless the export gives another. Every export has
-a ``manifest.json`` (written last): versions, argv, the options, the selection, the run's ``run.json`` and, per
-result, its settings and files; rows the store marks as failed and results that could not be rendered are listed
-under ``skipped`` with their reason.
-
-Selection: by review status (``RESULTS_DIR/review.sqlite`` of the review app, :mod:`traitloc.io.decisions`), concept or
-target, a score range, or explicit result ids (Python).
-
-Conventions
------------
-Result ids are the store's ``result_id``, ``<image-key>/<slug>``; the review app stores its decisions under these
-ids in ``RESULTS_DIR/review.sqlite``. RLE, polygon coordinates and COCO bounding boxes follow the conventions of
-:mod:`traitloc.io.formats`, which builds every file of an export (map TIFFs: :func:`traitloc.io.files.map_tiff_bytes`).
-
-Memory
-------
-The export is streamed: grid maps are read one store part at a time, each photo is decoded once for all its
-results, each file is written as soon as it is rendered, COCO annotations are spooled to an unnamed temporary
-file, and a zip is written to a temporary file beside the destination and renamed at the end. Peak memory does not
-grow with the number of results (``benchmarks/memory_export.py``).
-
-Security
---------
-Result ids and image keys from the store become paths inside the export only when they are safe relative paths
-(no ``..``, no absolute path, no backslash); otherwise the whole export stops before writing. Nothing is written
-outside the chosen output: a folder export is assembled in a hidden temporary folder beside it and renamed into
-place, a zip is written to a temporary file and renamed, and no path inside an export leaves it. Photos (figures
-and overlays only) are read, never written, at the absolute path the run recorded, wherever it is; when that path
-does not exist they are looked for inside ``image_roots`` and the results folder (by relative path, then by file
-name, never leaving those folders). Symbolic links that lead ``run.json``, ``review.sqlite`` or the audit tables
-out of the results folder are rejected. Nothing is unpickled.
+Renders the selected rows of a run's results store (:mod:`traitloc.io.store`; selected by review status, concept or
+target, score range or result id), one at a time, into a folder or a zip file as PNG masks, ImageJ TIFF maps,
+overlays, COCO, GeoJSON, CSV/Parquet tables or paper figures, with a ``manifest.json``; streamed, in bounded memory,
+and never writing outside the chosen output. Formats, conventions, memory and security: ``docs/store.md``
+("Exports").
 """
 
 from __future__ import annotations
@@ -1009,6 +960,7 @@ class _Export:
                 self.coco_cats[result.label] = len(self.coco_cats) + 1
                 self.categories.append({"id": self.coco_cats[result.label], "name": result.label,
                                         "supercategory": result.kind})  # fmt: skip
+            assert mask is not None  # need_mask covers coco
             self.n_annotations += 1
             annotation = coco_annotation(self.n_annotations, self.coco_images[result.image_key],
                                          self.coco_cats[result.label], mask, settings, result.row.get("score"),
@@ -1018,6 +970,7 @@ class _Export:
             key = (result.image_key, height, width, image)
             if self.feature_key is not None and self.feature_key[0] != result.image_key:
                 self._flush_geojson(sink)
+            assert mask is not None  # need_mask covers geojson
             self.feature_key = key
             self.features.append(geojson_feature(rid, result.label, mask, settings, self.options["simplify"]))
         if "figure" in fmts:
@@ -1164,7 +1117,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``traitloc export`` (bad input raises :class:`traitloc.cli.commands.CliError`)."""
+    """Run ``traitloc export`` (bad input raises :class:`traitloc.pipelines.options.CliError`)."""
     import torch
 
     from traitloc.pipelines.options import CliError

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,13 +270,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``localize`` to an ``argparse`` subparsers object and return its parser."""
     from traitloc.engine.methods import TEXT_METHODS
     from traitloc.pipelines.distributed import add_ray_arguments
-    from traitloc.pipelines.options import (
-        add_model_arguments,
-        add_store_arguments,
-        gamma_arg,
-        positive_int,
-        threshold_arg,
-    )
+    from traitloc.pipelines.options import add_model_arguments, add_shared, add_store_arguments, gamma_arg
 
     p = subparsers.add_parser(
         "localize",
@@ -287,7 +280,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "map, rendered to full-size maps, masks and overlays on demand), results.csv and run.json under --out; "
         "rerunning into the same --out skips finished rows.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    add_shared(p, "paths")
     p.add_argument(
         "--concept",
         action="append",
@@ -333,18 +326,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="stretch: whole image to the model's square input; aspect: keep the aspect ratio "
         "(positional embedding interpolated) (default: stretch)",
     )
-    p.add_argument(
-        "--threshold", type=threshold_arg, default=0.5, help="mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
-    )
-    p.add_argument(
-        "--scorecam-channels",
-        type=positive_int,
-        default=None,
-        help="Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
-    )
+    add_shared(p, "--threshold", "--scorecam-channels")
     add_store_arguments(p, "(image, concept)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")  # fmt: skip
+    add_shared(p, "--out", "--quiet")
     add_model_arguments(p)
     add_ray_arguments(p)
     return p
@@ -354,21 +338,17 @@ def _concepts(args: argparse.Namespace) -> tuple[list[str], list[str | None]]:
     """The checked, de-duplicated concept prompts of ``--concept`` and ``--traits``, and their trait names."""
     from traitloc.data.traits import load_trait_list
     from traitloc.models.text import PromptError, check_prompt
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.options import CliError, cli_errors
 
     concepts: list[str] = []
     traits: list[str | None] = []
     for c in args.concept:
-        try:
+        with cli_errors(PromptError, prefix="--concept: "):
             concepts.append(check_prompt(c))
-        except PromptError as err:
-            raise CliError(f"--concept: {err}") from err
         traits.append(None)
     if args.traits:
-        try:
+        with cli_errors(ValueError, FileNotFoundError, OSError, prefix="--traits: "):
             tl = load_trait_list(args.traits)
-        except (ValueError, FileNotFoundError, OSError) as err:
-            raise CliError(f"--traits: {err}") from err
         for trait in tl:
             concepts.append(check_prompt(trait.prompt))
             traits.append(trait.name)
@@ -403,25 +383,18 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``traitloc localize``; bad input raises :class:`traitloc.pipelines.options.CliError` (one line)."""
     from traitloc.models.clip import load_clip
     from traitloc.models.text import PromptError, check_prompt
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.distributed import ray_requested
+    from traitloc.pipelines.options import cli_errors, pretrained_tag, report_counts
 
     concepts, traits = _concepts(args)
     if args.base is not None:
-        try:
+        with cli_errors(PromptError, prefix="--base: "):
             args.base = check_prompt(args.base)
-        except PromptError as err:
-            raise CliError(f"--base: {err}") from err
-    try:
+    with cli_errors(FileNotFoundError, ValueError):
         find_images(args.paths)  # fail fast, before loading a model
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(str(err)) from err
     torch.manual_seed(args.seed)
-    pretrained = None if str(args.pretrained).lower() in ("none", "") else args.pretrained
-    on_ray = getattr(args, "ray", None) is not None
-    if on_ray:
-        from traitloc.pipelines.distributed import require_ray
-
-        require_ray()  # fail fast, before loading a model
+    pretrained = pretrained_tag(args.pretrained)
+    on_ray = ray_requested(args)  # fail fast, before loading a model
     bundle = load_clip(args.model, pretrained, "cpu" if on_ray else args.device)  # with --ray: the actors compute
     amp = torch.bfloat16 if args.dtype == "bf16" else None
     loc = ConceptLocalizer(
@@ -432,19 +405,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         concepts=concepts, traits=traits, base=args.base, gamma=args.gamma, batch_size=args.batch_size,
         threshold=args.threshold, save=args.save, quiet=args.quiet, grid_dtype=args.grid_dtype,
     )  # fmt: skip
-    try:
+    with cli_errors(SettingsMismatchError):
         if on_ray:
             from traitloc.pipelines.distributed import run_localize_ray
 
             counts = run_localize_ray(args, pretrained, loc, settings, _run_info(args, argv, bundle))
         else:
             counts = run_localize(args.paths, args.out, loc, settings, _run_info(args, argv, bundle))
-    except SettingsMismatchError as err:
-        raise CliError(str(err)) from err
-    if not args.quiet:
-        print(
-            f"traitloc localize: {counts['ok']} images done, {counts['failed']} failed, "
-            f"{counts['skipped']} already done -> {args.out}",
-            file=sys.stderr,
-        )
-    return 1 if counts["failed"] and not counts["ok"] and not counts["skipped"] else 0
+    return report_counts("localize", counts, args.out, args.quiet)

@@ -10,15 +10,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 __all__ = [
+    "SHARED_OPTIONS",
     "CliError",
     "Parser",
     "add_model_arguments",
+    "add_shared",
     "add_store_arguments",
+    "cli_errors",
     "gamma_arg",
     "nonneg_float",
+    "nonneg_int",
     "positive_int",
+    "pretrained_tag",
+    "report_counts",
     "save_kinds_arg",
     "threshold_arg",
 ]
@@ -26,6 +35,38 @@ __all__ = [
 
 class CliError(Exception):
     """Bad input: printed as one line, exit status 2."""
+
+
+@contextmanager
+def cli_errors(*errors: type[Exception], prefix: str = "", first_line: bool = False) -> Iterator[None]:
+    """Raise the ``errors`` of the ``with`` block as :class:`CliError`: ``prefix`` + the message (its first line)."""
+    try:
+        yield
+    except errors as err:
+        text = str(err).splitlines()[0] if first_line else str(err)
+        raise CliError(prefix + text) from err
+
+
+def report_counts(
+    command: str, counts: Mapping[str, int], out: Any, quiet: bool, what: str = "images", seconds: float | None = None
+) -> int:
+    """Print ``traitloc COMMAND: N WHAT done, N failed, N already done [(S s)] -> OUT`` unless ``quiet``.
+
+    Returns the exit status of a run with these ``counts``: 1 when every item failed (none done, now or before).
+    """
+    if not quiet:
+        took = "" if seconds is None else f" ({seconds:.0f} s)"
+        print(
+            f"traitloc {command}: {counts['ok']} {what} done, {counts['failed']} failed, {counts['skipped']} already "
+            f"done{took} -> {out}",
+            file=sys.stderr,
+        )
+    return 1 if counts["failed"] and not counts["ok"] and not counts["skipped"] else 0
+
+
+def pretrained_tag(text: str | None) -> str | None:
+    """The ``--pretrained`` tag or file; ``None`` (random weights) for ``none`` or an empty value."""
+    return None if str(text).lower() in ("none", "") else text
 
 
 class Parser(argparse.ArgumentParser):
@@ -91,15 +132,24 @@ def add_store_arguments(p: argparse.ArgumentParser, per: str) -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
+def _int_from(text: str, least: int, expected: str) -> int:
     try:
         n = int(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from err
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {n}")
     return n
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _int_from(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0."""
+    return _int_from(text, 0, "an integer >= 0")
 
 
 def nonneg_float(text: str) -> float:
@@ -111,6 +161,33 @@ def nonneg_float(text: str) -> float:
     if not math.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return v
+
+
+#: options that several commands share word for word: flag -> ``add_argument`` keywords (see :func:`add_shared`)
+SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "paths": {"nargs": "+", "metavar": "PATH", "help": "image files or folders (searched recursively)"},
+    "--cub-root": {"required": True, "metavar": "DIR", "help": "folder holding CUB_200_2011/ (or that folder)"},
+    "--split": {"choices": ["test", "train", "all"], "default": "test", "help": "CUB split (default: test)"},
+    "--threshold": {
+        "type": threshold_arg, "default": 0.5, "help": "mask threshold on the [0,1] map, or 'otsu' (default: 0.5)"
+    },
+    "--scorecam-channels": {
+        "type": positive_int, "default": None,
+        "help": "Score-CAM channel budget: the k channels of largest spatial variance (default: all)",
+    },
+    "--device": {"default": "auto", "help": "auto (CUDA if available), cpu, cuda, cuda:N (default: auto)"},
+    "--quiet": {"action": "store_true"},
+    "--out": {"required": True, "metavar": "DIR", "help": "output folder"},
+}  # fmt: skip
+
+
+def add_shared(p: Any, *flags: str, quiet: str = "no progress bar") -> None:
+    """Add the options ``flags`` (keys of :data:`SHARED_OPTIONS`) to a parser or argument group, in this order.
+
+    ``quiet`` is the help of ``--quiet``.
+    """
+    for flag in flags:
+        p.add_argument(flag, **SHARED_OPTIONS[flag], **({"help": quiet} if flag == "--quiet" else {}))
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,7 +206,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         ".safetensors/.bin/.pt (loaded without pickle); 'none' for random weights "
         "(default: laion400m_e32)",
     )
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
+    add_shared(g, "--device")
     g.add_argument(
         "--dtype",
         choices=["fp32", "bf16"],

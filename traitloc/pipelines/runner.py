@@ -37,6 +37,7 @@ __all__ = [
     "CsvSpec",
     "Job",
     "SettingsMismatchError",
+    "bool_text",
     "prefetched",
     "progress",
     "refuse_other_settings",
@@ -286,6 +287,16 @@ def _csv_value(v: Any) -> Any:
     if isinstance(v, float) and v != v:
         return ""
     return v
+
+
+def bool_text(v: Any) -> str:
+    """``true``/``false`` as the CSV summaries write a boolean column ("" when missing)."""
+    import numpy as np
+    import pandas as pd
+
+    if v is None or (not isinstance(v, (list, tuple, np.ndarray)) and pd.isna(v)):
+        return ""
+    return str(bool(v)).lower()
 
 
 # --------------------------------------------------------------------------------------------------------------

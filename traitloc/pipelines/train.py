@@ -1,26 +1,9 @@
-"""``traitloc train-probe``: the paper's classifier, a linear probe on a frozen backbone (``docs/engine.md``).
+"""``traitloc train-probe``: the paper's classifier, a linear probe on a frozen backbone.
 
-The probe is trained on the CUB train split of the classes that have images, with the features of every image
-(train and test) cached under ``PROBE_DIR/cache/`` so that a rerun (other epochs, learning rate or seed) costs no
-backbone pass. It is saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.models.probes.save_probe`)
-with what is needed to rebuild and explain it: class names, the backbone spec
-(:func:`traitloc.models.backbones.backbone_spec`), preprocessing, feature normalization, test accuracy and training
-settings. :func:`traitloc.models.probes.load_probe_classifier` rebuilds the backbone from that spec
-(``traitloc explain --probe``, ``evaluate`` and ``audit`` use it).
-
-Backbones
----------
-``--model NAME --pretrained TAG|FILE``
-    an open_clip image tower (:func:`traitloc.models.backbones.clip_backbone`); features are its L2-normalized image
-    embeddings and the explained layer is the last block's ``ln_1`` (ViTs) or ``layer4`` (ResNets). The default,
-    ``ViT-B-16`` / ``laion400m_e32``, is the paper's and needs the network (or ``--pretrained FILE``).
-``--backbone efficientnet-lite0``
-    ImageNet EfficientNet-Lite0 (:func:`traitloc.models.backbones.efficientnet_lite0`): pooled 1280-d features of the
-    last conv block, explained at that block (a 7 x 7 grid at 224 px). Loads offline.
-``--backbone MODULE:FUNCTION``
-    any function returning ``model`` (image batch -> features), ``target_layer`` and ``preprocess``
-    (:mod:`traitloc.models.backbones`); it is re-imported by name to rebuild the probe, from the working directory or,
-    failing that, the directory train-probe ran in.
+Trained on the CUB train split of the classes that have images, with every image's features cached under
+``PROBE_DIR/cache/``; saved as ``probe.safetensors`` + ``probe.json`` (:func:`traitloc.models.probes.save_probe`) with
+the backbone spec that :func:`traitloc.models.probes.load_probe_classifier` rebuilds it from. Backbones (open_clip,
+EfficientNet-Lite0, ``MODULE:FUNCTION``): ``docs/engine.md`` ("traitloc train-probe").
 """
 
 from __future__ import annotations
@@ -302,7 +285,7 @@ def _positive_float(text: str) -> float:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train-probe`` to a ``argparse`` subparsers object and return its parser."""
-    from traitloc.pipelines.options import positive_int
+    from traitloc.pipelines.options import add_shared, positive_int
 
     p = subparsers.add_parser(
         "train-probe",
@@ -313,7 +296,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "into --out. Features of every image are cached under OUT/cache/, so a rerun (other --epochs, --lr, "
         "--seed) needs no backbone pass.",
     )
-    p.add_argument("--cub-root", required=True, metavar="DIR", help="folder holding CUB_200_2011/ (or that folder)")
+    add_shared(p, "--cub-root")
     g = p.add_argument_group("backbone (choose --model/--pretrained or --backbone)")
     g.add_argument(
         "--model",
@@ -346,19 +329,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=256, help="probe training minibatch (default: 256)")
     p.add_argument("--feature-batch-size", type=positive_int, default=32, help="images per backbone pass (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's initialization and shuffling (default: 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_shared(p, "--device", "--quiet", quiet="no progress bar or summary")
     p.add_argument("--out", required=True, metavar="PROBE_DIR", help="output folder for the probe")
     return p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``traitloc train-probe``; bad input raises :class:`traitloc.cli.commands.CliError` (one line)."""
+    """Run ``traitloc train-probe``; bad input raises :class:`traitloc.pipelines.options.CliError` (one line)."""
     from traitloc.io.files import utc_now, write_run_json
     from traitloc.models.backbones import CallableError, backbone_provenance, build_backbone
     from traitloc.models.clip import ModelLoadError
     from traitloc.models.probes import FeatureCacheError, ProbeError
-    from traitloc.pipelines.options import CliError
+    from traitloc.pipelines.options import CliError, cli_errors
 
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
@@ -366,20 +348,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a folder")
-    try:
+    with cli_errors(FileNotFoundError, ValueError, prefix="--cub-root: "):
         from traitloc.data.cub import CUB
 
         CUB(args.cub_root)  # fail fast on a bad root, before loading a model
-    except (FileNotFoundError, ValueError) as err:
-        raise CliError(f"--cub-root: {err}") from err
     torch.manual_seed(args.seed)
     allocator = keep_freed_memory()
-    try:
+    with cli_errors(CallableError, ModelLoadError, ValueError):
         bb, spec = build_backbone(
             model=args.model, pretrained=args.pretrained, backbone=args.backbone, device=args.device
         )
-    except (CallableError, ModelLoadError, ValueError) as err:
-        raise CliError(str(err)) from err
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "command": "train-probe",

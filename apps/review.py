@@ -9,15 +9,19 @@ app") and the README ("Review and export").
 from __future__ import annotations
 
 import argparse
+import getpass
 import hashlib
 import importlib.util
 import io
+import json
 import os
+import socket
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from traitloc.data.images import ImageLoadError, load_image
 from traitloc.io import reviewkit as rk
 from traitloc.io.decisions import STATUSES, PathSafetyError, ReviewStore, resolve_inside
+from traitloc.io.files import map_to_unit, mask_from_map, overlay_array
 
 PAGES = ("Review", "Browse", "Query")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
@@ -53,40 +59,36 @@ ALL = "(all)"
 REVIEW_FILTERS = ("all", "unreviewed", *STATUSES)
 STATUS_MARK = {"accepted": "✓ accepted", "rejected": "✗ rejected", "needs-work": "~ needs work", None: "○ unreviewed"}
 #: what a change of gamma (or of the base prompt) costs, per Query method: shown under the gamma slider
+_RECOMBINE = ("a new gamma recombines the cached per-{} gradients: no model pass (a new base prompt: one "
+              "text-tower pass and one truncated backward pass)")  # fmt: skip
 GAMMA_COST = {
-    "gradcam": "a new gamma recombines the cached per-prompt gradients: no model pass (a new base prompt: one "
-    "text-tower pass and one truncated backward pass)",
-    "layercam": "a new gamma recombines the cached per-cell gradients: no model pass (a new base prompt: one "
-    "text-tower pass and one truncated backward pass)",
+    "gradcam": _RECOMBINE.format("prompt"),
+    "layercam": _RECOMBINE.format("cell"),
     "scorecam": "the first map of an image costs one masked forward pass per channel (64, with progress; "
     "cancellable); a new gamma or base prompt reuses those masked features: no model pass",
     **{
         m: "a new gamma or base prompt is a product on the cached per-patch embeddings: no model pass"
         for m in ("maskclip", "clearclip", "sclip", "naclip", "gem")
     },
-    "legrad": "a new gamma recombines the cached per-prompt attention gradients: no model pass (a new base prompt: "
-    "one text-tower pass and one truncated backward pass)",
+    "legrad": _RECOMBINE.format("prompt attention"),
 }
 #: keyboard shortcuts: key -> (button key, what it does); the page lists them
 SHORTCUTS: dict[str, tuple[str, str]] = {
-    "a": ("kb_accept", "accept"),
-    "r": ("kb_reject", "reject"),
-    "x": ("kb_reject", "reject"),
-    "w": ("kb_needs", "needs work"),
-    "j": ("kb_next", "next"),
-    "ArrowRight": ("kb_next", "next"),
-    "k": ("kb_prev", "previous"),
-    "ArrowLeft": ("kb_prev", "previous"),
-    "u": ("kb_undo", "undo"),
-    "s": ("kb_select", "select / unselect"),
-    "PageDown": ("kb_pgnext", "next page"),
-    "PageUp": ("kb_pgprev", "previous page"),
-}
+    key: action
+    for keys, action in (
+        (("a",), ("kb_accept", "accept")), (("r", "x"), ("kb_reject", "reject")), (("w",), ("kb_needs", "needs work")),
+        (("j", "ArrowRight"), ("kb_next", "next")), (("k", "ArrowLeft"), ("kb_prev", "previous")),
+        (("u",), ("kb_undo", "undo")), (("s",), ("kb_select", "select / unselect")),
+        (("PageDown",), ("kb_pgnext", "next page")), (("PageUp",), ("kb_pgprev", "previous page")),
+    )
+    for key in keys
+}  # fmt: skip
+#: the Review page's decision buttons: (label, button key, status)
+DECISION_BUTTONS = (("Accept (a)", "kb_accept", "accepted"), ("Reject (r)", "kb_reject", "rejected"),
+                    ("Needs work (w)", "kb_needs", "needs-work"))  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# configuration
-# ----------------------------------------------------------------------------------------------------------------
+# ---- configuration -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AppConfig:
     """What the app works on (from ``traitloc app`` through the environment, or from ``streamlit run -- ...``)."""
@@ -124,25 +126,18 @@ def load_config(environ: dict[str, str] | None = None, argv: Sequence[str] | Non
     p.add_argument("--user", default=env.get("TRAITLOC_APP_USER") or None)
     args, _unknown = p.parse_known_args(list(_script_args() if argv is None else argv))
     errors = []
-    results = images = None
-    for name, value in (("RESULTS_DIR", args.results_dir), ("--images", args.images)):
-        if value is None:
-            continue
-        folder = Path(value).expanduser()
-        if not folder.is_dir():
+    results, images = (
+        None if value is None or not Path(value).expanduser().is_dir() else Path(value).expanduser().resolve()
+        for value in (args.results_dir, args.images)
+    )
+    for name, value, folder in (("RESULTS_DIR", args.results_dir, results), ("--images", args.images, images)):
+        if value is not None and folder is None:
             errors.append(f"{name}: not a folder: {value}")
-            continue
-        if name == "RESULTS_DIR":
-            results = folder.resolve()
-        else:
-            images = folder.resolve()
     pretrained = None if str(args.pretrained).lower() in ("", "none") else str(args.pretrained)
     return AppConfig(results, images, str(args.model), pretrained, str(args.device), args.user, tuple(errors))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# safe file access (paths that come from uploads or query parameters)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- safe file access (paths that come from uploads or query parameters) -------------------------------------------
 def safe_file(cfg: AppConfig, path: str, *, roots: Sequence[Path] | None = None) -> Path | None:
     """``path`` (relative to RESULTS_DIR, or absolute) resolved inside one of the allowed roots, or ``None``.
 
@@ -164,14 +159,18 @@ def safe_file(cfg: AppConfig, path: str, *, roots: Sequence[Path] | None = None)
     return None
 
 
-def _file_sig(path: Path) -> tuple[str, int, int]:
-    st_ = path.stat()
+def _file_sig(path: Path, missing: Any = ...) -> Any:
+    """``(path, mtime_ns, size)`` of a file; ``missing`` when it cannot be read (raises ``OSError`` if not given)."""
+    try:
+        st_ = path.stat()
+    except OSError:
+        if missing is ...:
+            raise
+        return missing
     return (str(path), st_.st_mtime_ns, st_.st_size)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the store, decisions, thumbnails (shared by all sessions, bounded)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- the store, decisions, thumbnails (shared by all sessions, bounded) --------------------------------------------
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _table_cached(out: str, sig: tuple[Any, ...]) -> rk.ReviewTable:
     return rk.load_table(out)
@@ -186,24 +185,12 @@ def load_table(cfg: AppConfig) -> rk.ReviewTable:
 @st.cache_resource(show_spinner=False)
 def _caches() -> dict[str, Any]:
     """Server-wide bounded caches: part grids, decoded photo thumbnails, drawn tiles, full-size detail renders."""
-    return {
-        "grids": rk.GridCache(max_parts=64),
-        "photos": rk.LRU(3000),
-        "tiles": rk.LRU(6000),
-        "full": rk.LRU(4),
-    }
+    return {"grids": rk.GridCache(max_parts=64), "photos": rk.LRU(3000), "tiles": rk.LRU(6000), "full": rk.LRU(4)}
 
 
 def _db_sig(cfg: AppConfig) -> tuple[Any, ...]:
-    sig = []
-    for suffix in ("", "-wal"):
-        p = cfg.results_dir / f"review.sqlite{suffix}"  # type: ignore[operator]
-        try:
-            s = p.stat()
-            sig.append((s.st_size, s.st_mtime_ns))
-        except OSError:
-            sig.append(None)
-    return tuple(sig)
+    db = cfg.results_dir / "review.sqlite"  # type: ignore[operator]
+    return (_file_sig(db, None), _file_sig(db.with_name("review.sqlite-wal"), None))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -224,11 +211,8 @@ def photo_path(cfg: AppConfig, table: rk.ReviewTable, image: Any) -> Path | None
 
 def photo_thumb(path: Path | None, side: int = THUMB_SIDE) -> np.ndarray | None:
     """A decoded thumbnail of a photo (cached), or ``None`` when it cannot be read."""
-    if path is None:
-        return None
-    try:
-        sig = _file_sig(path)
-    except OSError:
+    sig = None if path is None else _file_sig(path, None)
+    if sig is None:
         return None
 
     def make() -> np.ndarray | None:
@@ -268,9 +252,7 @@ def tile_bytes(cfg: AppConfig, table: rk.ReviewTable, row: dict[str, Any], view:
     return caches["tiles"].get(key, make)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# filters and the frozen list
-# ----------------------------------------------------------------------------------------------------------------
+# ---- filters and the frozen list -----------------------------------------------------------------------------------
 def pairs_of(table: rk.ReviewTable) -> pd.Series:
     """Per row, its class pairs ``"target vs reference"`` (explain) or ``"concept vs base"`` (localize)."""
     rows = table.rows
@@ -319,8 +301,7 @@ def filter_rows(
         s = rows["score_f"]
         keep &= s.isna() | ((s >= lo - 1e-9) & (s <= hi + 1e-9))
     if review != "all":
-        status = status_of(rows, decisions or {})
-        keep &= status == review
+        keep &= status_of(rows, decisions or {}) == review
     if text:
         keep &= rows["image_key"].astype(str).str.contains(text, case=False, regex=False)
     return rows[keep]
@@ -340,9 +321,7 @@ class Frozen:
         self.pos = {r: i for i, r in enumerate(self.ids)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# decisions (callbacks of the buttons and shortcuts)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- decisions (callbacks of the buttons and shortcuts) ------------------------------------------------------------
 def _who(cfg: AppConfig) -> str:
     return str(st.session_state.get("reviewer") or cfg.user or "reviewer").strip() or "reviewer"
 
@@ -351,8 +330,8 @@ def _writable(cfg: AppConfig) -> ReviewStore:
     return ReviewStore(cfg.results_dir, who=_who(cfg))  # type: ignore[arg-type]
 
 
-def _fresh_decisions(cfg: AppConfig) -> dict[str, Any]:
-    return ReviewStore(cfg.results_dir, readonly=True).decisions()  # type: ignore[arg-type]
+def _readonly(cfg: AppConfig) -> ReviewStore:
+    return ReviewStore(cfg.results_dir, readonly=True)  # type: ignore[arg-type]
 
 
 def _next_undecided(ids: list[str], start: int, decisions: dict[str, Any]) -> int:
@@ -425,7 +404,7 @@ def toggle_select(key: str) -> None:
 def save_note(cfg: AppConfig, rid: str, widget: str) -> None:
     """Save a note as it is edited: at once when the result has a decision, else kept for the decision."""
     note = str(st.session_state.get(widget, "") or "")
-    d = ReviewStore(cfg.results_dir, readonly=True).get(rid)  # type: ignore[arg-type]
+    d = _readonly(cfg).get(rid)
     if d is not None:
         _writable(cfg).set(rid, d.status, note)
         st.session_state["rv_note_status"] = (rid, f"note saved {time.strftime('%H:%M:%S')}")
@@ -440,16 +419,14 @@ def bulk_apply(cfg: AppConfig) -> None:
     if not pending:
         return
     status, ids = pending["status"], pending["ids"]
-    entry = rk.apply_decision(_writable(cfg), ids, status, _fresh_decisions(cfg))
+    entry = rk.apply_decision(_writable(cfg), ids, status, _readonly(cfg).decisions())
     st.session_state.setdefault("rv_undo", []).append(entry)
     st.session_state["rv_last"] = f"saved: {status} for {len(ids)} results"
     st.session_state["rv_selected"] = set()
     st.session_state["rv_bulk_scope"] = "filter"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# export
-# ----------------------------------------------------------------------------------------------------------------
+# ---- export --------------------------------------------------------------------------------------------------------
 def export_formats() -> tuple[str, ...]:
     """Formats of :mod:`traitloc.pipelines.export` this installation writes (Parquet only with pyarrow/fastparquet)."""
     from traitloc.pipelines.export import FORMATS
@@ -488,9 +465,7 @@ def write_export(
     return target
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# keyboard
-# ----------------------------------------------------------------------------------------------------------------
+# ---- keyboard ------------------------------------------------------------------------------------------------------
 _KEY_SCRIPT = """
 <script>
 (function () {
@@ -528,8 +503,6 @@ _KEY_SCRIPT = """
 
 def keyboard() -> None:
     """Install the page's keyboard shortcuts once per browser tab: keys click the (visible) shortcut buttons."""
-    import json
-
     with st.container(key="kb_script", height=1, border=False):
         st.iframe(_KEY_SCRIPT.replace("%MAP%", json.dumps({k: v[0] for k, v in SHORTCUTS.items()})), height=1)
 
@@ -541,16 +514,7 @@ _CSS = """
 """
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the grid pages
-# ----------------------------------------------------------------------------------------------------------------
-def _no_folder(cfg: AppConfig) -> bool:
-    if cfg.results_dir is None:
-        st.info("No results folder: start the app with `traitloc app RESULTS_DIR` to browse and review results.")
-        return True
-    return False
-
-
+# ---- the grid pages ------------------------------------------------------------------------------------------------
 def _filters(table: rk.ReviewTable, key: str, decisions: dict[str, Any]) -> tuple[pd.DataFrame, tuple[Any, ...]]:
     """Filter widgets (in the sidebar) and the rows that pass them, with a signature of the filter values."""
     rows = table.rows
@@ -599,10 +563,9 @@ def _frozen(cfg: AppConfig, table: rk.ReviewTable, key: str, rows: pd.DataFrame,
     fr: Frozen | None = st.session_state.get(f"{key}_frozen")
     full_sig = (str(table.out), len(table.parts), *sig)
     if fr is None or fr.sig != full_sig or refresh:
-        group, sort = sig[-2], sig[-1]
         needs_db = sig[3] != "all"  # the review-status filter depends on the decisions of now
         order_key = (str(table.out), rk.store_signature(table.out), sig, _db_sig(cfg) if needs_db else None)
-        ids, groups = _orders().get(order_key, lambda: rk.order_rows(rows, group, sort))
+        ids, groups = _orders().get(order_key, lambda: rk.order_rows(rows, *sig[-2:]))  # group, sort
         cur = int(st.session_state.get(f"{key}_cursor", 0))
         keep_rid = fr.ids[min(cur, len(fr.ids) - 1)] if fr and fr.ids else None
         fr = Frozen(full_sig, ids, groups, time.strftime("%H:%M:%S"))
@@ -613,9 +576,8 @@ def _frozen(cfg: AppConfig, table: rk.ReviewTable, key: str, rows: pd.DataFrame,
 
 def _tile_caption(row: dict[str, Any], pos: int, decision: Any, selected: bool, group: str) -> str:
     score = row.get("score_f")
-    what = str(row["label"]) if group != "trait" else str(row["image_key"])
-    if group == "none":
-        what = f"{row['image_key']} · {row['label']}"
+    image, label = str(row["image_key"]), str(row["label"])
+    what = {"trait": image, "none": f"{image} · {label}"}.get(group, label)
     s = f"{score:.3f}" if score is not None and score == score else "-"
     mark = STATUS_MARK[decision.status if decision is not None else None]
     return f"#{pos + 1} {what} · {s} · {mark}" + (" · selected" if selected else "")
@@ -652,14 +614,10 @@ def _grid(cfg: AppConfig, table: rk.ReviewTable, key: str, fr: Frozen, view: Vie
     c3.number_input("Go to item", 1, n, key=f"{key}_goto", on_change=_goto_number, args=(key,))
     c4.caption(f"items {first + 1}–{first + len(ids)} of {n} · page {page + 1} of {n_pages} · list frozen at "
                f"{fr.made}: decided items stay until Refresh list")  # fmt: skip
-    segments: list[tuple[str, list[tuple[int, dict[str, Any]]]]] = []
-    for i, rec in enumerate(records):
-        g = fr.groups[first + i]
-        if not segments or segments[-1][0] != g:
-            segments.append((g, []))
-        segments[-1][1].append((first + i, rec))
+    segments = groupby(enumerate(records, first), key=lambda item: fr.groups[item[0]])
     css = []
-    for s_i, (g, items) in enumerate(segments):
+    for s_i, (g, group_items) in enumerate(segments):
+        items = list(group_items)
         if group != "none":
             st.text(f"{'photo' if group == 'photo' else table.label_name.lower()}: {g}  ({len(items)} on this page)")
         images, captions = [], []
@@ -739,8 +697,6 @@ def _detail(cfg: AppConfig, table: rk.ReviewTable, key: str, fr: Frozen, view: V
 def detail_image(cfg: AppConfig, table: rk.ReviewTable, row: dict[str, Any], photo: Path | None, view: View,
                  zoom: int, cx: float, cy: float) -> np.ndarray:  # fmt: skip
     """The detail view: the map rendered at the photo's full size over the full-size photo, cropped by the zoom."""
-    from traitloc.data.images import load_image
-
     caches = _caches()
     H, W = int(row["height"]), int(row["width"])
 
@@ -792,16 +748,12 @@ def _progress(cfg: AppConfig, table: rk.ReviewTable, decisions: dict[str, Any]) 
     st.progress(reviewed / n if n else 0.0, text=f"{reviewed} of {n} reviewed · " + " · ".join(
         f"{s} {int(counts.get(s, 0))}" for s in STATUSES))  # fmt: skip
     if st.toggle("Progress per trait and per reviewer", key="rv_show_progress"):
-        per = pd.crosstab(rows["label"], status)
-        for c in (*STATUSES, "unreviewed"):
-            if c not in per.columns:
-                per[c] = 0
-        per = per[[*STATUSES, "unreviewed"]]
+        per = pd.crosstab(rows["label"], status).reindex(columns=[*STATUSES, "unreviewed"], fill_value=0)
         per.insert(0, "total", per.sum(axis=1))
         per.insert(1, "reviewed %", (100 * (per["total"] - per["unreviewed"]) / per["total"]).round(1))
         st.dataframe(per.reset_index().rename(columns={"label": table.label_name}), hide_index=True,
                      key="rv_progress_trait")  # fmt: skip
-        who = ReviewStore(cfg.results_dir, readonly=True).reviewer_counts() if decisions else {}  # type: ignore[arg-type]
+        who = _readonly(cfg).reviewer_counts() if decisions else {}
         if who:
             dfw = pd.DataFrame.from_dict(who, orient="index")[list(STATUSES)]
             dfw.insert(0, "decisions", dfw.sum(axis=1))
@@ -810,28 +762,25 @@ def _progress(cfg: AppConfig, table: rk.ReviewTable, decisions: dict[str, Any]) 
 
 def _shortcut_bar(cfg: AppConfig, key: str, review: bool) -> None:
     if review:
-        b = st.columns([1, 1, 1.35])
-        b[0].button("Accept (a)", key="kb_accept", on_click=decide, args=(cfg, key, "accepted"), type="primary",
-                    width="stretch")  # fmt: skip
-        b[1].button("Reject (r)", key="kb_reject", on_click=decide, args=(cfg, key, "rejected"), width="stretch")
-        b[2].button("Needs work (w)", key="kb_needs", on_click=decide, args=(cfg, key, "needs-work"),
-                    width="stretch")  # fmt: skip
+        for col, (label, kb, status) in zip(st.columns([1, 1, 1.35]), DECISION_BUTTONS, strict=True):
+            col.button(label, key=kb, on_click=decide, args=(cfg, key, status), width="stretch",
+                       type="primary" if status == "accepted" else "secondary")  # fmt: skip
         b = st.columns([0.8, 0.8, 1.1, 1.2])
-        b[0].button("◀ (k)", key="kb_prev", on_click=move, args=(key, -1), width="stretch")
-        b[1].button("▶ (j)", key="kb_next", on_click=move, args=(key, 1), width="stretch")
+    else:
+        b = st.columns(4)
+    b[0].button("◀ (k)", key="kb_prev", on_click=move, args=(key, -1), width="stretch")
+    b[1].button("▶ (j)", key="kb_next", on_click=move, args=(key, 1), width="stretch")
+    if review:
         b[2].button("Undo (u)", key="kb_undo", on_click=undo_last, args=(cfg, key), width="stretch",
                     disabled=not st.session_state.get("rv_undo"))  # fmt: skip
         b[3].button("Select (s)", key="kb_select", on_click=toggle_select, args=(key,), width="stretch")
         st.caption("Keys: a accept · r/x reject · w needs work · j/→ next · k/← previous · u undo · s select · "
                    "n note (Enter saves, Esc leaves) · PageDown/PageUp pages. A decision moves to the next "
                    "undecided item.")  # fmt: skip
+        if st.session_state.get("rv_last"):
+            st.caption(str(st.session_state["rv_last"]))
     else:
-        b = st.columns(4)
-        b[0].button("◀ (k)", key="kb_prev", on_click=move, args=(key, -1), width="stretch")
-        b[1].button("▶ (j)", key="kb_next", on_click=move, args=(key, 1), width="stretch")
         st.caption("Keys: j/→ next · k/← previous · PageDown/PageUp pages")
-    if st.session_state.get("rv_last") and review:
-        st.caption(str(st.session_state["rv_last"]))
 
 
 def _bulk(cfg: AppConfig, key: str, fr: Frozen) -> None:
@@ -846,8 +795,7 @@ def _bulk(cfg: AppConfig, key: str, fr: Frozen) -> None:
                              format_func=lambda s: f"{names[s]} ({len(scopes[s])} results)")  # fmt: skip
         status = c2.selectbox("Decision", STATUSES, key="rv_bulk_status")
         if c3.button("Apply…", key="rv_bulk_ask", disabled=not scopes[scope]):
-            st.session_state["rv_bulk"] = {"status": status, "ids": scopes[scope],
-                                           "scope": f"{names[scope]}"}  # fmt: skip
+            st.session_state["rv_bulk"] = {"status": status, "ids": scopes[scope], "scope": names[scope]}
         pending = st.session_state.get("rv_bulk")
         if pending:
             decided = sum(1 for r in pending["ids"] if r in current_decisions(cfg))
@@ -864,18 +812,12 @@ def _export(cfg: AppConfig, table: rk.ReviewTable, fr: Frozen, decisions: dict[s
     assert cfg.results_dir is not None
     with st.expander("Export", expanded="rv_export_path" in st.session_state):
         known = table.index_of()
-        accepted = [r for r, d in decisions.items() if d.status == "accepted" and r in known]
+        n_accepted = sum(1 for r, d in decisions.items() if d.status == "accepted" and r in known)
         acc_in = [r for r in fr.ids if r in decisions and decisions[r].status == "accepted"]
-        scopes: dict[str, str | list[str]] = {
-            "accepted": "accepted",
-            "filter": list(fr.ids),
-            "accepted-in-filter": acc_in,
-        }
-        counts = {"accepted": len(accepted), "filter": len(fr.ids), "accepted-in-filter": len(acc_in)}
-        names = {
-            "accepted": "accepted",
-            "filter": "current filter",
-            "accepted-in-filter": "accepted in the current filter",
+        scopes: dict[str, tuple[str, str | list[str], int]] = {  # scope -> (name, selection, count)
+            "accepted": ("accepted", "accepted", n_accepted),
+            "filter": ("current filter", list(fr.ids), len(fr.ids)),
+            "accepted-in-filter": ("accepted in the current filter", acc_in, len(acc_in)),
         }
         try:
             available = export_formats()
@@ -884,13 +826,11 @@ def _export(cfg: AppConfig, table: rk.ReviewTable, fr: Frozen, decisions: dict[s
             return
         c1, c2, c3 = st.columns([2, 3, 1], vertical_alignment="bottom")
         scope = c1.selectbox("Results to export", list(scopes), key="rv_export_scope",
-                             format_func=lambda s: f"{names[s]} ({counts[s]})")  # fmt: skip
+                             format_func=lambda s: f"{scopes[s][0]} ({scopes[s][2]})")  # fmt: skip
         fmts = c2.multiselect("Formats", available, default=[f for f in DEFAULT_FORMATS if f in available],
                               key="rv_formats")  # fmt: skip
-        sel = scopes[scope]
-        n = counts[scope]
-        go = c3.button("Write export", key="rv_export_go", disabled=not n or not fmts)
-        if go:
+        _name, sel, n = scopes[scope]
+        if c3.button("Write export", key="rv_export_go", disabled=not n or not fmts):
             from traitloc.pipelines.export import FormatError
 
             bar = st.progress(0.0, text="exporting…")
@@ -924,7 +864,8 @@ def page_grid(cfg: AppConfig, review: bool) -> None:
     """The Review page (``review=True``) or the Browse page: filters, grid, detail view."""
     key = "r" if review else "b"
     st.header("Review" if review else "Browse")
-    if _no_folder(cfg):
+    if cfg.results_dir is None:
+        st.info("No results folder: start the app with `traitloc app RESULTS_DIR` to browse and review results.")
         return
     try:
         table = load_table(cfg)
@@ -949,12 +890,10 @@ def page_grid(cfg: AppConfig, review: bool) -> None:
     fr = _frozen(cfg, table, key, rows, (*sig, group, sort), refresh)
     _bad_rows(table, key)
     st.text(f"{len(fr.ids)} of {len(table.rows)} results ({table.kind})")
-    if not fr.ids:
+    if fr.ids:
+        _work_area(cfg, table, key, fr, view, page_size, group, review)
+    else:
         st.info("No result passes the filter.")
-        if not review:
-            _audit(cfg)
-        return
-    _work_area(cfg, table, key, fr, view, page_size, group, review)
     if not review:
         _audit(cfg)
 
@@ -978,9 +917,7 @@ def _work_area(cfg: AppConfig, table: rk.ReviewTable, key: str, fr: Frozen, view
             _export(cfg, table, fr, decisions)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# audit tables (Browse)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- audit tables (Browse) -----------------------------------------------------------------------------------------
 def _read_csv(path: Path | None) -> pd.DataFrame | None:
     if path is None:
         return None
@@ -1011,9 +948,7 @@ def _audit(cfg: AppConfig) -> bool:
     return summary is not None or audit is not None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# query engine (model once per server, failures remembered; per-image work once per session)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- query engine (model once per server, failures remembered; per-image work once per session) --------------------
 def query_methods() -> tuple[str, ...]:
     """Methods the Query page offers: those of :mod:`traitloc.engine.methods` that :func:`run_query` can compute."""
     from traitloc.engine.methods import REGISTRY
@@ -1037,8 +972,6 @@ def _load_failures() -> dict[tuple[Any, ...], str]:
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
-    import socket
-
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     try:
@@ -1064,21 +997,17 @@ def weights_problem(model: str, pretrained: str | None) -> str | None:
         cfg = {}
     hub = str(cfg.get("hf_hub", "") or "")
     url = str(cfg.get("url", "") or "")
-    if hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-            repo = hub.rstrip("/")
-            for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-                if isinstance(try_to_load_from_cache(repo, fname), str):
-                    return None
-        except Exception:  # noqa: BLE001
-            pass
+        files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        if hub and any(isinstance(try_to_load_from_cache(hub.rstrip("/"), f), str) for f in files):
+            return None
+    except Exception:  # noqa: BLE001
+        pass
     if url and (Path.home() / ".cache" / "clip" / Path(url).name).is_file():
         return None
-    if model.startswith("hf-hub:") or hub or url:
-        if _hub_reachable():
-            return None
+    if (model.startswith("hf-hub:") or hub or url) and not _hub_reachable():
         from traitloc.models.clip import _offline_hint
 
         return _offline_hint(model, pretrained)
@@ -1147,12 +1076,8 @@ def _entry(loc: Any, image: Image.Image, image_id: str) -> QueryEntry:
 
 def scorecam_features(loc: Any, entry: QueryEntry, channels: int | None,
                       progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any]:  # fmt: skip
-    """Score-CAM's masked forward passes for one image, independent of the prompts: ``(sel, feats)``, cached.
-
-    The engine's passes (:meth:`traitloc.engine.cam.FinerCAM.scorecam_features`, ``channels`` masks). The Finer score
-    ``feats @ u`` is linear in the query vector ``u = v_c - gamma v_b``, so these features serve every gamma and
-    base prompt. ``progress(done, total)`` after each batch of passes (a Streamlit rerun stops there: cancel).
-    """
+    """Score-CAM's masked forward passes for one image (:meth:`traitloc.engine.cam.FinerCAM.scorecam_features`):
+    ``(sel, feats)``, cached; they serve every gamma and base prompt. ``progress(done, total)`` after each batch."""
     from traitloc.engine.cam import FinerCAM
 
     if channels not in entry.masked:
@@ -1191,14 +1116,10 @@ def run_query(
     loc: Any, image: Image.Image, image_id: str, concept: str, base: str | None, gamma: float, method: str,
     scorecam_channels: int | None = 64, progress: Callable[[int, int], None] | None = None,
 ) -> Any:  # fmt: skip
-    """Map of ``concept`` vs ``base`` at ``gamma`` (a :class:`~traitloc.models.localize.ConceptMaps` of one query):
-    cached forward pass and gradients, recombined.
+    """Map of ``concept`` vs ``base`` at ``gamma`` (a :class:`~traitloc.models.localize.ConceptMaps` of one query).
 
-    Grad-CAM and Layer-CAM gradients are linear in the explained vector, so per-prompt gradients are cached and
-    ``s_concept - gamma * s_base`` is their linear combination (the engine's :meth:`GradCache.combine`); a new
-    gamma costs no model pass, a new base prompt one text-tower pass and one truncated backward. Score-CAM's masked
-    forward passes do not depend on the prompts: they are cached per image (:func:`scorecam_features`), and a new
-    gamma or base only re-weights them.
+    The per-image work (:class:`QueryEntry`) is cached; the maps are linear in ``s_concept - gamma * s_base``, so a
+    new gamma or base prompt recombines the cache (what it costs per method: :data:`GAMMA_COST`).
     """
     import torch
 
@@ -1218,8 +1139,7 @@ def run_query(
             gc = loc.cam.gradients(pre, loc.text.encode(missing))
             _bump(GRADIENT_COUNTER)
             entry.features = gc.features
-            for i, p in enumerate(missing):
-                entry.alphas[p] = gc.alphas[0, i]
+            entry.alphas.update({p: gc.alphas[0, i] for i, p in enumerate(missing)})
         gc = GradCache(pre, torch.stack([entry.alphas[p] for p in prompts])[None], entry.features)
         signed = gc.combine(W, V).signed[0, 0]
     elif method == "layercam":
@@ -1227,8 +1147,7 @@ def run_query(
         if missing:
             cells = loc.adapter.grad_cells(pre, loc.text.encode(missing).to(pre.acts.dtype))  # (1, P, N, C)
             _bump(GRADIENT_COUNTER)
-            for i, p in enumerate(missing):
-                entry.cells[p] = cells[0, i].float()
+            entry.cells.update({p: cells[0, i].float() for i, p in enumerate(missing)})
         gsum = torch.einsum("p,pnc->nc", W[0].to(pre.acts.device), torch.stack([entry.cells[p] for p in prompts]))
         signed = layercam_maps(gsum[None, None], pre.acts)[0, 0].reshape(pre.grid)  # the engine's Layer-CAM
     elif method == "scorecam":
@@ -1254,26 +1173,19 @@ def run_query(
 
 def candidate_images(cfg: AppConfig, limit: int = 500) -> list[tuple[str, Path]]:
     """Photos to query: those of the run's store (where they are), then images under ``--images``."""
-    out: list[tuple[str, Path]] = []
-    seen: set[Path] = set()
-    if cfg.results_dir is not None:
-        try:
-            table = load_table(cfg)
-        except Exception:  # noqa: BLE001 - the Review page reports a damaged store
-            table = None
-        if table is not None and not table.rows.empty:
-            firsts = table.rows.drop_duplicates("image_key")[["image_key", "image"]]
-            for key, image in firsts.itertuples(index=False, name=None):
-                p = photo_path(cfg, table, image)
-                if p is None or p in seen:
-                    continue
-                seen.add(p)
-                out.append((str(key), p))
-                if len(out) >= limit:
-                    return out
-    if cfg.images_dir is not None:
+
+    def candidates() -> Iterator[tuple[str, Path | None]]:
+        if cfg.results_dir is not None:
+            try:
+                table = load_table(cfg)
+            except Exception:  # noqa: BLE001 - the Review page reports a damaged store
+                table = None
+            if table is not None and not table.rows.empty:
+                firsts = table.rows.drop_duplicates("image_key")[["image_key", "image"]]
+                for key, image in firsts.itertuples(index=False, name=None):
+                    yield str(key), photo_path(cfg, table, image)
         root = cfg.images_dir
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False) if root is not None else ():
             here = Path(dirpath)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
@@ -1283,13 +1195,15 @@ def candidate_images(cfg: AppConfig, limit: int = 500) -> list[tuple[str, Path]]
                     p = resolve_inside(root, str(here / name))
                 except (PathSafetyError, OSError):
                     continue
-                if p in seen or not p.is_file():
-                    continue
-                seen.add(p)
-                out.append(("images: " + (here / name).relative_to(root).as_posix(), p))
-                if len(out) >= limit:
-                    return out
-    return out
+                yield "images: " + (here / name).relative_to(root).as_posix(), p if p.is_file() else None
+
+    out: dict[Path, str] = {}
+    for key, p in candidates():
+        if p is not None and p not in out:
+            out[p] = key
+            if len(out) >= limit:
+                break
+    return [(key, p) for p, key in out.items()]
 
 
 def _cancel_query(token: str) -> None:
@@ -1309,8 +1223,6 @@ def page_query(cfg: AppConfig) -> None:
         up = st.file_uploader("Upload an image (kept in memory)", type=[s.lstrip(".") for s in IMAGE_SUFFIXES],
                               key="q_upload")  # fmt: skip
         if up is not None:
-            from traitloc.data.images import load_image
-
             data = up.getvalue()
             try:  # decoded in memory, never written
                 image = load_image(data, max_side=WORK_MAX_SIDE, max_pixels=UPLOAD_MAX_PIXELS).image
@@ -1319,12 +1231,9 @@ def page_query(cfg: AppConfig) -> None:
                 st.text(f"file name: {up.name}")
             image_id = "upload:" + hashlib.sha256(data).hexdigest()
     else:
-        labels = [c[0] for c in choices]
-        pick = st.selectbox("Pick an image", labels, key="q_pick")
+        pick = st.selectbox("Pick an image", [c[0] for c in choices], key="q_pick")
         path = dict(choices).get(pick) if pick else None
         if path is not None:
-            from traitloc.data.images import ImageLoadError, load_image
-
             try:
                 image = load_image(path, max_side=WORK_MAX_SIDE).image
             except ImageLoadError as err:
@@ -1362,8 +1271,7 @@ def page_query(cfg: AppConfig) -> None:
     token = f"{image_id}|{method}"
     progress_cb = None
     if method == "scorecam":
-        entry_key = f"{image_id}|{loc.bundle.name}|{loc.resize}"
-        cached = st.session_state.get(QUERY_CACHE, {}).get(entry_key)
+        cached = st.session_state.get(QUERY_CACHE, {}).get(f"{image_id}|{loc.bundle.name}|{loc.resize}")
         if cached is None or 64 not in cached.masked:
             if st.session_state.get("q_cancelled") == token:
                 st.info("Score-CAM was cancelled for this image.")
@@ -1383,8 +1291,6 @@ def page_query(cfg: AppConfig) -> None:
         res = run_query(loc, image, image_id, concept, base_p, gamma, method, progress=progress_cb)
     if progress_cb is not None:
         working.empty()  # done: no stale Cancel button
-    from traitloc.io.files import map_to_unit, mask_from_map, overlay_array
-
     raw = res.map(0)
     map01, score = map_to_unit(raw), float(res.scores[0])
     st.session_state[LAST_QUERY] = {"map01": map01, "score": score, "method": method, "gamma": gamma}
@@ -1413,9 +1319,8 @@ def main() -> None:
     cfg = load_config()
     for err in cfg.errors:
         st.error(err)
-    st.session_state.setdefault(FORWARD_COUNTER, 0)
-    st.session_state.setdefault(GRADIENT_COUNTER, 0)
-    st.session_state.setdefault(MASKED_COUNTER, 0)
+    for counter in (FORWARD_COUNTER, GRADIENT_COUNTER, MASKED_COUNTER):
+        st.session_state.setdefault(counter, 0)
     if "page" not in st.session_state:
         wanted = st.query_params.get("page", "")
         st.session_state["page"] = wanted if wanted in PAGES else ("Review" if cfg.results_dir else "Query")
@@ -1427,8 +1332,7 @@ def main() -> None:
             st.text(cfg.results_dir.name)
         else:
             st.caption("no results folder")
-        if "reviewer" not in st.session_state:
-            st.session_state["reviewer"] = cfg.user or _os_user()
+        st.session_state.setdefault("reviewer", cfg.user or _os_user())
         st.text_input("Reviewer", key="reviewer")
         weights = Path(cfg.pretrained).name if cfg.pretrained else "random weights"
         st.caption("Query model:")
@@ -1442,8 +1346,6 @@ def main() -> None:
 
 
 def _os_user() -> str:
-    import getpass
-
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -1,8 +1,8 @@
 """Benchmark: the whole ``traitloc localize`` pipeline per image vs one plain forward pass (same model, same photos).
 
 For each concept count (1, 16, 312 CUB trait prompts vs the base prompt "bird", Finer Grad-CAM, gamma 1) this runs
-the command's own code path (:func:`traitloc.pipelines.localize.run_localize`: decode in a prefetch thread, engine, results store,
-results.csv) over the same real photos into a fresh output folder, and reports per image:
+the command's own code path (:func:`traitloc.pipelines.localize.run_localize`: decode in a prefetch thread, engine,
+results store, results.csv) over the same real photos into a fresh output folder, and reports per image:
 
 - **pipeline**: wall time of the run / number of images, excluding the model load and the one-time text encoding,
   which are measured apart (the text embeddings are encoded once before the timed run; a second run with the same

@@ -1,4 +1,5 @@
-"""Tiny seeded models for the command-line tests, in the ``MODULE:FUNCTION`` contract of :mod:`traitloc.models.backbones`.
+"""Tiny seeded models for the command-line tests, in the ``MODULE:FUNCTION`` contract of
+:mod:`traitloc.models.backbones`.
 
 Importable as ``tiny_backbones`` when ``tests/`` is on ``sys.path`` (pytest puts it there) or is the working
 directory (``traitloc`` imports ``MODULE`` from the working directory). Every factory builds the same weights on

@@ -37,6 +37,13 @@ __all__ = ["CUB", "readable_class_name"]
 BASE_DIR = "CUB_200_2011"
 _REQUIRED = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
 _SPLITS = ("train", "test", "all")
+#: the per-image tables merged into :attr:`CUB.images`: file, columns, dtypes
+_IMAGE_TABLES = (
+    ("images.txt", "image_id path", "int64 str"),
+    ("image_class_labels.txt", "image_id class_id", "int64 int64"),
+    ("train_test_split.txt", "image_id is_train", "int64 int64"),
+    ("bounding_boxes.txt", "image_id x y width height", "int64 float64 float64 float64 float64"),
+)
 
 
 def readable_class_name(folder_name: str) -> str:
@@ -121,10 +128,13 @@ class CUB:
             f"CUB file attributes.txt is missing under {self.root} (looked beside and inside {BASE_DIR}/)"
         )
 
-    def _read(self, path: Path, names: list[str], dtypes: dict[str, str] | None = None) -> pd.DataFrame:
-        """Read a space-separated CUB table; errors name the file and the root."""
+    def _read(self, relative: str, columns: str, dtypes: str) -> pd.DataFrame:
+        """Read the space-separated CUB table ``relative`` with these (space-separated) columns and dtypes; errors
+        name the file and the root."""
+        path, names = self._file(relative), columns.split()
+        dtype = dict(zip(names, dtypes.split(), strict=True))
         try:
-            df = pd.read_csv(path, sep=r"\s+", header=None, names=names, dtype=dtypes, engine="c")
+            df = pd.read_csv(path, sep=r"\s+", header=None, names=names, dtype=dtype, engine="c")
         except (ValueError, pd.errors.ParserError) as exc:
             raise ValueError(f"cannot parse {path} (CUB root {self.root}): {exc}") from None
         if df.isna().any().any():
@@ -160,26 +170,10 @@ class CUB:
     def images(self) -> pd.DataFrame:
         """All image rows of ``images.txt``: ``image_id, path`` (relative to ``images/``), ``class_id``,
         ``is_train`` (bool), bounding box ``x, y, width, height`` and ``exists`` (the file is present)."""
-        images = self._read(self._file("images.txt"), ["image_id", "path"], {"image_id": "int64", "path": "str"})
-        labels = self._read(
-            self._file("image_class_labels.txt"), ["image_id", "class_id"], {"image_id": "int64", "class_id": "int64"}
-        )
-        split = self._read(
-            self._file("train_test_split.txt"), ["image_id", "is_train"], {"image_id": "int64", "is_train": "int64"}
-        )
-        boxes = self._read(
-            self._file("bounding_boxes.txt"),
-            ["image_id", "x", "y", "width", "height"],
-            {"image_id": "int64", "x": "float64", "y": "float64", "width": "float64", "height": "float64"},
-        )
-        if images["image_id"].duplicated().any():
+        df, *tables = (self._read(*table) for table in _IMAGE_TABLES)
+        if df["image_id"].duplicated().any():
             raise ValueError(f"{self.base / 'images.txt'} (CUB root {self.root}) repeats image ids")
-        df = images
-        for name, table in (
-            ("image_class_labels.txt", labels),
-            ("train_test_split.txt", split),
-            ("bounding_boxes.txt", boxes),
-        ):
+        for (name, _, _), table in zip(_IMAGE_TABLES[1:], tables, strict=True):
             absent = np.setdiff1d(df["image_id"].to_numpy(), table["image_id"].to_numpy())
             if absent.size:
                 raise ValueError(
@@ -224,11 +218,7 @@ class CUB:
     @cached_property
     def part_locations(self) -> pd.DataFrame:
         """Every keypoint: ``image_id, part_id, part, x, y, visible`` (bool), sorted by image then part."""
-        df = self._read(
-            self._file("parts/part_locs.txt"),
-            ["image_id", "part_id", "x", "y", "visible"],
-            {"image_id": "int64", "part_id": "int64", "x": "float64", "y": "float64", "visible": "int64"},
-        )
+        df = self._read("parts/part_locs.txt", "image_id part_id x y visible", "int64 int64 float64 float64 int64")
         n_parts = len(self.parts)
         bad = ~df["part_id"].between(1, n_parts)
         if bad.any():
@@ -238,8 +228,7 @@ class CUB:
             )
         df["visible"] = df["visible"].astype(bool)
         df.insert(2, "part", np.asarray(self.parts, dtype=object)[df["part_id"].to_numpy() - 1])
-        df = df.sort_values(["image_id", "part_id"], ignore_index=True, kind="stable")
-        return df
+        return df.sort_values(["image_id", "part_id"], ignore_index=True, kind="stable")
 
     @cached_property
     def _part_image_ids(self) -> np.ndarray:

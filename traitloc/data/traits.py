@@ -134,9 +134,8 @@ class Trait:
             raise ValueError(f"Trait prompt must be a non-empty string, got {self.prompt!r}")
         if not isinstance(self.parts, tuple) or not all(isinstance(p, str) and p for p in self.parts):
             raise TypeError(f"Trait parts must be a tuple of non-empty strings, got {self.parts!r}")
-        if self.attribute_id is not None and (
-            isinstance(self.attribute_id, bool) or not isinstance(self.attribute_id, int) or self.attribute_id < 1
-        ):
+        aid = self.attribute_id
+        if aid is not None and (isinstance(aid, bool) or not isinstance(aid, int) or aid < 1):
             raise ValueError(f"Trait attribute_id must be a positive int or None, got {self.attribute_id!r}")
         if self.group is not None and (not isinstance(self.group, str) or not self.group):
             raise ValueError(f"Trait group must be a non-empty string or None, got {self.group!r}")
@@ -203,15 +202,11 @@ def _package_trait_dir() -> Path | Traversable | None:
         return None
 
 
-def _builtin_dirs() -> list[Path | Traversable]:
-    """Folders that may hold built-in trait lists: the repository's ``trait_lists/``, then package data."""
-    return [d for d in (_repo_trait_dir(), _package_trait_dir()) if d is not None]
-
-
 def _builtin_files() -> dict[str, Path | Traversable]:
-    """Map every built-in name (file stems and aliases) to its file; the first folder found wins."""
+    """Map every built-in name (file stems and aliases) to its file; the first folder found wins (the repository's
+    ``trait_lists/``, then package data)."""
     found: dict[str, Path | Traversable] = {}
-    for folder in _builtin_dirs():
+    for folder in filter(None, (_repo_trait_dir(), _package_trait_dir())):
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):
             if Path(entry.name).suffix.lower() in _SUFFIXES and entry.is_file():
                 found.setdefault(Path(entry.name).stem, entry)
@@ -237,17 +232,9 @@ def _normalize_prompt(prompt: str) -> str:
     return re.sub(r"\s+", " ", prompt.strip()).lower()
 
 
-def _parse_parts(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(";") if p.strip())
-
-
 def _parse_txt(text: str, source: str) -> list[Trait]:
-    traits = []
-    for line in text.splitlines():
-        prompt = line.strip()
-        if prompt and not prompt.startswith("#"):
-            traits.append(Trait(name=prompt, prompt=prompt))
-    return traits
+    prompts = (line.strip() for line in text.splitlines())
+    return [Trait(name=p, prompt=p) for p in prompts if p and not p.startswith("#")]
 
 
 def _parse_csv(text: str, source: str) -> list[Trait]:
@@ -268,33 +255,29 @@ def _parse_csv(text: str, source: str) -> list[Trait]:
         if not prompt:
             raise ValueError(f"{source}, line {line}: empty prompt")
         name = (row.get(name_col) or "").strip() if name_col else ""
-        attribute_id: int | None = None
-        if values.get("attribute_id"):
-            try:
-                attribute_id = int(values["attribute_id"])
-            except ValueError:
-                raise ValueError(
-                    f"{source}, line {line}: attribute_id must be an integer, got {values['attribute_id']!r}"
-                ) from None
-            if attribute_id < 1:
-                raise ValueError(f"{source}, line {line}: attribute_id must be >= 1, got {attribute_id}")
-        traits.append(
-            Trait(
-                name=name or prompt,
-                prompt=prompt,
-                parts=_parse_parts(values.get("parts", "")),
-                attribute_id=attribute_id,
-                group=values.get("group") or None,
-            )
-        )
+        attribute_id = _attribute_id(values.get("attribute_id"), f"{source}, line {line}")
+        parts = tuple(p.strip() for p in values.get("parts", "").split(";") if p.strip())
+        traits.append(Trait(name or prompt, prompt, parts, attribute_id, values.get("group") or None))
     return traits
+
+
+def _attribute_id(text: str | None, where: str) -> int | None:
+    """The ``attribute_id`` cell as an int >= 1 (``None`` when empty)."""
+    if not text:
+        return None
+    try:
+        attribute_id = int(text)
+    except ValueError:
+        raise ValueError(f"{where}: attribute_id must be an integer, got {text!r}") from None
+    if attribute_id < 1:
+        raise ValueError(f"{where}: attribute_id must be >= 1, got {attribute_id}")
+    return attribute_id
 
 
 def _dedupe(traits: list[Trait], source: str) -> list[Trait]:
     """Drop repeated prompts (keep the first, warn); refuse one name used for different prompts."""
-    seen_prompts: dict[str, Trait] = {}
+    seen_prompts: set[str] = set()
     seen_names: dict[str, Trait] = {}
-    kept: list[Trait] = []
     dropped: list[str] = []
     for trait in traits:
         key = _normalize_prompt(trait.prompt)
@@ -306,9 +289,9 @@ def _dedupe(traits: list[Trait], source: str) -> list[Trait]:
                 f"{source}: trait name {trait.name!r} is used for two prompts "
                 f"({seen_names[trait.name].prompt!r} and {trait.prompt!r})"
             )
-        seen_prompts[key] = trait
+        seen_prompts.add(key)
         seen_names[trait.name] = trait
-        kept.append(trait)
+    kept = list(seen_names.values())
     if dropped:
         shown = ", ".join(repr(p) for p in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         warnings.warn(
@@ -320,12 +303,10 @@ def _dedupe(traits: list[Trait], source: str) -> list[Trait]:
 
 
 def _parse(text: str, suffix: str, source: str) -> list[Trait]:
-    if suffix == ".csv":
-        traits = _parse_csv(text, source)
-    elif suffix == ".txt":
-        traits = _parse_txt(text, source)
-    else:
+    parse = {".csv": _parse_csv, ".txt": _parse_txt}.get(suffix)
+    if parse is None:
         raise ValueError(f"{source}: unsupported trait list format {suffix!r}; use a .csv or .txt file")
+    traits = parse(text, source)
     if not traits:
         raise ValueError(f"{source}: trait list is empty")
     return _dedupe(traits, source)
@@ -355,27 +336,23 @@ def load_trait_list(name_or_path: str | os.PathLike[str]) -> list[Trait]:
     ValueError
         Unknown built-in name, unsupported format, a CSV without a ``prompt`` column, or an empty list.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or os.PathLike, got {type(name_or_path).__name__}")
+    path = Path(name_or_path)
     if isinstance(name_or_path, str):
         if not name_or_path.strip():
             raise ValueError("trait list name or path must not be empty")
         builtins = _builtin_files()
-        looks_like_path = (
-            Path(name_or_path).suffix.lower() in _SUFFIXES or os.sep in name_or_path or "/" in name_or_path
-        )
-        if name_or_path in builtins and not (looks_like_path and Path(name_or_path).exists()):
+        looks_like_path = path.suffix.lower() in _SUFFIXES or os.sep in name_or_path or "/" in name_or_path
+        if name_or_path in builtins and not (looks_like_path and path.exists()):
             entry = builtins[name_or_path]
             source = f"built-in trait list {name_or_path!r} ({entry.name})"
             return _parse(entry.read_text(encoding="utf-8-sig"), Path(entry.name).suffix.lower(), source)
-        if not looks_like_path and not Path(name_or_path).exists():
+        if not looks_like_path and not path.exists():
             available = ", ".join(available_trait_lists()) or "none found"
             raise ValueError(
                 f"unknown trait list {name_or_path!r}; built-in lists: {available} (or give a .csv/.txt path)"
             )
-        path = Path(name_or_path)
-    elif isinstance(name_or_path, os.PathLike):
-        path = Path(name_or_path)
-    else:
-        raise TypeError(f"name_or_path must be a str or os.PathLike, got {type(name_or_path).__name__}")
     if not path.exists():
         raise FileNotFoundError(f"trait list file not found: {path}")
     if not path.is_file():

@@ -106,9 +106,7 @@ def _child(cur: nn.Module, step: str | int, path: str, target: str) -> nn.Module
         if not -len(cur) <= step < len(cur):
             raise ValueError(f"target layer {target!r}: index {step} out of range for {where} of length {len(cur)}")
         return cur[step]
-    if isinstance(cur, nn.ModuleDict) and step in cur:
-        return cur[step]
-    sub = cur._modules.get(step)
+    sub = cur._modules.get(step)  # also a ModuleDict's entries
     if sub is None:
         if step.lstrip("-").isdigit() and isinstance(cur, (nn.Sequential, nn.ModuleList)):
             return _child(cur, int(step), path, target)
@@ -119,25 +117,13 @@ def _child(cur: nn.Module, step: str | int, path: str, target: str) -> nn.Module
 # ------------------------------------------------------------------------------------------------------------------
 # the generic adapter
 # ------------------------------------------------------------------------------------------------------------------
-def _square_side(n: int) -> int | None:
-    if n < 1:
-        return None
-    s = math.isqrt(n)
-    return s if s * s == n else None
-
-
 def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(v, bool):
-        raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        t = (v, v)
-    elif isinstance(v, Sequence) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        t = (int(v[0]), int(v[1]))
-    else:
+    t = [v, v] if isinstance(v, int) else list(v) if isinstance(v, Sequence) else []
+    if len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
         raise TypeError(f"{what} must be an int or a pair of ints, got {v!r}")
     if min(t) < 1:
         raise ValueError(f"{what} must be positive, got {v!r}")
-    return t
+    return int(t[0]), int(t[1])
 
 
 class HookAdapter(TargetAdapter):
@@ -214,23 +200,21 @@ class HookAdapter(TargetAdapter):
                     f"grid with {self.n_prefix_tokens if self.n_prefix_tokens is not None else 'any'} prefix tokens"
                 )
             return n, grid
-        if self.n_prefix_tokens is not None:
-            s = _square_side(L - self.n_prefix_tokens)
-            if s is None:
-                raise ValueError(
-                    f"target layer {self.target_layer!r} gives {L} tokens; {L - self.n_prefix_tokens} grid tokens "
-                    f"after {self.n_prefix_tokens} prefix tokens is not a square grid: pass grid=(h, w) or patch_size"
-                )
-            return self.n_prefix_tokens, (s, s)
-        for n in (1, 0):
-            s = _square_side(L - n)
-            if s is not None:
-                if input_size[0] != input_size[1]:
+        fixed = self.n_prefix_tokens
+        for n in (1, 0) if fixed is None else (fixed,):
+            s = math.isqrt(max(L - n, 0))
+            if L - n >= 1 and s * s == L - n:  # a square grid
+                if fixed is None and input_size[0] != input_size[1]:
                     raise ValueError(
                         f"input is {input_size[0]}x{input_size[1]} but the token grid was guessed square ({s}x{s} "
                         f"from {L} tokens): pass patch_size or grid=(h, w)"
                     )
                 return n, (s, s)
+        if fixed is not None:
+            raise ValueError(
+                f"target layer {self.target_layer!r} gives {L} tokens; {L - fixed} grid tokens "
+                f"after {fixed} prefix tokens is not a square grid: pass grid=(h, w) or patch_size"
+            )
         raise ValueError(
             f"target layer {self.target_layer!r} gives {L} tokens, neither L nor L-1 is a square grid: pass "
             f"n_prefix_tokens (e.g. 5 for CLS + 4 registers), grid=(h, w) or patch_size"
@@ -263,6 +247,7 @@ class HookAdapter(TargetAdapter):
         without grad): :meth:`grad_mean`/:meth:`grad_cells` then need no second forward pass.
         """
         self._check_input(x)
+        input_size = (int(x.shape[-2]), int(x.shape[-1]))
         store: list[Tensor] = []
         leaves: dict[str, Tensor] = {}
 
@@ -277,7 +262,7 @@ class HookAdapter(TargetAdapter):
             leaves.update(leaf=leaf, shift=shift)
             if leaf.ndim == 4:
                 return leaf + shift[:, :, None, None]
-            n = leaf.shape[1] - self._grid_tokens(leaf.shape[1], x)
+            n = self._token_layout(leaf.shape[1], input_size)[0]
             add = torch.cat([torch.zeros_like(shift).unsqueeze(1).expand(-1, n, -1), shift.unsqueeze(1).expand(
                 -1, leaf.shape[1] - n, -1)], 1)  # fmt: skip
             return leaf + add
@@ -295,12 +280,10 @@ class HookAdapter(TargetAdapter):
         t = store[0]
         if not isinstance(t, Tensor):
             raise ValueError(f"target layer {self.target_layer!r} must output a tensor, got {type(t).__name__}")
-        input_size = (int(x.shape[-2]), int(x.shape[-1]))
         extra: dict[str, Any] = {"x": x, "output": out, "shape": tuple(t.shape), "graph": graph}
         if t.ndim == 4:
-            B, C, h, w = t.shape
             acts = t.detach().flatten(2).transpose(1, 2).contiguous()
-            grid = (int(h), int(w))
+            grid = (int(t.shape[2]), int(t.shape[3]))
             extra["layout"] = "cnn"
         elif t.ndim == 3:
             n, grid = self._token_layout(int(t.shape[1]), input_size)
@@ -343,9 +326,6 @@ class HookAdapter(TargetAdapter):
         if calls[0] != 1:
             raise ValueError(f"target layer {self.target_layer!r} ran {calls[0]} times in one forward pass")
         return e
-
-    def _grid_tokens(self, L: int, x: Tensor) -> int:
-        return L - self._token_layout(L, (int(x.shape[-2]), int(x.shape[-1])))[0]
 
     def _autograd(self, pre: Prefix, vectors: Tensor, wrt: str) -> Tensor:
         """Gradients from the graph recorded by :meth:`prefix` (no second forward pass); falls back to

@@ -283,7 +283,7 @@ def mask_to_polygons(mask: object, simplify: float = 0.0) -> list[list[list[list
                 ring = np.vstack([ring, ring[:1]])
             if len(ring) < 4 or _signed_area(ring) == 0:
                 continue
-        ring = ring[::-1].copy()
+        ring = np.round(ring[::-1], 3) if simplify > 0 else ring[::-1]
         if exterior:
             polygons[owner] = [ring]
         else:
@@ -291,13 +291,7 @@ def mask_to_polygons(mask: object, simplify: float = 0.0) -> list[list[list[list
     for owner, ring in holes:  # a hole is bordered by the pixels of the one component around it
         if owner in polygons:
             polygons[owner].append(ring)
-    digits = 3 if simplify > 0 else None
-
-    def as_list(ring: np.ndarray) -> list[list[float]]:
-        values = np.round(ring, digits) if digits is not None else ring
-        return [[float(x), float(y)] for x, y in values]
-
-    return [[as_list(r) for r in polygons[k]] for k in sorted(polygons)]
+    return [[[[float(x), float(y)] for x, y in ring] for ring in polygons[k]] for k in sorted(polygons)]
 
 
 def _contour_component(vertex: np.ndarray, components: np.ndarray) -> int:
@@ -307,8 +301,7 @@ def _contour_component(vertex: np.ndarray, components: np.ndarray) -> int:
         pixels = [(round(r), math.floor(c)), (round(r), math.ceil(c))]
     else:
         pixels = [(math.floor(r), round(c)), (math.ceil(r), round(c))]
-    labels = [int(components[p]) for p in pixels]
-    return max(labels)
+    return max(int(components[p]) for p in pixels)
 
 
 def polygons_to_mask(polygons: Sequence[Any], shape: tuple[int, int]) -> np.ndarray:
@@ -332,14 +325,10 @@ def polygons_to_mask(polygons: Sequence[Any], shape: tuple[int, int]) -> np.ndar
     from skimage.draw import polygon as draw_polygon
 
     if isinstance(polygons, Mapping):
-        kind = polygons.get("type")
-        coords = polygons.get("coordinates", [])
-        if kind == "Polygon":
-            polygons = [coords]
-        elif kind == "MultiPolygon":
-            polygons = coords
-        else:
+        kind, coords = polygons.get("type"), polygons.get("coordinates", [])
+        if kind not in ("Polygon", "MultiPolygon"):
             raise ValueError(f"expected a Polygon or MultiPolygon geometry, got {kind!r}")
+        polygons = [coords] if kind == "Polygon" else coords
     height, width = int(shape[0]), int(shape[1])
     out = np.zeros((height, width), dtype=bool)
 
@@ -452,20 +441,13 @@ def check_cmap(cmap: str) -> str:
 
 
 def _settings_line(settings: Mapping[str, Any]) -> str:
-    parts = []
-    method = settings.get("method")
-    if method:
-        parts.append(f"Finer-CAM ({method})")
-    gamma = settings.get("gamma")
-    if gamma not in (None, ""):
-        parts.append(f"γ = {_fmt_number(gamma)}")
-    threshold = settings.get("threshold")
-    if threshold not in (None, ""):
-        parts.append(f"mask: map > {_fmt_number(threshold)}")
+    method, gamma, threshold = settings.get("method"), settings.get("gamma"), settings.get("threshold")
     model = settings.get("model") or settings.get("classifier")
-    if model:
-        parts.append(f"model: {Path(str(model)).name}")
-    return "   ".join(parts)
+    parts = [f"Finer-CAM ({method})" if method else "",
+             f"γ = {_fmt_number(gamma)}" if gamma not in (None, "") else "",
+             f"mask: map > {_fmt_number(threshold)}" if threshold not in (None, "") else "",
+             f"model: {Path(str(model)).name}" if model else ""]  # fmt: skip
+    return "   ".join(part for part in parts if part)
 
 
 def _fmt_number(value: Any) -> str:
@@ -557,23 +539,21 @@ def figure_panel(
     panel_h = min(max(panel_width * aspect, 0.8), 3 * panel_width)
     fig = Figure(figsize=(3 * panel_width + 0.9, panel_h + 0.95), layout="constrained")
     axes = fig.subplots(1, 3)
-    for ax, title in zip(axes, ("image", "map", "mask"), strict=True):
-        ax.set_xticks([])
-        ax.set_yticks([])
+    threshold = settings.get("threshold")
+    mask_title = "mask" if threshold in (None, "") else f"mask (map > {_fmt_number(threshold)})"
+    for ax, title in zip(axes, ("image", "map", mask_title), strict=True):
+        ax.set(xticks=[], yticks=[])
         ax.set_title(title, fontsize=9)
         if rgb is not None:
             ax.imshow(rgb, extent=extent, interpolation="antialiased")
         else:
             ax.set_facecolor("0.8")
-        ax.set_xlim(0, width)
-        ax.set_ylim(height, 0)
+        ax.set(xlim=(0, width), ylim=(height, 0))
     if rgb is None:
         axes[0].text(0.5, 0.5, "image not available", ha="center", va="center", fontsize=8,
                      transform=axes[0].transAxes)  # fmt: skip
     axes[1].imshow(heat, cmap=colormap, vmin=0.0, vmax=1.0, alpha=alpha if rgb is not None else 1.0,
                    extent=extent, interpolation="bilinear")  # fmt: skip
-    threshold = settings.get("threshold")
-    axes[2].set_title("mask" if threshold in (None, "") else f"mask (map > {_fmt_number(threshold)})", fontsize=9)
     rings = [np.asarray(r) for poly in mask_to_polygons(mask_array) for r in poly]
     if rings:
         lines = LineCollection(rings, colors="#ffffff", linewidths=1.2)

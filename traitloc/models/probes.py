@@ -57,14 +57,19 @@ class ProbeError(ValueError):
     """A probe could not be trained, saved or loaded; the message says why."""
 
 
+def _check_ints(error: type[ValueError], least: int = 1, **values: Any) -> None:
+    """Raise ``error`` for the first of ``values`` that is not an int >= ``least`` (1: positive, 0: non-negative)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise error(f"{name} must be a {'positive' if least else 'non-negative'} int, got {v!r}")
+
+
 class LinearProbe(nn.Module):
     """A linear classification head on frozen features: ``logits = features @ W.T + b``."""
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True):
         super().__init__()
-        for name, v in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_ints(ValueError, in_features=in_features, num_classes=num_classes)
         self.linear = nn.Linear(in_features, num_classes, bias=bias)
 
     @property
@@ -145,9 +150,8 @@ def train_probe(
         raise ProbeError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ProbeError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and name != "seed") or v < 0:
-            raise ProbeError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {v!r}")
+    _check_ints(ProbeError, epochs=epochs, batch_size=batch_size)
+    _check_ints(ProbeError, 0, seed=seed)
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ProbeError(f"lr must be a positive number, got {lr!r}")
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
@@ -237,8 +241,7 @@ def save_probe(directory: str | os.PathLike[str], probe: LinearProbe, meta: Mapp
         text = to_json(out, indent=2, ascii_only=True)
     except (TypeError, ValueError) as err:
         raise ProbeError(f"probe metadata must be JSON-serializable (plain str/int/float/list/dict): {err}") from err
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    d = Path(directory)  # atomic_write creates it
     tensors = {"weight": probe.weight.detach().float().cpu().contiguous()}
     if probe.bias is not None:
         tensors["bias"] = probe.bias.detach().float().cpu().contiguous()
@@ -295,10 +298,7 @@ def load_probe(directory: str | os.PathLike[str], device: str | torch.device = "
     if not isinstance(names, list) or len(names) != K:
         raise ProbeError(f"{mpath.name} must list {K} class_names, got {len(names) if isinstance(names, list) else 0}")
     probe = LinearProbe(D, K, bias=b is not None)
-    with torch.no_grad():
-        probe.linear.weight.copy_(w)
-        if b is not None:
-            probe.linear.bias.copy_(b)
+    probe.linear.load_state_dict({"weight": w} if b is None else {"weight": w, "bias": b})
     probe.eval().to(device)
     probe.requires_grad_(False)
     return probe, meta
@@ -338,7 +338,6 @@ def _read_cache(path: Path, sidecar: Path) -> tuple[list[str], Tensor | None, st
 def _write_cache(path: Path, sidecar: Path, keys: list[str], feats: Tensor, spec: Any, h: str) -> None:
     from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = save({"features": feats.contiguous()}, metadata={"keys": to_json(keys, ascii_only=True), "spec_hash": h})
     atomic_write(path, data)
     side = {
@@ -396,9 +395,7 @@ def extract_features(
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise FeatureCacheError(f"keys must be unique; {dup!r} appears more than once")
-    for name, v in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise FeatureCacheError(f"{name} must be a positive int, got {v!r}")
+    _check_ints(FeatureCacheError, batch_size=batch_size, checkpoint_every=checkpoint_every)
     if not callable(backbone_fn):
         raise FeatureCacheError(f"backbone_fn must be callable, got {type(backbone_fn).__name__}")
     path = Path(cache_path)
@@ -406,37 +403,31 @@ def extract_features(
         raise FeatureCacheError(f"cache_path must end in .safetensors, got {path.name}")
     sidecar = path.with_name(path.name + ".json")
     h = spec_hash(spec)
-    cached_keys: list[str]
-    if overwrite:
-        cached_keys, cached, old = [], None, None
-    else:
-        cached_keys, cached, old = _read_cache(path, sidecar)
-        if cached is not None and old != h:
-            raise FeatureCacheError(
-                f"feature cache {path} was built for another backbone spec (hash {old}, now {h}); use another "
-                f"cache path or overwrite=True"
-            )
+    cached_keys, cached, old = ([], None, None) if overwrite else _read_cache(path, sidecar)
+    if cached is not None and old != h:
+        raise FeatureCacheError(
+            f"feature cache {path} was built for another backbone spec (hash {old}, now {h}); use another "
+            f"cache path or overwrite=True"
+        )
+    # cached rows first, then new ones in the order computed (the cache file's row order)
     rows: dict[str, Tensor] = {k: cached[i] for i, k in enumerate(cached_keys)} if cached is not None else {}
-    order = list(cached_keys)
     todo = [k for k in keys if k not in rows]
-    dirty = [0]
+    dirty = 0
 
     def flush() -> None:
-        if dirty[0] == 0 and path.is_file() and not overwrite:
-            return
-        if not rows:
-            return
-        _write_cache(path, sidecar, order, torch.stack([rows[k] for k in order]), spec, h)
-        dirty[0] = 0
+        nonlocal dirty
+        if rows and (dirty or overwrite or not path.is_file()):
+            _write_cache(path, sidecar, list(rows), torch.stack(list(rows.values())), spec, h)
+            dirty = 0
 
     n_items = 0
     done = len(keys) - len(todo)
     try:
-        batch_keys: list[str] = []
-        batch: list[Tensor] = []
+        batch: list[tuple[str, Tensor]] = []
 
         def run_batch() -> None:
-            x = torch.stack(batch)
+            nonlocal done, dirty
+            x = torch.stack([img for _, img in batch])
             if device is not None:
                 x = x.to(device)
             with torch.no_grad():
@@ -447,36 +438,29 @@ def extract_features(
             out = out.detach().float().cpu()
             if rows and out.shape[1] != next(iter(rows.values())).shape[0]:
                 raise FeatureCacheError(f"backbone_fn returned {out.shape[1]}-d features; the cache holds another dim")
-            for k, r in zip(batch_keys, out, strict=True):
+            for (k, _), r in zip(batch, out, strict=True):
                 rows[k] = r.clone()
-                order.append(k)
-            dirty[0] += len(batch)
+            dirty += len(batch)
+            done += len(batch)
             batch.clear()
-            batch_keys.clear()
+            if progress is not None:
+                progress(done, len(keys))
 
-        pending = set(todo)
         for key, item in zip(keys, images_iterable, strict=False):
             n_items += 1
-            if key not in pending:
+            if key in rows:  # cached (keys are unique, so no computed key comes again)
                 continue
             img = item() if callable(item) and not isinstance(item, Tensor) else item
             if not isinstance(img, Tensor) or img.ndim != 3:
                 got = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
                 raise FeatureCacheError(f"image {key!r} must be a preprocessed (C, H, W) tensor, got {got}")
-            batch.append(img)
-            batch_keys.append(key)
+            batch.append((key, img))
             if len(batch) == batch_size:
                 run_batch()
-                done += batch_size
-                if progress is not None:
-                    progress(done, len(keys))
-                if dirty[0] >= checkpoint_every:
+                if dirty >= checkpoint_every:
                     flush()
         if batch:
-            done += len(batch)
             run_batch()
-            if progress is not None:
-                progress(done, len(keys))
         if n_items < len(keys):
             raise FeatureCacheError(f"images_iterable gave {n_items} items for {len(keys)} keys")
     finally:
@@ -575,9 +559,9 @@ def load_probe_classifier(
     probe, meta = load_probe(probe_dir, dev)
     if backbone is not None:
         bb, _ = build_backbone(backbone=backbone, device=dev)
+    elif "backbone" not in meta:
+        raise ValueError(f"{Path(probe_dir) / 'probe.json'} records no backbone; pass the backbone explicitly")
     else:
-        if "backbone" not in meta:
-            raise ValueError(f"{Path(probe_dir) / 'probe.json'} records no backbone; pass the backbone explicitly")
         bb = rebuild_backbone(meta["backbone"], dev)
     dim = bb.get("feature_dim")
     if dim is not None and int(dim) != probe.in_features:

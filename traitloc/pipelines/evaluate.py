@@ -53,14 +53,11 @@ log = logging.getLogger(__name__)
 #: every CAM method of the registry (:data:`traitloc.engine.methods.CAM_METHODS`), plain then its Finer variant
 METHOD_NAMES = tuple(name for base in CAM_METHODS for name in (base, f"finer-{base}"))
 FRACTIONS = (0.05, 0.10)
-#: the per-image error of a map with NaN or infinite values (the same words in every command)
-NOT_FINITE = "the map is not finite (NaN or infinite values)"
 PER_IMAGE_COLUMNS = [
     "image_id", "image", "method", "class_id", "true_class", "predicted_class", "correct", "target", "similar_class",
     "references", "gamma", "rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing", "p_target",
     "p_similar", "map_max", "seconds", "settings", "status",
 ]  # fmt: skip
-PER_IMAGE_KEY = ["image_id", "method", "settings"]
 METRICS_COLUMNS = [
     "method", "rd_05", "rd_10", "deletion_auc", "insertion_auc", "energy_pointing", "n_images", "n_failed",
     "n_zero_maps", "rd_05_se", "rd_10_se", "deletion_auc_se", "insertion_auc_se", "energy_pointing_se", "seconds",
@@ -97,10 +94,6 @@ def evaluation_subset(n: int, k: int | None) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------------
 # faithfulness, sharing perturbed images
 # ------------------------------------------------------------------------------------------------------------------
-def _top_count(fraction: float, n: int) -> int:
-    return min(n, int(math.floor(fraction * n + 0.5)))
-
-
 class FaithfulnessBatch:
     r"""RD@k, deletion and insertion AUC of several maps per image, each distinct perturbed image run once.
 
@@ -158,9 +151,7 @@ class FaithfulnessBatch:
         self.zero = torch.zeros((), dtype=x.dtype, device=x.device)
         k = np.arange(self.steps + 1, dtype=np.int64)
         self.step_k = (2 * k * self.n + self.steps) // (2 * self.steps)  # round(i n / S), halves up
-        self._p_orig: np.ndarray | None = None
-        self._p_blur: np.ndarray | None = None
-        self._p_zero: np.ndarray | None = None
+        self._shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.forward_passes = 0
 
     def _probs(self, inputs: Tensor) -> np.ndarray:
@@ -177,19 +168,18 @@ class FaithfulnessBatch:
         self.forward_passes += int(inputs.shape[0])
         return np.concatenate(out)
 
-    def shared(self) -> None:
-        """Run the map-independent images: unperturbed, blurred (insertion start), all removed (deletion end)."""
-        if self._p_orig is not None:
-            return
-        p = self._probs(torch.cat([self.x, self.blur, self.zero.expand(1, *self.x.shape[1:])]))
-        self._p_orig, self._p_blur, self._p_zero = p[: self.N], p[self.N : 2 * self.N], p[2 * self.N :]
+    def shared(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Softmax of the map-independent images, run once: unperturbed, blurred (insertion start), all removed
+        (deletion end)."""
+        if self._shared is None:
+            p = self._probs(torch.cat([self.x, self.blur, self.zero.expand(1, *self.x.shape[1:])]))
+            self._shared = p[: self.N], p[self.N : 2 * self.N], p[2 * self.N :]
+        return self._shared
 
     @property
     def p_orig(self) -> np.ndarray:
         """(N, K) softmax of the unperturbed images."""
-        self.shared()
-        assert self._p_orig is not None
-        return self._p_orig
+        return self.shared()[0]
 
     def score(self, maps: Tensor | np.ndarray, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Scores of one map per image.
@@ -203,9 +193,9 @@ class FaithfulnessBatch:
         dict of (R,) arrays: ``rd_05``, ``rd_10`` (one per fraction, named ``rd_`` + two digits of percent),
         ``deletion_auc``, ``insertion_auc``.
         """
-        self.shared()
-        assert self._p_orig is not None and self._p_blur is not None and self._p_zero is not None
-        p_orig, p_blur, p_zero = self._p_orig, self._p_blur, self._p_zero
+        from traitloc.metrics.maps import _top_count
+
+        p_orig, p_blur, p_zero = self.shared()
         sel = np.arange(self.N) if rows is None else np.asarray(rows, dtype=np.int64)
         m = maps.detach().cpu().numpy() if isinstance(maps, Tensor) else np.asarray(maps)
         if m.shape != (len(sel), self.H, self.W):
@@ -249,14 +239,10 @@ class FaithfulnessBatch:
             inserted = torch.where(mask, self.x[img], self.blur[img])
             probs[i : i + len(chunk)] = self._probs(torch.where(is_del, deleted, inserted))
 
+        fixed = {"orig": p_orig[sel], "blur": p_blur[sel], "zero": p_zero}
+
         def p(key: Any) -> np.ndarray:
-            if key[0] == "orig":
-                return p_orig[sel[key[1]]]
-            if key[0] == "blur":
-                return p_blur[sel[key[1]]]
-            if key[0] == "zero":
-                return p_zero[0]
-            return probs[jobs[key]]
+            return fixed[key[0]][key[1]] if len(key) == 2 else probs[jobs[key]]
 
         out: dict[str, np.ndarray] = {}
         c, d = self.c[sel], self.d[sel]
@@ -306,14 +292,6 @@ class EvaluateSettings:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _bases(methods: Sequence[str]) -> dict[str, list[str]]:
-    """CAM base -> the requested methods it gives (plain and/or finer)."""
-    out: dict[str, list[str]] = {}
-    for m in methods:
-        out.setdefault(m.removeprefix("finer-"), []).append(m)
-    return out
-
-
 def _explain_maps(
     cam: Any,
     x: Tensor,
@@ -323,16 +301,9 @@ def _explain_maps(
     methods: list[str],
 ) -> dict[str, Tensor]:
     """(B, H, W) input-resolution ReLU maps of ``methods`` (one CAM base) for the batch ``x``."""
-    P = V.shape[1]
-    rows = []
-    for m in methods:
-        if m.startswith("finer-"):
-            rows.append(finer)
-        else:
-            plain = torch.zeros(x.shape[0], P, device=V.device)
-            plain[:, 0] = 1.0
-            rows.append(plain)
-    C = torch.stack(rows, 1)  # (B, Q, P)
+    plain = torch.zeros(x.shape[0], V.shape[1], device=V.device)
+    plain[:, 0] = 1.0
+    C = torch.stack([finer if m.startswith("finer-") else plain for m in methods], 1)  # (B, Q, P)
     out = cam(x, V, C, prefix=pre)
     maps = out.upsampled(tuple(int(s) for s in x.shape[-2:]))  # (B, Q, H, W)
     return {m: maps[:, q] for q, m in enumerate(methods)}
@@ -358,7 +329,7 @@ class EvaluateJob(Job):
     """
 
     name = "evaluate"
-    key_columns = tuple(PER_IMAGE_KEY)
+    key_columns = ("image_id", "method", "settings")
     csv_columns = tuple(PER_IMAGE_COLUMNS)
     csv_name = "per_image.csv"
     retry_errors = True
@@ -388,7 +359,6 @@ class EvaluateJob(Job):
         self.image_ids = [int(i) for i in image_ids]
         self.scorecam_ids = [int(i) for i in scorecam_ids]
         self.fp = settings.fingerprint(clf.describe.get("probe_sha256"))
-        self.map_settings = {}  # rows of other settings live beside these (their fingerprint is in the key)
         sc: dict[str, Any] = {"scorecam_channels": settings.scorecam_channels, "scorecam_batch": settings.forward_batch}
         self.cams = {m: FinerCAM(clf.adapter, m, **(sc if m == "scorecam" else {})) for m in CAM_METHODS}
         self.W = clf.weight.to(clf.device, torch.float32)
@@ -455,16 +425,14 @@ class EvaluateJob(Job):
         maps: dict[str, Tensor] = {}
         rows_of: dict[str, list[int]] = {}
         own: dict[str, float] = {}
-        for base, ms in _bases(s.methods).items():
-            ms = [m for m in ms if any(m in w for w in want)]
+        for base in dict.fromkeys(m.removeprefix("finer-") for m in s.methods):  # plain and finer maps in one pass
+            ms = [m for m in s.methods if m.removeprefix("finer-") == base and any(m in w for w in want)]
             if not ms:
                 continue
             sel = [b for b in range(B) if any(m in want[b] for m in ms)]
             t1 = time.perf_counter()
-            if len(sel) == B:
-                got = _explain_maps(self.cams[base], x, pre, V, finer, ms)
-            else:
-                got = _explain_maps(self.cams[base], x[sel], None, V[sel], finer[sel], ms)
+            whole = len(sel) == B  # the target layer's prefix of the batch serves only the whole batch
+            got = _explain_maps(self.cams[base], x[sel], pre if whole else None, V[sel], finer[sel], ms)
             dt = (time.perf_counter() - t1) / len(ms)
             for m in ms:
                 maps[m], rows_of[m], own[m] = got[m], sel, dt
@@ -513,7 +481,7 @@ class EvaluateJob(Job):
                     map_max=float(mp.max()), seconds=round(per_img, 4), width=W0, height=H0, status="ok",
                 )  # fmt: skip
                 out[b].append(row)
-        return [NOT_FINITE if b in bad else rows for b, rows in enumerate(out)]
+        return ["the map is not finite (NaN or infinite values)" if b in bad else rows for b, rows in enumerate(out)]
 
     # -- summaries ------------------------------------------------------------------------------------------------
     def csv_row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -537,12 +505,20 @@ class EvaluateJob(Job):
 
     def summarize(self, out: Path, info: dict[str, Any]) -> None:
         """``metrics.csv``: one row per method, over this run's settings and images (from the store)."""
+        import csv
+        import io
+
         from traitloc.io.files import atomic_write
         from traitloc.io.store import read_results
 
         cols = [c for c in PER_IMAGE_COLUMNS if c in self.columns or c == "status"]
         self.metrics = summarize(read_results(out, columns=cols), self.s, self.fp, self.image_ids, self.scorecam_ids)
-        _write_metrics(out / "metrics.csv", self.metrics, atomic_write)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, METRICS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+                         for r in self.metrics)  # fmt: skip
+        atomic_write(out / "metrics.csv", buf.getvalue())
 
 
 def _gamma_text(v: Any) -> str:
@@ -575,17 +551,15 @@ def evaluation_items(
     listed = cub.images[cub.images["class_id"].isin(list(k_of_cub))]
     if settings.split != "all":
         listed = listed[listed["is_train"] == (settings.split == "train")]
-    notes = []
-    n_missing = int((~listed["exists"]).sum())
-    if n_missing:
-        notes.append(f"{n_missing} listed {settings.split} image(s) of the probe's classes are missing and skipped")
-    other = int((~df["class_id"].isin(list(k_of_cub))).sum())
-    if other:
-        notes.append(f"{other} {settings.split} image(s) of classes the probe does not know are skipped")
-    df = df[df["class_id"].isin(list(k_of_cub))].sort_values("image_id").reset_index(drop=True)
+    known = df["class_id"].isin(list(k_of_cub))
+    n_missing, n_other = int((~listed["exists"]).sum()), int((~known).sum())
+    df = df[known].sort_values("image_id").reset_index(drop=True)
     empty = [names[k] for c, k in k_of_cub.items() if not (df["class_id"] == c).any()]
-    if empty:
-        notes.append(f"{len(empty)} probe class(es) have no {settings.split} images: {', '.join(empty[:5])}")
+    notes = [note for n, note in (
+        (n_missing, f"{n_missing} listed {settings.split} image(s) of the probe's classes are missing and skipped"),
+        (n_other, f"{n_other} {settings.split} image(s) of classes the probe does not know are skipped"),
+        (len(empty), f"{len(empty)} probe class(es) have no {settings.split} images: {', '.join(empty[:5])}"),
+    ) if n]  # fmt: skip
     if df.empty:
         raise ValueError(f"no {settings.split} images of the probe's classes are present under {cub.base / 'images'}")
     df = df.iloc[evaluation_subset(len(df), settings.limit)].reset_index(drop=True)
@@ -674,26 +648,13 @@ def summarize(
         secs = col("seconds")
         row["seconds"] = round(float(np.nansum(secs)), 3) if len(secs) else 0.0
         row["seconds_per_image"] = round(float(np.nanmean(secs)), 4) if len(secs) else float("nan")
-        scorecam = m.endswith("scorecam")
-        row["subset"] = f"{n_scorecam} of {n_images} images" if scorecam and n_scorecam < n_images else "all"
-        row["steps"] = settings.steps
-        row["gamma"] = settings.gamma if m.startswith("finer-") else 0.0
-        row["num_references"] = settings.num_references if m.startswith("finer-") else 0
-        row["scorecam_channels"] = (settings.scorecam_channels or "all") if scorecam else ""
+        scorecam, finer = m.endswith("scorecam"), m.startswith("finer-")
+        row.update(subset=f"{n_scorecam} of {n_images} images" if scorecam and n_scorecam < n_images else "all",
+                   steps=settings.steps, gamma=settings.gamma if finer else 0.0,
+                   num_references=settings.num_references if finer else 0,
+                   scorecam_channels=(settings.scorecam_channels or "all") if scorecam else "")  # fmt: skip
         out.append(row)
     return out
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]], atomic_write: Callable[[Path, str], Any]) -> None:
-    import csv
-    import io
-
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, METRICS_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    atomic_write(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -716,52 +677,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_shared(p, "--cub-root")
     p.add_argument("--probe", required=True, metavar="PROBE_DIR", help="a probe from traitloc train-probe")
     add_shared(p, "--split")
-    p.add_argument(
-        "--methods",
-        default=",".join(METHOD_NAMES),
-        metavar="LIST",
-        help=f"comma-separated methods (default: {','.join(METHOD_NAMES)})",
-    )
-    p.add_argument(
-        "--target",
-        choices=["true", "predicted"],
-        default="true",
-        help="the explained class c: the true CUB class or the predicted one (default: true)",
-    )
-    p.add_argument("--gamma", type=gamma_arg, default=0.6, help="gamma of the finer-* methods (default: 0.6)")
-    p.add_argument(
-        "--num-references", type=positive_int, default=3, help="references of the finer-* methods (default: 3)"
-    )
-    p.add_argument(
-        "--scorecam-channels",
-        type=positive_int,
-        default=128,
-        help="Score-CAM channel budget per image: the k channels of largest spatial variance (default: 128)",
-    )
-    p.add_argument(
-        "--scorecam-images",
-        type=nonneg_int,
-        default=50,
-        help="Score-CAM runs on this many images, evenly spaced over the evaluated ones (default: 50; 0 = none)",
-    )
-    p.add_argument(
-        "--limit",
-        type=positive_int,
-        default=None,
-        help="evaluate only N images, evenly spaced over the split sorted by image id (default: all)",
-    )
-    p.add_argument("--steps", type=positive_int, default=20, help="deletion/insertion steps (default: 20)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: 16)")
-    p.add_argument(
-        "--forward-batch", type=positive_int, default=64, help="perturbed images per model call (default: 64)"
-    )
-    p.add_argument(
-        "--memory-format",
-        choices=["channels_last", "contiguous"],
-        default="channels_last",
-        help="layout of the model's convolution weights and perturbed batches: a speed setting, the numbers agree "
-        "up to float rounding (default: channels_last, about 1.8x faster for EfficientNet-Lite0 on CPU)",
-    )
+    p.add_argument("--methods", default=",".join(METHOD_NAMES), metavar="LIST",
+                   help=f"comma-separated methods (default: {','.join(METHOD_NAMES)})")  # fmt: skip
+    p.add_argument("--target", choices=["true", "predicted"], default="true",
+                   help="the explained class c: the true CUB class or the predicted one (default: true)")  # fmt: skip
+    for flag, kind, default, text in (
+        ("--gamma", gamma_arg, 0.6, "gamma of the finer-* methods (default: 0.6)"),
+        ("--num-references", positive_int, 3, "references of the finer-* methods (default: 3)"),
+        ("--scorecam-channels", positive_int, 128,
+         "Score-CAM channel budget per image: the k channels of largest spatial variance (default: 128)"),
+        ("--scorecam-images", nonneg_int, 50,
+         "Score-CAM runs on this many images, evenly spaced over the evaluated ones (default: 50; 0 = none)"),
+        ("--limit", positive_int, None,
+         "evaluate only N images, evenly spaced over the split sorted by image id (default: all)"),
+        ("--steps", positive_int, 20, "deletion/insertion steps (default: 20)"),
+        ("--batch-size", positive_int, 16, "images per batch (default: 16)"),
+        ("--forward-batch", positive_int, 64, "perturbed images per model call (default: 64)"),
+    ):  # fmt: skip
+        p.add_argument(flag, type=kind, default=default, help=text)
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="layout of the model's convolution weights and perturbed batches: a speed setting, the numbers "
+                   "agree up to float rounding (default: channels_last, about 1.8x faster for EfficientNet-Lite0 on "
+                   "CPU)")  # fmt: skip
     add_shared(p, "--device", "--quiet", "--out", quiet="no progress bar or summary")
     return p
 
@@ -787,11 +724,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     allocator = keep_freed_memory()
     if len(clf.class_names) < 2:
         raise CliError("the probe has fewer than 2 classes")
+    names = ("gamma", "num_references", "steps", "scorecam_channels", "scorecam_images", "limit")
     settings = EvaluateSettings(
-        methods=methods, split=args.split, target=args.target, gamma=args.gamma, num_references=args.num_references,
-        steps=args.steps, scorecam_channels=args.scorecam_channels, scorecam_images=args.scorecam_images,
-        limit=args.limit, batch_size=args.batch_size, forward_batch=args.forward_batch, quiet=args.quiet,
-        channels_last=args.memory_format == "channels_last",
+        methods=methods, split=args.split, target=args.target, batch_size=args.batch_size, quiet=args.quiet,
+        forward_batch=args.forward_batch, channels_last=args.memory_format == "channels_last",
+        **{k: getattr(args, k) for k in names},
     )  # fmt: skip
     info = {
         "command": "evaluate",
@@ -801,13 +738,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "probe_test_accuracy": clf.describe.get("probe_test_accuracy"),
         "methods": methods,
         "targets": f"{args.target} class",
-        "gamma": args.gamma,
-        "num_references": args.num_references,
-        "steps": args.steps,
-        "scorecam_channels": args.scorecam_channels,
-        "scorecam_images": args.scorecam_images,
-        "limit": args.limit,
-        "memory_format": args.memory_format,
+        **{k: getattr(args, k) for k in (*names, "memory_format")},
         "allocator": allocator,
         "seed": None,
         "protocol": {

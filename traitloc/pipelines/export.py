@@ -158,9 +158,10 @@ def _no_store(root: Path) -> FormatError:
     )
 
 
-def _read_index(root: Path, files: list[Path]) -> tuple[Any, str]:
+def _read_index(root: Path, files: list[Path]) -> tuple[Any, list[Result], list[dict[str, Any]]]:
     """The store's rows without the grid maps (:func:`traitloc.io.store.read_results`: last written wins), in store
-    order, with their location (``_part``, ``_row``); and the label column."""
+    order, with their location (``_part``, ``_row``); and those rows as the results and the skipped rows of
+    :func:`list_results`."""
     try:
         names = [n for n in _schema(files[0]).names if n != "grid"]
         df = read_results(root, columns=names, locate=True)
@@ -172,7 +173,30 @@ def _read_index(root: Path, files: list[Path]) -> tuple[Any, str]:
     kind = "concept" if "concept" in df.columns else "target" if "target" in df.columns else ""
     if not kind:
         raise FormatError(f"{root / 'results'} has neither a concept nor a target column")
-    return df, kind
+    results: list[Result] = []
+    skipped: list[dict[str, Any]] = []
+    columns = [c for c in df.columns if c not in ("_part", "_row")]
+    records = df[columns].astype(object).where(df[columns].notna(), None).to_dict("records")
+    for rec, part, index in zip(records, df["_part"].tolist(), df["_row"].tolist(), strict=True):
+        row = {k: _plain(v) for k, v in rec.items()}
+        rid = str(row.get("result_id") or "")
+        key = str(row.get("image_key") or "")
+        label = str(row.get(kind) or "")
+        status = str(row.get("status") or "").strip()
+        for text, what in ((rid, "result id"), (key, "image key")):  # used as paths inside the export
+            try:
+                _safe_rel(text)
+            except FormatError:
+                raise FormatError(f"{what} {text!r} is not a safe relative path (the store was not written by "
+                                  "traitloc?)") from None  # fmt: skip
+        if not rid.startswith(key + "/"):
+            raise FormatError(f"result id {rid!r} does not start with its image key {key!r}")
+        if status != "ok" or row.get("grid_h") is None or row.get("grid_w") is None:
+            reason = status if status != "ok" else "no map"
+            skipped.append({"result_id": rid, "image_key": key, "label": label, "reason": reason or "no status"})
+            continue
+        results.append(Result(rid, key, label, kind, row, int(part), int(index)))
+    return df, results, skipped
 
 
 def _schema(part: Path) -> Any:
@@ -185,12 +209,6 @@ def _schema(part: Path) -> Any:
         raise FormatError(f"{part}: not a readable part of a traitloc store ({type(err).__name__}: {err})") from None
 
 
-def _map_store(part: Path) -> bool:
-    """Whether a store's part has the columns of concept or target maps (``localize``/``explain``)."""
-    names = _schema(part).names
-    return "grid" in names and ("concept" in names or "target" in names)
-
-
 def _plain(value: Any) -> Any:
     """A cell of the index as a plain Python value (``None`` for missing and non-finite numbers)."""
     if isinstance(value, np.generic):
@@ -198,40 +216,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # a missing (or non-finite) cell: null in the export's JSON
     return value
-
-
-def _check_id(rid: str, what: str) -> str:
-    """A result id or image key used as a path inside the export: relative, no ``..``, no backslash."""
-    try:
-        _safe_rel(rid)
-    except FormatError:
-        raise FormatError(
-            f"{what} {rid!r} is not a safe relative path (the store was not written by traitloc?)"
-        ) from None
-    return rid
-
-
-def _results_of(df: Any, kind: str) -> tuple[list[Result], list[dict[str, Any]]]:
-    results: list[Result] = []
-    skipped: list[dict[str, Any]] = []
-    columns = [c for c in df.columns if c not in ("_part", "_row")]
-    records = df[columns].astype(object).where(df[columns].notna(), None).to_dict("records")
-    for rec, part, index in zip(records, df["_part"].tolist(), df["_row"].tolist(), strict=True):
-        row = {k: _plain(v) for k, v in rec.items()}
-        rid = str(row.get("result_id") or "")
-        key = str(row.get("image_key") or "")
-        label = str(row.get(kind) or "")
-        status = str(row.get("status") or "").strip()
-        _check_id(rid, "result id")
-        _check_id(key, "image key")
-        if not rid.startswith(key + "/"):
-            raise FormatError(f"result id {rid!r} does not start with its image key {key!r}")
-        if status != "ok" or row.get("grid_h") is None or row.get("grid_w") is None:
-            reason = status if status != "ok" else "no map"
-            skipped.append({"result_id": rid, "image_key": key, "label": label, "reason": reason or "no status"})
-            continue
-        results.append(Result(rid, key, label, kind, row, int(part), int(index)))
-    return results, skipped
 
 
 def list_results(results_dir: PathLike) -> tuple[list[Result], list[dict[str, Any]]]:
@@ -263,7 +247,7 @@ def list_results(results_dir: PathLike) -> tuple[list[Result], list[dict[str, An
     files = part_files(root)
     if not files:
         raise _no_store(root)
-    return _results_of(*_read_index(root, files))
+    return _read_index(root, files)[1:]
 
 
 def _normalize_status(value: object) -> str:
@@ -524,8 +508,6 @@ def _row_threshold(result: Result, threshold: float | str | None, run_info: Mapp
     if threshold is not None:
         return threshold
     for value in (result.row.get("threshold"), run_info.get("threshold")):
-        if value in (None, ""):
-            continue
         try:
             parsed = _parse_threshold(value)
         except FormatError:
@@ -535,26 +517,17 @@ def _row_threshold(result: Result, threshold: float | str | None, run_info: Mapp
     return 0.5
 
 
-def _image_candidates(text: str, roots: list[Path]) -> list[tuple[Path, Path | None]]:
-    """Where to look for a photo: its recorded absolute path (anywhere, read-only), then inside each root by its
-    relative path and by its file name (each such candidate must resolve inside its root)."""
-    if not text or "\x00" in text:
-        return []
-    path = Path(text)
-    out: list[tuple[Path, Path | None]] = [(path, None)] if path.is_absolute() else []
-    for root in roots:
-        if not path.is_absolute():
-            out.append((root / path, root))
-        if path.name:
-            out.append((root / path.name, root))
-    return out
-
-
 def _find_image(text: str, roots: list[Path]) -> tuple[Path | None, str | None]:
-    """The photo of a row: the path to read, or (None, reason)."""
+    """The photo of a row: the path to read, or (None, reason). Looked for at its recorded absolute path (anywhere,
+    read-only), then inside each root by its relative path and by its file name (each must resolve inside its root).
+    """
     if not text:
         return None, "no image path in the store"
-    for candidate, root in _image_candidates(text, roots):
+    path = Path(text)
+    names = [Path(path.name)] if path.is_absolute() else [path, Path(path.name)]
+    candidates: list[tuple[Path, Path | None]] = [(path, None)] if path.is_absolute() else []
+    candidates += [(root / name, root) for root in roots for name in names]
+    for candidate, root in [] if "\x00" in text else candidates:
         try:
             resolved = candidate.resolve()
         except (OSError, RuntimeError):
@@ -640,10 +613,8 @@ def _prepare_destination(out: Path, as_zip: bool, root: Path, overwrite: bool) -
 
 def _group_by_image(results: list[Result]) -> list[Result]:
     """Results grouped by image key (first appearance order; store order inside a group)."""
-    groups: dict[str, list[Result]] = {}
-    for r in results:
-        groups.setdefault(r.image_key, []).append(r)
-    return [r for group in groups.values() for r in group]
+    rank = {key: n for n, key in enumerate(dict.fromkeys(r.image_key for r in results))}
+    return sorted(results, key=lambda r: rank[r.image_key])  # stable: store order inside a group
 
 
 def export_results(
@@ -729,15 +700,15 @@ def export_results(
     root = _results_dir(results_dir)
     fmts = _parse_list(formats, FORMATS, "formats")
     fig_fmts = _parse_list(figure_formats, FIGURE_FORMATS, "figure formats") if "figure" in fmts else []
-    dpi = check_dpi(dpi)
-    cmap = check_cmap(cmap)
-    threshold = _parse_threshold(threshold)
+    options = {"dpi": check_dpi(dpi), "figure_formats": fig_fmts, "cmap": check_cmap(cmap),
+               "threshold": _parse_threshold(threshold), "coco_compressed": bool(coco_compressed)}  # fmt: skip
     if not isinstance(simplify, (int, float)) or isinstance(simplify, bool) or not 0 <= simplify < 1e6:
         raise FormatError(f"simplify must be a number >= 0, got {simplify!r}")
     if not (isinstance(progress, bool) or callable(progress)):
         raise TypeError(f"progress must be a bool or a callable(done, total), got {type(progress).__name__}")
     engine = _parquet_engine() if "parquet" in fmts else None
-    roots = [Path(p).resolve() for p in (image_roots or [])]
+    options["simplify"] = float(simplify)
+    options["image_roots"] = [str(Path(p).resolve()) for p in (image_roots or [])] or None
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a str or os.PathLike, got {type(out).__name__}")
     out_path = Path(out)
@@ -746,7 +717,8 @@ def export_results(
 
     parts = part_files(root)
     # a store of concept or target maps (localize, explain); audit/evaluate stores only have tables to export
-    has_store = bool(parts) and _map_store(parts[0])
+    names = _schema(parts[0]).names if parts else []
+    has_store = "grid" in names and ("concept" in names or "target" in names)
     extra_tables = [name for name in EXTRA_TABLES if _root_file(root, name) is not None]
     needs_maps = bool(MAP_FORMATS.intersection(fmts))
     if needs_maps and not has_store:
@@ -761,11 +733,7 @@ def export_results(
     selecting = selection not in (None, "all") or concepts is not None or score_min is not None or score_max is not None
     if not has_store and selecting:
         raise _no_store(root)
-    if has_store:
-        index, kind = _read_index(root, parts)
-        results, skipped = _results_of(index, kind)
-    else:
-        index, results, skipped = None, [], []
+    index, results, skipped = _read_index(root, parts) if has_store else (None, [], [])
     decisions = read_decisions(root)
     chosen, selection_info = _select(results, decisions, selection, concepts, score_min, score_max)
     status_asked = isinstance(selection, str) and selection.strip().lower() != "all"
@@ -783,24 +751,19 @@ def export_results(
     chosen = _group_by_image(chosen)
     run_file = _root_file(root, "run.json")
     run_info = _read_json(run_file) if run_file is not None else {}
-    options = {"dpi": dpi, "figure_formats": fig_fmts, "cmap": cmap, "threshold": threshold,
-               "coco_compressed": bool(coco_compressed), "simplify": float(simplify),
-               "image_roots": [str(r) for r in roots] or None}  # fmt: skip
     manifest: dict[str, Any] = {
         "traitloc_export": MANIFEST_VERSION, "created_utc": utc_now(), "argv": list(argv or []),
         "results_dir": str(root.resolve()), "formats": fmts, "selection": selection_info, "options": options,
         "conventions": dict(CONVENTIONS), "run": run_info,
     }  # fmt: skip
-    job = _Export(root, index, parts, chosen, skipped, decisions, fmts, fig_fmts, options, threshold, roots,
-                  run_info, extra_tables, engine, manifest, progress)  # fmt: skip
+    job = _Export(root, index, parts, chosen, skipped, decisions, extra_tables, engine, manifest, progress)
     if zipped:
-        with atomic_path(out_path) as tmp:
-            with open(tmp, "xb") as handle:
-                sink = _ZipSink(handle)
-                try:
-                    job.write_all(sink, tmp.parent)
-                finally:
-                    sink.close()
+        with atomic_path(out_path) as tmp, open(tmp, "xb") as handle:
+            sink = _ZipSink(handle)
+            try:
+                job.write_all(sink, tmp.parent)
+            finally:
+                sink.close()
     elif out_path.exists():
         job.write_all(_DirSink(out_path), out_path)
     else:
@@ -847,24 +810,21 @@ def export_zip_bytes(
 
 
 class _Export:
-    """One export: renders the chosen results one at a time into a sink, then the shared files and the manifest."""
+    """One export: renders the chosen results one at a time into a sink, then the shared files and the manifest
+    (whose ``formats``, ``options`` and ``run`` say what to write)."""
 
     def __init__(
         self, root: Path, index: Any, files: list[Path], chosen: list[Result], skipped: list[dict[str, Any]],
-        decisions: Mapping[str, Decision], fmts: list[str], fig_fmts: list[str], options: Mapping[str, Any],
-        threshold: float | str | None, roots: list[Path], run_info: Mapping[str, Any], extra_tables: list[str],
-        engine: str | None, manifest: dict[str, Any], progress: bool | Callable[[int, int], None],
+        decisions: Mapping[str, Decision], extra_tables: list[str], engine: str | None, manifest: dict[str, Any],
+        progress: bool | Callable[[int, int], None],
     ) -> None:  # fmt: skip
-        self.root, self.index, self.chosen, self.skipped = root, index, chosen, skipped
-        self.decisions, self.fmts, self.fig_fmts, self.options = decisions, fmts, fig_fmts, options
-        self.threshold, self.run_info, self.extra_tables, self.engine = threshold, run_info, extra_tables, engine
-        self.manifest, self.progress = manifest, progress
+        self.root, self.index, self.chosen, self.skipped, self.decisions = root, index, chosen, skipped, decisions
+        self.extra_tables, self.engine, self.manifest, self.progress = extra_tables, engine, manifest, progress
+        self.fmts, self.options, self.run_info = manifest["formats"], manifest["options"], manifest["run"]
         self.grids = _Grids(files)
-        self.photos = _Photos([*roots, root.resolve()])
-        self.coco_images: dict[str, int] = {}
-        self.coco_cats: dict[str, int] = {}
-        self.categories: list[dict[str, Any]] = []
-        self.images: list[dict[str, Any]] = []
+        self.photos = _Photos([*(Path(r) for r in self.options["image_roots"] or []), root.resolve()])
+        self.coco_images: dict[str, dict[str, Any]] = {}  # COCO images and categories by image key and label
+        self.coco_cats: dict[str, dict[str, Any]] = {}
         self.n_annotations = 0
         self.features: list[dict[str, Any]] = []
         self.feature_key: tuple[str, int, int, str] | None = None
@@ -877,9 +837,7 @@ class _Export:
 
         entries: list[dict[str, Any]] = []
         left_out = [dict(s) for s in self.skipped]
-        exported: list[str] = []
         total = len(self.chosen)
-        callback = self.progress if callable(self.progress) else None
         bar = tqdm(total=total, desc="export", unit="result", disable=self.progress is not True, file=sys.stderr)
         # COCO annotations go to an unnamed temporary file beside the output (never all in memory)
         spool = tempfile.TemporaryFile(dir=scratch) if "coco" in self.fmts else None
@@ -895,35 +853,30 @@ class _Export:
                                      "label": result.label, "reason": reason})  # fmt: skip
                 else:
                     entries.append(entry)
-                    exported.append(result.result_id)
                 bar.update(1)
-                if callback is not None:
-                    callback(done, total)
-            if total and not exported:
+                if callable(self.progress):
+                    self.progress(done, total)
+            if total and not entries:
                 raise FormatError(f"nothing exported: every selected result failed ({left_out[-1]['reason']})")
             self._flush_geojson(sink)
-            if spool is not None and exported:
+            if spool is not None and entries:
                 self._write_coco(sink, spool)
         finally:
             bar.close()
             if spool is not None:
                 spool.close()
-        tables = self._write_tables(sink, exported)
-        manifest = self.manifest
-        manifest["counts"] = {"selected": total, "exported": len(exported), "skipped": len(left_out)}
-        manifest["results"] = entries
-        manifest["tables"] = tables
-        manifest["skipped"] = left_out
-        manifest["environment"] = environment_info()
-        manifest["files"] = sorted(sink.names)
-        sink.write("manifest.json", (to_json(manifest, indent=2, name="manifest") + "\n").encode("utf-8"))
+        tables = self._write_tables(sink, [entry["result_id"] for entry in entries])
+        self.manifest.update(counts={"selected": total, "exported": len(entries), "skipped": len(left_out)},
+                             results=entries, tables=tables, skipped=left_out, environment=environment_info(),
+                             files=sorted(sink.names))  # fmt: skip
+        sink.write("manifest.json", (to_json(self.manifest, indent=2, name="manifest") + "\n").encode("utf-8"))
 
     # ---- one result --------------------------------------------------------------------------------------------
     def _one(self, sink: Any, result: Result, spool: Any) -> dict[str, Any]:
         fmts = self.fmts
         row = self.grids.row(result)
         unit = render_unit_map(row)
-        threshold = _row_threshold(result, self.threshold, self.run_info)
+        threshold = _row_threshold(result, self.options["threshold"], self.run_info)
         settings = _settings_for(result, self.run_info, threshold, self.decisions.get(result.result_id))
         need_mask = bool({"png", "coco", "geojson", "figure"} & set(fmts))
         mask = mask_from_map(unit, threshold) if need_mask else None
@@ -951,20 +904,15 @@ class _Export:
             put(_safe_rel("overlays", rid + ".png"), png_bytes(render_overlay(row, photo, unit=unit)))
         image = str(result.row.get("image") or result.image_key)
         if "coco" in fmts:
-            if result.image_key not in self.coco_images:
-                self.coco_images[result.image_key] = len(self.coco_images) + 1
-                self.images.append({"id": self.coco_images[result.image_key], "file_name": Path(image).name,
-                                    "width": width, "height": height, "traitloc_image": image,
-                                    "traitloc_image_key": result.image_key})  # fmt: skip
-            if result.label not in self.coco_cats:
-                self.coco_cats[result.label] = len(self.coco_cats) + 1
-                self.categories.append({"id": self.coco_cats[result.label], "name": result.label,
-                                        "supercategory": result.kind})  # fmt: skip
+            coco_image = self.coco_images.setdefault(result.image_key, {
+                "id": len(self.coco_images) + 1, "file_name": Path(image).name, "width": width, "height": height,
+                "traitloc_image": image, "traitloc_image_key": result.image_key})  # fmt: skip
+            category = self.coco_cats.setdefault(result.label, {"id": len(self.coco_cats) + 1, "name": result.label,
+                                                                "supercategory": result.kind})  # fmt: skip
             assert mask is not None  # need_mask covers coco
             self.n_annotations += 1
-            annotation = coco_annotation(self.n_annotations, self.coco_images[result.image_key],
-                                         self.coco_cats[result.label], mask, settings, result.row.get("score"),
-                                         compressed=bool(self.options["coco_compressed"]))  # fmt: skip
+            annotation = coco_annotation(self.n_annotations, coco_image["id"], category["id"], mask, settings,
+                                         result.row.get("score"), bool(self.options["coco_compressed"]))  # fmt: skip
             spool.write((to_json(annotation, sort_keys=True) + "\n").encode("utf-8"))
         if "geojson" in fmts:
             key = (result.image_key, height, width, image)
@@ -975,7 +923,7 @@ class _Export:
             self.features.append(geojson_feature(rid, result.label, mask, settings, self.options["simplify"]))
         if "figure" in fmts:
             fig = figure_panel(photo, unit, mask, settings, cmap=self.options["cmap"])
-            for fmt in self.fig_fmts:
+            for fmt in self.options["figure_formats"]:
                 put(_safe_rel("figures", f"{rid}.{fmt}"), figure_bytes(fig, fmt, settings, dpi=self.options["dpi"]))
         entry: dict[str, Any] = {"result_id": rid, "label": result.label, "settings": settings, "files": files}
         if warnings:
@@ -1000,14 +948,14 @@ class _Export:
                 "traitloc": {k: self.run_info.get(k) for k in ("command", "model", "pretrained", "method", "gamma",
                                                                "base", "target_layer", "threshold")
                              if k in self.run_info}}  # fmt: skip
-        head = {"info": info, "licenses": [], "images": self.images, "categories": self.categories}
+        head = {"info": info, "licenses": [], "images": list(self.coco_images.values()),
+                "categories": list(self.coco_cats.values())}  # fmt: skip
         spool.seek(0)
         with sink.open("coco.json") as handle:
             write_coco(handle, head, spool)
 
     def _write_tables(self, sink: Any, exported: list[str]) -> list[str]:
-        fmts = self.fmts
-        if "csv" not in fmts and "parquet" not in fmts:
+        if "csv" not in self.fmts and "parquet" not in self.fmts:
             return []
         frames: list[tuple[str, Any]] = []
         if exported and self.index is not None:
@@ -1017,14 +965,14 @@ class _Export:
             frames.append((Path(name).stem, _table_frame(header, rows)))
         written: list[str] = []
         for stem, frame in frames:
-            if "csv" in fmts:
+            if "csv" in self.fmts:
                 with sink.open(_safe_rel("tables", stem + ".csv")) as handle:
                     text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
                     frame.to_csv(text, index=False, lineterminator="\n")
                     text.flush()
                     text.detach()  # the sink closes the handle
                 written.append(f"tables/{stem}.csv")
-            if "parquet" in fmts:
+            if "parquet" in self.fmts:
                 buffer = io.BytesIO()
                 frame.to_parquet(buffer, engine=self.engine, index=False)
                 sink.write(_safe_rel("tables", stem + ".parquet"), buffer.getvalue())
@@ -1036,12 +984,9 @@ class _Export:
         df = self.index.drop(columns=["_part", "_row"]).set_index("result_id", drop=False)
         df = df.loc[exported].reset_index(drop=True)
         df.insert(0, "result_id", df.pop("result_id"))
-        status, note = [], []
-        for rid in exported:
-            d = self.decisions.get(rid)
-            status.append(d.status if d else "")
-            note.append(d.note if d else "")
-        df["review_status"], df["review_note"] = status, note
+        decisions = [self.decisions.get(rid) for rid in exported]
+        df["review_status"] = [d.status if d else "" for d in decisions]
+        df["review_note"] = [d.note if d else "" for d in decisions]
         return df
 
 
@@ -1050,20 +995,14 @@ def _table_frame(header: list[str], rows: list[dict[str, Any]]) -> Any:
 
     frame = pd.DataFrame(rows, columns=header)
     for column in frame.columns:
-        if column in _TEXT_COLUMNS:
-            frame[column] = frame[column].fillna("").astype(str)
-            continue
         values = frame[column].fillna("").astype(str)
         nonempty = values[values != ""]
-        if len(nonempty) == 0:
-            continue
-        converted = pd.to_numeric(nonempty, errors="coerce")
-        if converted.notna().all():
+        if column in _TEXT_COLUMNS or not pd.to_numeric(nonempty, errors="coerce").notna().all():
+            frame[column] = values
+        elif len(nonempty):  # numbers (a column without any value is left as it is)
             frame[column] = pd.to_numeric(values.replace("", np.nan), errors="coerce")
             if column in _FLOAT_COLUMNS:
                 frame[column] = frame[column].astype("float64")
-        else:
-            frame[column] = values
     return frame
 
 

@@ -148,7 +148,7 @@ def train_probe_on_cub(
     from traitloc.data.cub import CUB
     from traitloc.data.images import ImageLoadError, load_image
     from traitloc.models.backbones import spec_hash
-    from traitloc.models.probes import LinearProbe, extract_features, probe_accuracy, save_probe, train_probe
+    from traitloc.models.probes import extract_features, probe_accuracy, save_probe, train_probe
     from traitloc.pipelines.runner import progress as progress_bar
 
     cub = CUB(cub_root)
@@ -162,30 +162,18 @@ def train_probe_on_cub(
         notes.append(f"{missing} image(s) of these classes listed in images.txt are missing and skipped")
     class_names = [str(n) for n in cub.classes.set_index("class_id").loc[ids, "name"]]
     index_of = {c: k for k, c in enumerate(ids)}
-    preprocess = bb["preprocess"]
-    model = bb["model"]
+    preprocess, model = bb["preprocess"], bb["model"]
     device = bb.get("device") or next((p.device for p in model.parameters()), torch.device("cpu"))
-    h = spec_hash(spec)
-    cache = Path(out) / CACHE_DIR / f"features-{h}.safetensors"
+    cache = Path(out) / CACHE_DIR / f"features-{spec_hash(spec)}.safetensors"
 
     failed: dict[str, str] = {}
     rows = [(str(int(i)), cub.image_path(int(i))) for i in df["image_id"]]
 
     def loader(path: Path) -> Callable[[], Tensor]:
-        def load() -> Tensor:
-            im = load_image(path)
-            return preprocess(im.image)
-
-        return load
+        return lambda: preprocess(load_image(path).image)
 
     t0 = time.perf_counter()
     bar = progress_bar(len(rows), quiet, "features")
-    last = [0]
-
-    def progress(done: int, total: int) -> None:
-        bar.update(done - last[0])
-        last[0] = done
-
     try:
         while True:
             todo = [(k, p) for k, p in rows if k not in failed]
@@ -193,7 +181,7 @@ def train_probe_on_cub(
                 with torch.no_grad():
                     feats = extract_features(
                         model, [loader(p) for _, p in todo], cache, [k for k, _ in todo], spec=dict(spec),
-                        batch_size=feature_batch_size, device=device, progress=progress,
+                        batch_size=feature_batch_size, device=device, progress=lambda done, _: bar.update(done - bar.n),
                     )  # fmt: skip
                 break
             except ImageLoadError as err:  # recorded and left out; the cache keeps every finished row
@@ -202,9 +190,8 @@ def train_probe_on_cub(
                     raise
                 failed[key] = err.reason
                 log.warning("%s: %s (left out)", err.path, err.reason)
-                last[0] = 0
                 bar.reset(total=len(rows) - len(failed))
-        bar.update(len(rows) - len(failed) - last[0])  # cached rows report no progress of their own
+        bar.update(len(rows) - len(failed) - bar.n)  # cached rows report no progress of their own
     finally:
         bar.close()
     t_feat = time.perf_counter() - t0
@@ -219,11 +206,10 @@ def train_probe_on_cub(
         feats[is_train], labels[is_train], num_classes=len(ids), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
     )
     t_train = time.perf_counter() - t1
-    assert isinstance(probe, LinearProbe)
     test = ~is_train
     acc = probe_accuracy(probe, feats[test], labels[test]) if test.any() else None
     per_class: dict[str, dict[str, Any]] = {}
-    if test.any():
+    if acc is not None:
         with torch.no_grad():
             pred = probe(feats[test]).argmax(1)
         for k, name in enumerate(class_names):
@@ -337,9 +323,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run ``traitloc train-probe``; bad input raises :class:`traitloc.pipelines.options.CliError` (one line)."""
     from traitloc.io.files import utc_now, write_run_json
-    from traitloc.models.backbones import CallableError, backbone_provenance, build_backbone
+    from traitloc.models.backbones import backbone_provenance, build_backbone
     from traitloc.models.clip import ModelLoadError
-    from traitloc.models.probes import FeatureCacheError, ProbeError
     from traitloc.pipelines.options import CliError, cli_errors
 
     if args.seed < 0:
@@ -354,7 +339,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         CUB(args.cub_root)  # fail fast on a bad root, before loading a model
     torch.manual_seed(args.seed)
     allocator = keep_freed_memory()
-    with cli_errors(CallableError, ModelLoadError, ValueError):
+    with cli_errors(ModelLoadError, ValueError):  # CallableError is a ValueError
         bb, spec = build_backbone(
             model=args.model, pretrained=args.pretrained, backbone=args.backbone, device=args.device
         )
@@ -367,9 +352,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         **backbone_provenance(spec),
         "device": str(bb.get("device")),
         "dtype": "fp32",
-        "image_size": (spec.get("preprocessing") or {}).get("resize")
-        if isinstance(spec.get("preprocessing"), dict)
-        else None,
+        "image_size": pre.get("resize") if isinstance(pre := spec.get("preprocessing"), dict) else None,
         "target_layer": spec.get("target_layer"),
         "seed": args.seed,
         "epochs": args.epochs,
@@ -386,7 +369,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             args.cub_root, out, bb, spec, classes=args.classes, epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, feature_batch_size=args.feature_batch_size, seed=args.seed, quiet=args.quiet,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError, ProbeError, FeatureCacheError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ProbeError and FeatureCacheError are ValueErrors
         info.update(status=f"error: {err}", end_utc=utc_now())
         write_run_json(out / "run.json", info)
         raise CliError(str(err).splitlines()[0]) from err

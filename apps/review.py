@@ -1123,7 +1123,7 @@ def run_query(
     """
     import torch
 
-    from traitloc.engine.cam import GradCache, finer_coefficients, layercam_maps
+    from traitloc.engine.cam import GradCache, finer_coefficients, layercam_maps, scorecam_maps
     from traitloc.models.localize import ConceptMaps
 
     entry = _entry(loc, image, image_id)
@@ -1152,10 +1152,8 @@ def run_query(
         signed = layercam_maps(gsum[None, None], pre.acts)[0, 0].reshape(pre.grid)  # the engine's Layer-CAM
     elif method == "scorecam":
         sel, feats = scorecam_features(loc, entry, scorecam_channels, progress)
-        U = W.to(V.device).float() @ V.float()  # (1, D): the explained query vector
-        S = feats @ U.t().to(feats.device)  # (K, 1)
-        wts = (loc.cam.score_temperature * S).softmax(0)
-        signed = (wts.t() @ sel.t())[0].reshape(pre.grid)
+        U = (W.to(V.device).float() @ V.float()).to(feats.device)  # (1, D): the explained query vector
+        signed = scorecam_maps(sel[None], feats[None], U[None], loc.cam.score_temperature)[0, 0].reshape(pre.grid)
     elif method in GAMMA_COST:
         signed = _dense_query(loc, entry, method, prompts, V, W)
     else:

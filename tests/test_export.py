@@ -20,6 +20,7 @@ from traitloc.io.files import (
     map_to_unit,
     mask_from_map,
     read_map_tiff,
+    read_run_json,
     save_map_tiff,
     save_mask_png,
     save_overlay_png,
@@ -340,6 +341,21 @@ def test_environment_info_and_utc_now() -> None:
     assert stamp.endswith("Z")
     parsed = datetime.fromisoformat(stamp[:-1] + "+00:00")
     assert abs((datetime.now(timezone.utc) - parsed).total_seconds()) < 60
+
+
+def test_read_run_json_is_lenient_and_reads_what_write_run_json_wrote(tmp_path: Path) -> None:
+    """The export and the review app show a run's settings: a missing or damaged run.json gives {}, not an error."""
+    path = tmp_path / "run.json"
+    assert read_run_json(path) == {}  # missing
+    path.write_text('{"gamma": 1.0,', encoding="utf-8")
+    assert read_run_json(path) == {}  # truncated
+    path.write_text("[1, 2]", encoding="utf-8")
+    assert read_run_json(path) == {}  # not an object
+    path.write_text('{"raw_max": NaN, "hi": Infinity, "ok": 2}', encoding="utf-8")
+    assert read_run_json(path) == {"raw_max": None, "hi": None, "ok": 2}  # not JSON: read as missing
+    write_run_json(path, {"gamma": 0.5, "start_utc": utc_now()})
+    got = read_run_json(path)
+    assert got["gamma"] == 0.5 and "environment" in got
 
 
 def test_write_run_json(tmp_path: Path) -> None:

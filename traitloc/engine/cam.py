@@ -27,6 +27,7 @@ __all__ = [
     "FinerCAM",
     "finer_coefficients",
     "layercam_maps",
+    "scorecam_maps",
     "upsample_maps",
 ]
 
@@ -125,6 +126,19 @@ def layercam_maps(grads: Tensor, acts: Tensor) -> Tensor:
     Finer coefficients before this ReLU (the review app's Query page does: a new gamma needs no backward pass).
     """
     return (grads.float().clamp_min(0) * acts.float().unsqueeze(1)).sum(-1)
+
+
+def scorecam_maps(sel: Tensor, feats: Tensor, U: Tensor, temperature: float) -> Tensor:
+    """Score-CAM's signed maps (B, Q, N) of query vectors ``U`` (B, Q, D) from the masked passes of
+    :meth:`FinerCAM.scorecam_features`: ``sel`` (B, N, K) channels and ``feats`` (B, K, D) masked features.
+
+    Each map is the softmax over the K channels of ``temperature * feats @ u`` weighting the channels' activations.
+    """
+    out = torch.empty(sel.shape[0], U.shape[1], sel.shape[1], device=sel.device)
+    for b in range(sel.shape[0]):
+        wts = (temperature * (feats[b] @ U[b].t())).softmax(0)  # (K, Q), softmax over channels
+        out[b] = wts.t() @ sel[b].t()  # (Q, N)
+    return out
 
 
 @dataclass
@@ -430,8 +444,4 @@ class FinerCAM:
 
     def _scorecam(self, x: Tensor, pre: Prefix, U: Tensor) -> Tensor:
         sel, feats = self.scorecam_features(x, pre)
-        out = torch.empty(sel.shape[0], U.shape[1], sel.shape[1], device=sel.device)
-        for b in range(sel.shape[0]):
-            wts = (self.score_temperature * (feats[b] @ U[b].t())).softmax(0)  # (K, Q), softmax over channels
-            out[b] = wts.t() @ sel[b].t()  # (Q, N)
-        return out
+        return scorecam_maps(sel, feats, U, self.score_temperature)

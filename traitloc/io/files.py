@@ -43,6 +43,7 @@ __all__ = [
     "save_mask_png",
     "overlay_array",
     "png_bytes",
+    "read_run_json",
     "save_overlay_png",
     "sha256_file",
     "slugify",
@@ -689,3 +690,16 @@ def write_run_json(path: PathLike, info: Mapping[str, Any]) -> Path:
             _parse_utc(key, record[key])
     record.setdefault("environment", environment_info())
     return atomic_write(path, to_json(record, indent=2, name="info") + "\n")
+
+
+def read_run_json(path: PathLike) -> dict[str, Any]:
+    """A run's ``run.json`` for display and export: ``{}`` when it is missing, unreadable or not a JSON object.
+
+    ``NaN``/``Infinity`` tokens (not JSON, but Python's :mod:`json` reads them) become ``None``, as the export
+    writes missing values.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=lambda _: None)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from traitloc.io.files import read_run_json
+
 __all__ = [
     "DISPLAY_MODES",
     "GROUPINGS",
@@ -170,16 +172,6 @@ class ReviewTable:
         return [index[r] for r in result_ids]
 
 
-def _read_run_info(out: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        info = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
 def load_table(out_dir: PathLike) -> ReviewTable:
     """Read a run's store without its grids: the rows that can be drawn and, set apart, those that cannot.
 
@@ -278,7 +270,7 @@ def load_table(out_dir: PathLike) -> ReviewTable:
         rows[c] = rows[c].astype(object)
     for c in ("width", "height", "grid_h", "grid_w"):
         rows[c] = rows[c].astype(int)
-    return ReviewTable(out, kind, rows, bad, tuple(files), label_name, _read_run_info(out))
+    return ReviewTable(out, kind, rows, bad, tuple(files), label_name, read_run_json(out / "run.json"))
 
 
 class GridCache:

@@ -396,7 +396,7 @@ class ClassifierExplainer:
             raise TypeError(f"reverse must be True or False, got {reverse!r}")
         B = int(x.shape[0])
         pre = prefix if prefix is not None else self.cam.prefix(x)
-        logits = self._logits(self.adapter.features(pre).float())
+        logits = self.logits(pre)
         predicted = logits.argmax(1).tolist()
         targets = self._targets(target, B, predicted)
         refs = self._references(references, B, targets, logits, num_references)

@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from traitloc.data.traits import attribute_parts, load_trait_list, parse_attribute
+from traitloc.io.files import to_json
 from traitloc.metrics.attributes import (
     AttributeDifference,
     AttributeMap,
@@ -597,7 +598,7 @@ class AuditJob(Job):
         self.s = auditor.s
         self.clf = auditor.clf
         self.fingerprint = fingerprint
-        self.map_settings = json.loads(json.dumps(fingerprint))  # as run.json keeps them (lists, not tuples)
+        self.map_settings = json.loads(to_json(fingerprint))  # as run.json keeps them (lists, not tuples)
         self.common = {"resize": "stretch", "interpolation": INTERPOLATION, "notes": ""}
         self.summary: pd.DataFrame | None = None
         self.headline: dict[str, Any] = {}

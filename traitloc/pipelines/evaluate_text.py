@@ -144,7 +144,7 @@ def run_text_eval(
     from traitloc.data.images import load_image
     from traitloc.data.traits import load_trait_list
     from traitloc.io.csvlog import ResultsTable
-    from traitloc.io.files import atomic_write, utc_now, write_run_json
+    from traitloc.io.files import atomic_write, to_json, utc_now, write_run_json
 
     s = settings
     out = Path(out_dir)
@@ -152,7 +152,7 @@ def run_text_eval(
     t0 = time.time()
     table = ResultsTable(out / "text_eval.csv", ROW_COLUMNS, ROW_KEY)
     old = out / "run.json"
-    fingerprint = json.loads(json.dumps(s.fingerprint()))
+    fingerprint = json.loads(to_json(s.fingerprint()))
     if old.is_file() and len(table):
         try:
             before = json.loads(old.read_text()).get("settings")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import secrets
@@ -36,6 +35,7 @@ from traitloc.io.files import (
     map_tiff_bytes,
     mask_from_map,
     png_bytes,
+    read_run_json,
     to_json,
     utc_now,
 )
@@ -351,14 +351,6 @@ def _select(
         chosen = [r for r in chosen if inside(r)]
         info["score_min"], info["score_max"] = low, high
     return chosen, info
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:  # NaN/Infinity (not JSON, but Python's json reads them) become null, as the export writes them
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda _: None)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -750,7 +742,7 @@ def export_results(
         raise FormatError(f"nothing to export: no ok results{detail}")
     chosen = _group_by_image(chosen)
     run_file = _root_file(root, "run.json")
-    run_info = _read_json(run_file) if run_file is not None else {}
+    run_info = read_run_json(run_file) if run_file is not None else {}
     manifest: dict[str, Any] = {
         "traitloc_export": MANIFEST_VERSION, "created_utc": utc_now(), "argv": list(argv or []),
         "results_dir": str(root.resolve()), "formats": fmts, "selection": selection_info, "options": options,
